@@ -1,0 +1,155 @@
+"""GRPO core: group-normalised advantages and the clipped policy loss.
+
+Everything here is a pure function of tensors and masks, so the trainer
+decides how batches are split over micro-batches and data-parallel (DP)
+ranks; the functions only need the *global* valid-token count to make
+the aggregation independent of that split (see :func:`grpo_loss`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Groups whose reward std is at or below this carry no learning signal.
+_ZERO_STD = 1e-8
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """Per-sample advantage ``(r - mean_g) / (std_g + eps)`` within each group.
+
+    ``rewards`` is ``[N]`` laid out group-contiguously: prompt ``i``'s samples
+    are rows ``i*group_size .. (i+1)*group_size - 1``.  ``std_g`` is the
+    *unbiased* sample std (Bessel's correction, torch's default), as in the
+    GRPO paper's reference implementation.  A group whose std is at most 1e-8
+    (all rewards equal, up to float noise) gets advantage exactly 0: dividing
+    noise by ``eps`` would otherwise turn it into a large, meaningless
+    signal.  ``group_size == 1`` has an undefined (NaN) std and is likewise 0.
+    """
+    if group_size < 1 or rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} cannot be split into "
+            f"groups of {group_size}"
+        )
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)  # unbiased
+    adv = (grouped - mean) / (std + eps)
+    # `~(std > t)` is also True for NaN std (group_size == 1).
+    adv = torch.where(~(std > _ZERO_STD), torch.zeros_like(adv), adv)
+    return adv.view(-1)
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    """Asymmetric PPO clip range (DAPO "clip-higher") and k3-KL weight."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.001
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: GRPOLossConfig,
+    global_valid_tokens: float | Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped GRPO surrogate plus k3 KL penalty, token-mean over the global batch.
+
+    Shapes: ``logprobs``/``old_logprobs``/``ref_logprobs``/``mask`` are
+    ``[B, T]`` token log-probs of the sampled tokens; ``mask`` is binary
+    (non-zero = response token that counts); ``advantages`` is ``[B]`` and
+    is broadcast over each sequence's tokens.
+
+    Per token, with ``ratio = exp(logprobs - old_logprobs)``::
+
+        surrogate = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+        kl        = exp(ref - logp) - (ref - logp) - 1      # Schulman's k3
+        per_token = surrogate + kl_coef * kl
+
+    k3 is >= 0 per token and unbiased for KL(pi || ref) under samples from pi.
+
+    Aggregation: ``loss = sum(per_token * mask) / global_valid_tokens`` where
+    ``global_valid_tokens`` is the number of valid tokens in the *whole step's*
+    batch, across all micro-batches and all DP ranks.  Each piece's loss is
+    then its share of the full-batch token mean, so summing the losses (and
+    gradients) over micro-batches and DP ranks gives exactly the token mean of
+    the full batch, however it was split.  Dividing by a per-micro-batch count
+    instead would weight tokens of short micro-batches more.  Callers whose
+    DDP *averages* gradients over DP ranks (torch DDP does) must multiply this
+    loss by the DP world size to recover the sum.
+
+    Returns ``(loss, metrics)``.  Metrics are detached *sums* over this
+    micro-batch's valid tokens, so the caller can all-reduce (sum) them and
+    divide by the same ``global_valid_tokens``:
+    ``clip_fraction`` (number of tokens where the clip changed the objective,
+    i.e. ratio outside ``[1-clip_low, 1+clip_high]`` on the side where the
+    clipped branch wins the min, so those tokens get no gradient), ``kl``
+    (sum of k3), ``ratio`` (sum of ratios), ``pg_loss`` (sum of surrogate).
+    """
+    valid = mask.bool()
+    adv = advantages.unsqueeze(-1)
+    # Zero the exponent on masked tokens *before* exp: padding may hold
+    # arbitrary values, and inf there would turn 0-weighted terms into NaN
+    # in both the forward sum and the backward pass.
+    log_ratio = torch.where(valid, logprobs - old_logprobs, 0.0)
+    ref_log_ratio = torch.where(valid, ref_logprobs - logprobs, 0.0)
+
+    ratio = log_ratio.exp()
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * adv
+    surrogate = -torch.minimum(unclipped, clipped)
+    kl = ref_log_ratio.exp() - ref_log_ratio - 1.0
+    per_token = surrogate + cfg.kl_coef * kl
+
+    def masked_sum(x: Tensor) -> Tensor:
+        return torch.where(valid, x, 0.0).sum()
+
+    loss = masked_sum(per_token) / global_valid_tokens
+    with torch.no_grad():
+        metrics = {
+            "clip_fraction": masked_sum((clipped < unclipped).float()),
+            "kl": masked_sum(kl),
+            "ratio": masked_sum(ratio),
+            "pg_loss": masked_sum(surrogate),
+        }
+    return loss, metrics
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` over the last dim, shape ``logits.shape[:-1]``.
+
+    Not derivable from sampled-token log-probs, hence needs full logits.
+    Uses fp32 ``log_softmax`` for stability; ``log p`` is clamped to the
+    smallest finite float so ``-inf`` logits (masked vocab) give ``0 * finite``
+    instead of ``0 * -inf = NaN``.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """``sum(values * mask) / sum(mask)`` for a binary mask; 0.0 if it is empty.
+
+    Clamping the count to >= 1 handles the empty case without a NaN and
+    without a data-dependent branch (no host-device sync on GPU).
+    """
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sequence_logprobs_from_logits(logits: Tensor, target_ids: Tensor) -> Tensor:
+    """Log-prob of ``target_ids`` ``[B, T]`` under ``logits`` ``[B, T, V]``.
+
+    For full-vocab (TP=1) logits.  ``logits[:, t]`` must already be aligned
+    with ``target_ids[:, t]`` (the caller does the next-token shift).  Upcast
+    to fp32 because bf16 log-softmax error is large next to the small
+    log-ratio differences the PPO ratio depends on.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, target_ids.unsqueeze(-1).long()).squeeze(-1)

@@ -1,0 +1,95 @@
+"""Process groups and megatron parallel state, the same way on one CPU and on a GPU cluster.
+
+Launch with plain `python` (one process) or `torchrun` / `srun` (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT in the environment). CUDA machines use NCCL; CPU machines use gloo with
+the CPU compatibility layer switched on, so megatron-core's own code runs in both cases.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nemo_rlsr.distributed import cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Rank 0 writes logs and plots; every rank holds the metrics after `broadcast_metrics`."""
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> ParallelContext:
+    """Create the default process group and megatron's TP/PP/DP groups; seed every RNG.
+
+    World size must be a multiple of tp*pp; the rest is data parallelism.
+    """
+    cpu_compat.enable()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", 0))
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    world_size = dist.get_world_size()
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel = {tp}*{pp}"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return ParallelContext(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        dp=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+    )
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

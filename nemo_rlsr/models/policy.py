@@ -1,0 +1,262 @@
+"""The trainable policy: a megatron GPTModel under megatron DDP and a megatron optimizer.
+
+`MegatronPolicy` exposes the three things the RLSR loop needs: per-token logprobs of given tokens
+(`logprobs`), one optimizer step over a batch with a caller-supplied loss (`train_step`), and its
+weights for the rollout engine (`module`). Both go through megatron's forward/backward schedule, so
+the same code runs with pipeline parallelism (1F1B over the PP group) and without it.
+
+Loss convention: a loss function returns the SUM of its per-token loss over the micro-batch and
+megatron (`calculate_per_token_loss=True`) divides the gradients by the number of valid tokens
+summed over all micro-batches and all data-parallel ranks. The result is the token mean of the
+whole step's batch, independent of how it is split into micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from nemo_rlsr.config import ModelConfig, OptimizerConfig
+from nemo_rlsr.distributed.parallel import ParallelContext
+from nemo_rlsr.models.gpt import build_gpt, mask_padded_vocab
+
+
+@dataclass
+class TokenBatch:
+    """Token ids laid out [B, T], with the tokens that count in the loss marked.
+
+    `targets[:, t]` is the token at position t+1 (what the logits at t predict); `loss_mask` and
+    every per-token tensor in `extras` are aligned with `targets`. `valid` marks real (non-pad)
+    input positions; pads are excluded as attention keys so left-padded prompts see only themselves.
+    """
+
+    input_ids: torch.Tensor
+    valid: torch.Tensor
+    loss_mask: torch.Tensor
+    extras: dict[str, torch.Tensor]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        pad = torch.zeros_like(self.input_ids[:, :1])
+        return torch.cat([self.input_ids[:, 1:], pad], dim=1)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def slice(self, start: int, end: int) -> "TokenBatch":
+        return TokenBatch(
+            self.input_ids[start:end],
+            self.valid[start:end],
+            self.loss_mask[start:end],
+            {k: v[start:end] for k, v in self.extras.items()},
+        )
+
+    def micro_batches(self, size: int) -> list["TokenBatch"]:
+        return [self.slice(i, i + size) for i in range(0, len(self), size)]
+
+
+def attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Megatron's boolean mask [B, 1, T, T], True = not attended: future positions and pad keys."""
+    length = valid.shape[1]
+    future = torch.ones(length, length, dtype=torch.bool, device=valid.device).triu(1)
+    return future[None, None] | ~valid[:, None, None, :].bool()
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) from logits sharded over TP by vocabulary, never gathering the vocabulary."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return -vocab_parallel_cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) where the vocabulary is sharded over the TP group (a metric)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    logits = logits.float()
+    top = logits.max(dim=-1, keepdim=True).values
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - top
+    exp = shifted.exp()
+    sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1)])
+    dist.all_reduce(sums, group=group)
+    return sums[0].log() - sums[1] / sums[0]
+
+
+# A loss: (logprobs [b, T], entropy [b, T], micro-batch) -> (sum of loss over valid tokens, metric sums)
+LossFn = Callable[[torch.Tensor, torch.Tensor, TokenBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class MegatronPolicy:
+    """GPTModel + DDP + optimizer for this rank's TP/PP shard."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim_cfg: OptimizerConfig | None,
+        vocab_size: int,
+        ctx: ParallelContext,
+        temperature: float = 1.0,
+    ) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        self.ctx = ctx
+        self.vocab_size = vocab_size
+        self.temperature = temperature
+        self.module = build_gpt(model_cfg, vocab_size, ctx.tp, ctx.pp)
+        self.config = self.module.config
+        self.optimizer = None
+        self.model = self.module
+        if optim_cfg is not None:
+            self.model = DistributedDataParallel(
+                config=self.config,
+                ddp_config=DistributedDataParallelConfig(
+                    grad_reduce_in_fp32=True,
+                    use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+                ),
+                module=self.module,
+            )
+            self.config.finalize_model_grads_func = finalize_model_grads
+            self.optimizer = _build_optimizer(optim_cfg, self.model)
+
+    # ---- forward passes through megatron's schedule -------------------------------------------
+
+    def _run(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro = batch.micro_batches(micro_batch_size)
+        if len(micro[-1]) != micro_batch_size:
+            raise ValueError(
+                f"batch of {len(batch)} sequences is not divisible by micro_batch_size={micro_batch_size}"
+            )
+
+        def forward_step(data_iterator: Iterator[TokenBatch], model):
+            mb = next(data_iterator)
+            positions = torch.arange(mb.input_ids.shape[1], device=mb.input_ids.device).expand_as(mb.input_ids)
+            output = model(mb.input_ids, positions, attention_mask(mb.valid))
+
+            def loss_func(logits: torch.Tensor):
+                logits = mask_padded_vocab(logits.float() / self.temperature, self.vocab_size)
+                entropy = vocab_parallel_entropy(logits)
+                logprobs = vocab_parallel_logprobs(logits, mb.targets)
+                loss_sum, metrics = loss_fn(logprobs, entropy, mb)
+                num_tokens = mb.loss_mask.sum().to(torch.int)
+                return loss_sum, num_tokens, {**metrics, "num_tokens": num_tokens.detach().float()}
+
+            return output, loss_func
+
+        self.model.train(not forward_only)
+        seq_length = batch.input_ids.shape[1]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=[self.model],
+            num_microbatches=len(micro),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
+        """Per-token logprobs of `batch.targets` [B, T] on every rank (broadcast from the last PP stage)."""
+
+        def keep_logprobs(logprobs, entropy, mb):
+            return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
+
+        with torch.no_grad():
+            outputs = self._run(batch, micro_batch_size, keep_logprobs, forward_only=True)
+        from megatron.core import parallel_state
+
+        result = torch.empty(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+        if parallel_state.is_pipeline_last_stage():
+            result = torch.cat([out["logprobs"] for out in outputs])
+        if self.ctx.pp > 1:
+            dist.broadcast(
+                result,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+        return result
+
+    def train_step(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step on `batch` (this rank's DP shard). Returns metrics averaged per token
+        over the global batch (every rank gets the same numbers) plus `grad_norm` and `lr`."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(batch, micro_batch_size, loss_fn, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        metrics = reduce_metric_sums(outputs, self.ctx)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_skipped"] = float(not update_ok)
+        return metrics
+
+    def rebuild_optimizer(self, optim_cfg: OptimizerConfig) -> None:
+        """A fresh optimizer (new LR, empty Adam moments), e.g. between base pre-training and RL."""
+        self.optimizer = _build_optimizer(optim_cfg, self.model)
+
+    def state_dict_for_checkpoint(self, is_loading: bool = False, include_optimizer: bool = True) -> dict:
+        """megatron sharded state dicts of model and optimizer (dist_checkpointing format).
+
+        `is_loading=True` builds the dict to load into (the optimizer then allocates its state so
+        there is something to load into). The DistributedOptimizer's state is saved in the
+        `dp_reshardable` format: one shard per DP rank, no gather, reshardable across DP sizes only
+        (its other formats fail or gather everything on DP rank 0). `metadata=` is the keyword
+        that megatron-core 0.16 and 0.19 both accept (`sharding_type=` is deprecated).
+        """
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+        model_sd = self.module.sharded_state_dict(metadata=metadata)
+        state = {"model": model_sd}
+        if include_optimizer and self.optimizer is not None:
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata=metadata
+            )
+        return state
+
+
+def _build_optimizer(cfg: OptimizerConfig, model):
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    return get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            clip_grad=cfg.clip_grad,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            params_dtype=torch.float32,
+        ),
+        [model],
+    )
+
+
+def reduce_metric_sums(outputs: list[dict[str, torch.Tensor]], ctx: ParallelContext) -> dict[str, float]:
+    """Sum per-micro-batch metric sums, all-reduce over DP, divide by the global token count, and
+    broadcast from the last PP stage so that every rank returns the same numbers."""
+    from megatron.core import parallel_state
+
+    result: dict[str, float] = {}
+    if parallel_state.is_pipeline_last_stage():
+        names = sorted(outputs[0])
+        sums = torch.stack([sum(out[k].float().sum() for out in outputs) for k in names])
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        tokens = float(sums[names.index("num_tokens")])
+        result = {k: float(v) / max(tokens, 1.0) for k, v in zip(names, sums) if k != "num_tokens"}
+        result["num_tokens"] = tokens
+    if ctx.pp > 1:
+        box = [result]
+        dist.broadcast_object_list(
+            box,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        result = box[0]
+    return result

@@ -1,0 +1,319 @@
+"""The RLSR training loop: sample -> reward -> advantages -> logprobs -> GRPO update -> log.
+
+Reads top to bottom like one step of DESIGN.md. Every rank runs this function (SPMD); each data-
+parallel rank samples and scores its own shard of the prompts, and rank 0 writes logs and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from nemo_rlsr.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss
+from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict
+from nemo_rlsr.data.instructions import BUNDLED_DATASET, InstructionExample, load_instructions, render_prompt
+from nemo_rlsr.data.sampler import PromptSampler
+from nemo_rlsr.data.tokenizer import WordTokenizer
+from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
+from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
+from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
+from nemo_rlsr.models.policy import LossFn, MegatronPolicy, TokenBatch
+from nemo_rlsr.rewards import EmbeddingSimilarityReward, RepetitionPenalty
+from nemo_rlsr.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nemo_rlsr.trainer.metrics import MetricsLogger, plot_reward, read_metrics
+from nemo_rlsr.trainer.pretrain import plain_text_batch, pretrain_on_text
+
+
+@dataclass
+class Prompts:
+    """Examples with their questions already rendered and tokenised."""
+
+    examples: list[InstructionExample]
+    token_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
+    """GRPO loss summed over the micro-batch's tokens; megatron divides by the global token count."""
+
+    def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
+        loss, metrics = grpo_loss(
+            logprobs, mb.extras["old_logprobs"], mb.extras["ref_logprobs"], mb.extras["advantages"],
+            mb.loss_mask, cfg, global_valid_tokens=1.0,
+        )
+        metrics["loss"] = loss.detach()
+        metrics["entropy"] = (entropy * mb.loss_mask).sum()
+        return loss, metrics
+
+    return loss_fn
+
+
+def gather_over_dp(values: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor from every data-parallel rank (same length on each)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, values.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class RLSRTrainer:
+    """Owns the components of a run; `fit()` is the loop."""
+
+    def __init__(self, cfg: RLSRConfig, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.ctx: ParallelContext = init_distributed(
+            cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.seed,
+            cfg.parallel.collective_timeout_s,
+        )
+        self.run_dir = Path(cfg.trainer.output_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.base_dir = self.run_dir / "base"
+        self._validate()
+
+        examples = load_instructions(cfg.data.path or BUNDLED_DATASET)
+        self.tokenizer = WordTokenizer.build(
+            [render_prompt(e.prompt) for e in examples] + [e.reference for e in examples]
+        )
+        self.train = self._prompts([e for e in examples if e.split == "train"])
+        self.heldout = self._prompts([e for e in examples if e.split == "heldout"])
+        self.all_references = sorted({e.reference for e in examples})
+
+        vocab = self.tokenizer.vocab_size
+        self.policy = MegatronPolicy(cfg.model, self._pretrain_optimizer(), vocab, self.ctx,
+                                     cfg.rollout.temperature)
+        self.reference = MegatronPolicy(cfg.model, None, vocab, self.ctx, cfg.rollout.temperature)
+        self.engine = TorchRolloutEngine(self.policy.module, self.tokenizer.pad_id, self.tokenizer.eos_id, vocab)
+        self.reward = EmbeddingSimilarityReward(
+            cfg.reward.encoder_path,
+            RepetitionPenalty(cfg.reward.repetition_mode, cfg.reward.repetition_min_chars,
+                              cfg.reward.repetition_min_reference_fraction, cfg.reward.repetition_penalty),
+            batch_size=cfg.reward.batch_size,
+            device=str(self.ctx.device),
+        )
+        per_rank = cfg.grpo.prompts_per_step // self.ctx.dp
+        self.sampler = PromptSampler(len(self.train), per_rank, self.ctx.dp_rank, self.ctx.dp,
+                                     seed=cfg.data.shuffle_seed)
+        self.loss_fn = grpo_loss_fn(GRPOLossConfig(cfg.grpo.clip_low, cfg.grpo.clip_high, cfg.grpo.kl_coef))
+        self.sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
+                                       cfg.rollout.top_p, cfg.rollout.stop_on_eos)
+        self.logger = MetricsLogger(self.run_dir, self.ctx.is_logging_rank)
+        self.step = 0
+        self.base_heldout: dict[str, float] | None = None
+        if resume:
+            self._resume(resume)
+        else:
+            self._prepare_base()
+
+    # ---- setup ---------------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        cfg, dp = self.cfg, self.ctx.dp
+        if cfg.grpo.prompts_per_step % dp:
+            raise ValueError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} is not divisible by DP={dp}")
+        rows = cfg.grpo.prompts_per_step // dp * cfg.grpo.num_generations
+        if rows % cfg.grpo.mini_batches_per_step or (rows // cfg.grpo.mini_batches_per_step) % cfg.grpo.micro_batch_size:
+            raise ValueError(
+                f"{rows} rollouts per rank must split into grpo.mini_batches_per_step="
+                f"{cfg.grpo.mini_batches_per_step} mini-batches of whole grpo.micro_batch_size="
+                f"{cfg.grpo.micro_batch_size} micro-batches"
+            )
+        if cfg.grpo.num_generations < 2:
+            raise ValueError("grpo.num_generations must be >= 2: advantages are relative within a group")
+        if cfg.rollout.engine != "torch":
+            raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: only 'torch' is available in this build")
+
+    def _prompts(self, examples: list[InstructionExample]) -> Prompts:
+        ids = [self.tokenizer.encode(render_prompt(e.prompt)) for e in examples]
+        longest = max(len(i) for i in ids) + self.cfg.rollout.max_new_tokens
+        if longest > self.cfg.model.max_sequence_length:
+            raise ValueError(
+                f"prompt + rollout.max_new_tokens = {longest} tokens exceeds "
+                f"model.max_sequence_length={self.cfg.model.max_sequence_length}"
+            )
+        return Prompts(examples, ids)
+
+    def _pretrain_optimizer(self) -> OptimizerConfig:
+        if self.cfg.pretrain.steps == 0:
+            return self.cfg.optimizer
+        return OptimizerConfig(lr=self.cfg.pretrain.lr, clip_grad=self.cfg.optimizer.clip_grad,
+                               use_distributed_optimizer=self.cfg.optimizer.use_distributed_optimizer)
+
+    def _prepare_base(self) -> None:
+        """Pre-train the base (if configured), freeze it as the reference, score it on held-out."""
+        cfg = self.cfg
+        if cfg.pretrain.steps:
+            data = plain_text_batch(self.tokenizer, [e.reference for e in self.train.examples])
+            bar = self._progress(cfg.pretrain.steps, "pretrain base")
+            losses = pretrain_on_text(self.policy, data, cfg.pretrain, cfg.grpo.micro_batch_size,
+                                      cfg.parallel.seed, bar)
+            bar.close()
+            self._print(f"base pre-training: NLL {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+            self.policy.rebuild_optimizer(cfg.optimizer)
+        self.reference.module.load_state_dict(self.policy.module.state_dict())
+        if cfg.trainer.heldout_eval:
+            self.base_heldout = self.evaluate_heldout()
+            self._print(f"base policy on held-out prompts: {self._format_eval(self.base_heldout)}")
+        save_checkpoint(self.base_dir, 0, self.policy, self._extra())
+
+    def _resume(self, resume: str) -> None:
+        path = latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            raise FileNotFoundError(f"--resume auto: no complete checkpoint under {self.checkpoint_dir}")
+        load_checkpoint(latest_checkpoint(self.base_dir), self.reference, load_optimizer=False)
+        self.policy.rebuild_optimizer(self.cfg.optimizer)
+        extra = load_checkpoint(path, self.policy)
+        self.step = extra["step"]
+        self.sampler.load_state_dict(extra["sampler"])
+        self.base_heldout = extra["base_heldout"]
+        if WordTokenizer.from_json(extra["tokenizer"]) != self.tokenizer:
+            raise ValueError(f"{path}: the checkpoint's tokenizer differs from this run's data")
+        self.logger.truncate_after(self.step)
+        self._print(f"resumed from {path} at step {self.step}")
+
+    def _extra(self) -> dict:
+        return {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "tokenizer": self.tokenizer.to_json(),
+            "config": to_dict(self.cfg),
+            "base_heldout": self.base_heldout,
+        }
+
+    # ---- one RLSR step -------------------------------------------------------------------------
+
+    def _sample_seed(self, step: int) -> int:
+        # Same on every TP/PP rank of a DP replica (they must draw identical tokens), distinct per DP rank.
+        return (self.cfg.parallel.seed * 1_000_003 + step) * 131 + self.ctx.dp_rank
+
+    def _rollout(self, prompts: Prompts, rows: list[int], seed: int):
+        """n samples per prompt, decoded and rewarded. Rows are group-contiguous."""
+        group = self.cfg.grpo.num_generations
+        token_ids = [prompts.token_ids[i] for i in rows for _ in range(group)]
+        examples = [prompts.examples[i] for i in rows for _ in range(group)]
+        rollouts = self.engine.generate(token_ids, self.sampling, seed)
+        texts = [self.tokenizer.decode(r) for r in rollouts.response_ids]
+        scores = self.reward.score([e.prompt for e in examples], texts, [e.reference for e in examples])
+        return rollouts, texts, examples, scores
+
+    def train_step(self) -> dict[str, float]:
+        cfg, timings = self.cfg, {}
+        t0 = time.perf_counter()
+        rows = self.sampler.next_batch()
+        rollouts, texts, _, scores = self._rollout(self.train, rows, self._sample_seed(self.step))
+        t1 = time.perf_counter()
+        advantages = group_advantages(scores.rewards, cfg.grpo.num_generations, cfg.grpo.advantage_eps)
+        batch = rollouts.to_token_batch(advantages=advantages)
+        t2 = time.perf_counter()
+        batch.extras["old_logprobs"] = self.policy.logprobs(batch, cfg.grpo.micro_batch_size)
+        batch.extras["ref_logprobs"] = self.reference.logprobs(batch, cfg.grpo.micro_batch_size)
+        t3 = time.perf_counter()
+        mini_size = len(batch) // cfg.grpo.mini_batches_per_step
+        updates = [self.policy.train_step(batch.slice(i, i + mini_size), cfg.grpo.micro_batch_size, self.loss_fn)
+                   for i in range(0, len(batch), mini_size)]
+        t4 = time.perf_counter()
+        self.step += 1
+
+        metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        metrics.update(self._rollout_metrics(rollouts, scores, batch.extras["old_logprobs"]))
+        timings = {"time/generate_and_reward": t1 - t0, "time/advantages": t2 - t1,
+                   "time/logprobs": t3 - t2, "time/train": t4 - t3, "time/step": t4 - t0}
+        metrics.update(timings)
+        metrics["sample/response"] = texts[0]
+        return metrics
+
+    def _rollout_metrics(self, rollouts: RolloutBatch, scores, old_logprobs) -> dict[str, float]:
+        rewards = gather_over_dp(scores.rewards)
+        lengths = gather_over_dp(rollouts.response_lengths.float())
+        mask = rollouts.response_mask
+        mismatch = ((rollouts.engine_logprobs - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
+        return {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "reward/min": float(rewards.min()),
+            "reward/max": float(rewards.max()),
+            "reward/fraction_penalized": float(gather_over_dp(scores.penalized.float()).mean()),
+            "response/mean_length": float(lengths.mean()),
+            "response/truncated_fraction": float(gather_over_dp(rollouts.truncated.float()).mean()),
+            "token_mult_prob_error": float(torch.exp(mismatch)),
+        }
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        """Mean reward on held-out prompts with a fixed sampling seed, and how often a response's
+        nearest reference (by embedding) is its own prompt's: a policy that drifts to one generic
+        answer scores a fair mean reward but a low `own_answer_rate`."""
+        # Every DP rank scores all held-out prompts with the same seed: the numbers agree everywhere.
+        rows = list(range(len(self.heldout)))
+        seed = self.cfg.parallel.seed + 1
+        _, texts, examples, scores = self._rollout(self.heldout, rows, seed)
+        references = self.reward.embed(self.all_references)
+        nearest = (self.reward.embed(texts) @ references.T).argmax(dim=1)
+        own = torch.tensor([self.all_references[j] == e.reference for j, e in zip(nearest.tolist(), examples)])
+        return {"reward": float(scores.rewards.mean()), "own_answer_rate": float(own.float().mean())}
+
+    @staticmethod
+    def _format_eval(result: dict[str, float]) -> str:
+        return f"mean reward {result['reward']:.3f}, answers its own prompt {result['own_answer_rate']:.0%}"
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        bar = self._progress(cfg.trainer.steps, "rlsr", initial=self.step)
+        while self.step < cfg.trainer.steps:
+            metrics = self.train_step()
+            self.logger.log(self.step, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+                            step_s=f"{metrics['time/step']:.2f}")
+            bar.update(1)
+            every = cfg.trainer.checkpoint_every
+            if (every and self.step % every == 0) or self.step == cfg.trainer.steps:
+                save_checkpoint(self.checkpoint_dir, self.step, self.policy, self._extra())
+        bar.close()
+        return self._summarise()
+
+    def _summarise(self) -> dict:
+        summary: dict = {"steps": self.step, "checkpoint": str(latest_checkpoint(self.checkpoint_dir))}
+        if self.cfg.trainer.heldout_eval:
+            summary["heldout_base"] = self.base_heldout
+            summary["heldout_trained"] = self.evaluate_heldout()
+        if self.ctx.is_logging_rank:
+            records = read_metrics(self.logger.jsonl_path)
+            rewards = [r["reward/mean"] for r in records]
+            summary["reward_first10"] = sum(rewards[:10]) / len(rewards[:10])
+            summary["reward_last10"] = sum(rewards[-10:]) / len(rewards[-10:])
+            plot_reward(records, self.run_dir / "reward.png")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.logger.close()
+            print(f"mean reward, first 10 steps: {summary['reward_first10']:.3f}")
+            print(f"mean reward, last 10 steps:  {summary['reward_last10']:.3f}")
+            if self.cfg.trainer.heldout_eval:
+                print(f"held-out prompts, base:    {self._format_eval(summary['heldout_base'])}")
+                print(f"held-out prompts, trained: {self._format_eval(summary['heldout_trained'])}")
+            print(f"metrics: {self.logger.jsonl_path}  plot: {self.run_dir / 'reward.png'}  "
+                  f"checkpoint: {summary['checkpoint']}")
+        return summary
+
+    def _progress(self, total: int, desc: str, initial: int = 0) -> tqdm:
+        # Redraw often on a terminal, rarely in a log file (CI, Slurm) where each redraw is a line.
+        interactive = sys.stderr.isatty()
+        return tqdm(total=total, initial=initial, desc=desc, mininterval=0.2 if interactive else 15.0,
+                    disable=not (self.cfg.trainer.progress_bar and self.ctx.is_logging_rank))
+
+    def _print(self, message: str) -> None:
+        if self.ctx.is_logging_rank:
+            tqdm.write(message)

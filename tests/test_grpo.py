@@ -1,0 +1,210 @@
+"""Tests for the GRPO core; expected values are computed by hand with Python floats."""
+
+import math
+
+import pytest
+import torch
+
+from nemo_rlsr.algorithms.grpo import (
+    GRPOLossConfig,
+    group_advantages,
+    grpo_loss,
+    masked_mean,
+    sequence_logprobs_from_logits,
+    token_entropy,
+)
+
+EPS = 1e-6
+
+
+# ---------------------------------------------------------------- advantages
+
+
+def test_group_advantages_hand_example():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    adv = group_advantages(rewards, group_size=3, eps=EPS)
+    # group 1: mean 2, unbiased std sqrt((1+0+1)/2) = 1 (biased would be 0.816)
+    expected = torch.tensor([-1.0 / (1 + EPS), 0.0, 1.0 / (1 + EPS)])
+    torch.testing.assert_close(adv[:3], expected, rtol=0, atol=1e-7)
+    assert torch.equal(adv[3:], torch.zeros(3))  # constant group: exactly 0
+
+
+def test_group_advantages_not_divisible_raises():
+    with pytest.raises(ValueError):
+        group_advantages(torch.arange(7.0), group_size=3)
+
+
+def test_group_advantages_noise_below_threshold_is_zero():
+    # std 1e-10 <= 1e-8: without the threshold, noise / (std + eps) would give ~±1e-4.
+    rewards = torch.tensor([0.0, 1e-10, -1e-10, 1.0, 2.0, 3.0], dtype=torch.float64)
+    adv = group_advantages(rewards, group_size=3)
+    assert torch.equal(adv[:3], torch.zeros(3, dtype=torch.float64))
+    assert adv[3:].abs().sum() > 1.0
+
+
+# ---------------------------------------------------------------- grpo_loss
+
+
+def test_grpo_loss_hand_example():
+    cfg = GRPOLossConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.1)
+    # Row 0, A=+1: t0 ratio e^0.1 inside; t1 ratio e^0.5 > 1.28 (clipped);
+    #              t2 masked out but holding huge values.
+    # Row 1, A=-2: t0 ratio e^-0.5 < 0.8 (clipped); t1 ratio e^0.5 > 1.28 but
+    #              A<0 so the unclipped branch wins (not clipped); t2 ratio e^-0.2 inside.
+    lp = [[-1.0, -0.5, 100.0], [-2.0, -0.5, -0.3]]
+    old = [[-1.1, -1.0, -100.0], [-1.5, -1.0, -0.1]]
+    ref = [[-1.2, -0.5, 50.0], [-1.8, -0.5, -0.7]]
+    adv = [1.0, -2.0]
+    mask = [[1, 1, 0], [1, 1, 1]]
+    lo, hi = 1 - cfg.clip_low, 1 + cfg.clip_high
+
+    exp_pg = exp_kl = exp_ratio = 0.0
+    exp_clipped = 0
+    for b in range(2):
+        for t in range(3):
+            if not mask[b][t]:
+                continue
+            r = math.exp(lp[b][t] - old[b][t])
+            a = adv[b]
+            c = min(max(r, lo), hi)
+            exp_pg += -min(r * a, c * a)
+            exp_clipped += c * a < r * a
+            d = ref[b][t] - lp[b][t]
+            exp_kl += math.exp(d) - d - 1
+            exp_ratio += r
+    assert exp_clipped == 2  # the hand example covers both clip sides
+
+    logprobs = torch.tensor(lp, requires_grad=True)
+    # Global count 8 > local 5: the loss must use the count it is given.
+    loss, m = grpo_loss(
+        logprobs,
+        torch.tensor(old),
+        torch.tensor(ref),
+        torch.tensor(adv),
+        torch.tensor(mask),
+        cfg,
+        global_valid_tokens=8,
+    )
+    expected = (exp_pg + cfg.kl_coef * exp_kl) / 8
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["clip_fraction"].item() == 2
+    assert m["kl"].item() == pytest.approx(exp_kl, rel=1e-6)
+    assert m["pg_loss"].item() == pytest.approx(exp_pg, rel=1e-6)
+    assert m["ratio"].item() == pytest.approx(exp_ratio, rel=1e-6)
+    assert not any(v.requires_grad for v in m.values())
+
+    loss.backward()
+    g = logprobs.grad
+    assert torch.isfinite(g).all()
+    assert g[0, 2] == 0.0  # masked token: no gradient despite huge values
+    # Clipped tokens get only the KL gradient: kl_coef * (1 - exp(ref - lp)) / 8.
+    for b, t in [(0, 1), (1, 0)]:
+        d = ref[b][t] - lp[b][t]
+        assert g[b, t].item() == pytest.approx(cfg.kl_coef * (1 - math.exp(d)) / 8, abs=1e-7)
+
+
+def _random_batch(seed: int = 0, B: int = 8, T: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g) * 3
+    logprobs = (old + 0.4 * torch.randn(B, T, generator=g)).requires_grad_()
+    ref = old + 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T) < lengths[:, None]).float()
+    return logprobs, old, ref, adv, mask
+
+
+def _loss_and_grad(batch, pieces, cfg, n_tokens):
+    """Sum of grpo_loss over row-slices ``pieces``, and its grad w.r.t. logprobs."""
+    logprobs, old, ref, adv, mask = batch
+    logprobs.grad = None
+    total = sum(
+        grpo_loss(logprobs[s], old[s], ref[s], adv[s], mask[s], cfg, n_tokens)[0]
+        for s in pieces
+    )
+    total.backward()
+    return total.detach(), logprobs.grad.clone()
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        # 4 micro-batches
+        [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)],
+        # 2 DP ranks x 2 micro-batches (uneven): rank0 = rows 0..3, rank1 = rows 4..7
+        [slice(0, 1), slice(1, 4), slice(4, 7), slice(7, 8)],
+    ],
+)
+def test_grpo_loss_split_invariance(pieces):
+    cfg = GRPOLossConfig(kl_coef=0.05)
+    batch = _random_batch()
+    n_tokens = batch[4].sum()
+    whole_loss, whole_grad = _loss_and_grad(batch, [slice(0, 8)], cfg, n_tokens)
+    split_loss, split_grad = _loss_and_grad(batch, pieces, cfg, n_tokens)
+    torch.testing.assert_close(split_loss, whole_loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(split_grad, whole_grad, rtol=0, atol=1e-6)
+
+    # Negative control: normalising by each piece's own token count is not invariant.
+    logprobs, old, ref, adv, mask = batch
+    local = sum(
+        grpo_loss(logprobs[s], old[s], ref[s], adv[s], mask[s], cfg, mask[s].sum())[0]
+        / len(pieces)
+        for s in pieces
+    )
+    assert abs(local.item() - whole_loss.item()) > 1e-4
+
+
+def test_grpo_loss_at_ratio_one():
+    cfg = GRPOLossConfig(kl_coef=0.5)
+    logprobs, _, _, adv, mask = _random_batch(seed=1)
+    same = logprobs.detach().clone()
+    n_tokens = mask.sum()
+    loss, m = grpo_loss(logprobs, same, same, adv, mask, cfg, n_tokens)
+    adv_tokens = adv[:, None].expand_as(mask)
+    torch.testing.assert_close(loss, -masked_mean(adv_tokens, mask), rtol=0, atol=1e-6)
+    assert m["kl"].item() == 0.0
+    assert m["clip_fraction"].item() == 0
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, -adv_tokens * mask / n_tokens, rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def test_token_entropy():
+    V = 17
+    assert token_entropy(torch.zeros(3, V)).tolist() == pytest.approx([math.log(V)] * 3)
+    peaked = torch.zeros(V)
+    peaked[4] = 1e4
+    assert token_entropy(peaked).item() == pytest.approx(0.0, abs=1e-6)
+    # -inf logits (masked vocab) contribute 0, not NaN, in value and gradient.
+    logits = torch.tensor([0.0, 0.0, float("-inf")], requires_grad=True)
+    h = token_entropy(logits)
+    assert h.item() == pytest.approx(math.log(2))
+    h.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_masked_mean():
+    values = torch.tensor([[1.0, 2.0, 100.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert masked_mean(values, mask).item() == pytest.approx(7.0 / 3)
+    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_sequence_logprobs_from_logits():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 11, generator=g) * 3
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    expected = torch.distributions.Categorical(logits=logits).log_prob(targets)
+    out = sequence_logprobs_from_logits(logits, targets)
+    assert out.shape == (2, 5) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    # bf16 logits are upcast: same result as fp32 on the bf16-rounded values.
+    bf = logits.bfloat16()
+    torch.testing.assert_close(
+        sequence_logprobs_from_logits(bf, targets),
+        sequence_logprobs_from_logits(bf.float(), targets),
+        rtol=0,
+        atol=0,
+    )
