@@ -229,7 +229,10 @@ def _build(cls: type, values: dict, prefix: str, provenance: dict[str, str], def
 def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = RLSRConfig):
     """Load `path` (with its `defaults:` chain), apply dotted `overrides`, return a `schema`."""
     provenance: dict[str, str] = {}
-    tree = _load_yaml_tree(Path(path), provenance) if path else OmegaConf.create({})
+    # Start from the schema's defaults so interpolations may point at keys no file sets.
+    tree = OmegaConf.create(dataclasses.asdict(schema()))
+    if path:
+        tree = OmegaConf.merge(tree, _load_yaml_tree(Path(path), provenance))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{COMMAND_LINE}: override `{item}` must look like key.path=value")

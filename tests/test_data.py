@@ -65,14 +65,14 @@ def test_tokenizer_round_trip_and_vocab() -> None:
         ids = tok.encode(t)
         assert tok.unk_id not in ids
         assert tok.decode(ids) == _natural(t)
-    assert tok.decode(tok.encode("what is a dog ?") + [tok.eos_id, tok.pad_id, tok.pad_id]) == "what is a dog?"
+    assert tok.decode([tok.bos_id] + tok.encode("what is a dog ?") + [tok.eos_id, tok.pad_id]) == "what is a dog?"
 
 
 def test_tokenizer_specials_unknown_and_determinism(tmp_path: Path) -> None:
     tok = WordTokenizer.build(["A Dog, barks!", "the cat"])
-    assert tok.tokens[:3] == ["<pad>", "<eos>", "<unk>"]
-    assert (tok.pad_id, tok.eos_id, tok.unk_id) == (0, 1, 2)
-    assert tok.tokens[3:] == sorted(["!", ",", "a", "barks", "cat", "dog", "the"])
+    assert tok.tokens[:4] == ["<pad>", "<eos>", "<unk>", "<bos>"]
+    assert (tok.pad_id, tok.eos_id, tok.unk_id, tok.bos_id) == (0, 1, 2, 3)
+    assert tok.tokens[4:] == sorted(["!", ",", "a", "barks", "cat", "dog", "the"])
     assert WordTokenizer.build(["the cat", "A Dog, barks!"]) == tok
     ids = tok.encode("the zebra barks")
     assert ids == [tok.tokens.index("the"), tok.unk_id, tok.tokens.index("barks")]

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from nemo_rlsr.data.tokenizer import WordTokenizer
+
 SPLITS: frozenset[str] = frozenset({"train", "heldout"})
 
 BUNDLED_DATASET: Path = Path(__file__).parent / "assets" / "tiny_instructions.jsonl"
@@ -37,6 +39,13 @@ def render_prompt(question: str) -> str:
     real models will use their tokenizer's own chat template.
     """
     return f"question : {question} answer :"
+
+
+def encode_prompt(tokenizer: WordTokenizer, question: str) -> list[int]:
+    """Token ids of the rendered prompt, closed by ``<bos>``: in base pre-training every document
+    starts with ``<bos>``, so it is where the base begins a fresh answer (as an assistant header
+    does in a real chat template)."""
+    return tokenizer.encode(render_prompt(question)) + [tokenizer.bos_id]
 
 
 def _parse_line(text: str) -> InstructionExample:

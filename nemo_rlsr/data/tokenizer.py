@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
-SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, UNK)
+PAD, EOS, UNK, BOS = "<pad>", "<eos>", "<unk>", "<bos>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, UNK, BOS)
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 # Decoding glues these back onto the previous word, so the reward encoder (MiniLM) reads natural text.
@@ -32,16 +32,21 @@ def detokenize(words: Iterable[str]) -> str:
 
 
 class WordTokenizer:
-    """Maps lowercase words and punctuation marks to ids; ids 0, 1, 2 are ``<pad> <eos> <unk>``."""
+    """Maps lowercase words and punctuation marks to ids; ids 0-3 are ``<pad> <eos> <unk> <bos>``.
+
+    ``<bos>`` opens every document in base pre-training and closes the tiny chat template, so it
+    marks "an answer starts here" for the base and the policy alike.
+    """
 
     pad_id: int = 0
     eos_id: int = 1
     unk_id: int = 2
+    bos_id: int = 3
 
     def __init__(self, tokens: Sequence[str]) -> None:
-        """``tokens`` is the full id -> token table and must start with the three special tokens."""
+        """``tokens`` is the full id -> token table and must start with the special tokens."""
         if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-            raise ValueError(f"vocabulary must start with {list(SPECIAL_TOKENS)}, got {list(tokens[:3])}")
+            raise ValueError(f"vocabulary must start with {list(SPECIAL_TOKENS)}, got {list(tokens[: len(SPECIAL_TOKENS)])}")
         if len(set(tokens)) != len(tokens):
             raise ValueError("vocabulary has duplicate tokens")
         self._id_to_token: list[str] = list(tokens)
@@ -74,14 +79,14 @@ class WordTokenizer:
         return [self._token_to_id.get(w, self.unk_id) for w in split_words(text)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``: pads skipped, eos rendered as nothing (not a stop), natural punctuation spacing.
+        """Text of ``ids``: pad and bos skipped, eos rendered as nothing (not a stop), natural punctuation spacing.
 
         Truncating at eos is the sampler's job; decode shows whatever ids it is given.
         """
         words: list[str] = []
         for i in ids:
             i = int(i)
-            if i in (self.pad_id, self.eos_id):
+            if i in (self.pad_id, self.eos_id, self.bos_id):
                 continue
             if not 0 <= i < len(self._id_to_token):
                 raise ValueError(f"token id {i} out of range for vocabulary of {len(self._id_to_token)}")

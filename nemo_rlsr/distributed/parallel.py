@@ -40,6 +40,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_STORE: dist.Store | None = None
+_GENERATION = 0
+
+
+def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The env:// rendezvous store, under a fresh key prefix for each init in this process.
+
+    Re-initialising after `destroy_distributed()` (e.g. to change TP/PP in one job) through a
+    plain env:// init reuses the same keys: peers read the previous group's stale gloo addresses
+    ("Gloo connectFullMesh failed ... Connection refused"). So the store made by the first init is
+    kept for the life of the process and every init gets its own namespace in it.
+    """
+    global _STORE, _GENERATION
+    if _STORE is None:
+        _STORE, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    _GENERATION += 1
+    return dist.PrefixStore(f"nemo_rlsr_init_{_GENERATION}", _STORE)
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> ParallelContext:
     """Create the default process group and megatron's TP/PP/DP groups; seed every RNG.
 
@@ -57,11 +76,13 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
+            store=_rendezvous_store(rank, world_size, timeout),
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
         )
     world_size = dist.get_world_size()
     if world_size % (tp * pp) != 0:

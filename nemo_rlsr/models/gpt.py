@@ -2,7 +2,7 @@
 
 The tiny CPU policy uses the local (non-Transformer-Engine) spec, which runs on CPU and GPU alike.
 The vocabulary is padded to a multiple of
-8 * TP (megatron shards the embedding by rows); `mask_padded_vocab` keeps the padded ids out of
+lcm(128, TP) (megatron shards the embedding by rows); `mask_padded_vocab` keeps the padded ids out of
 both sampling and the trainer's softmax so the engine's and the trainer's logprobs agree.
 """
 
@@ -15,8 +15,14 @@ import torch
 from nemo_rlsr.config import ModelConfig
 
 
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 8) -> int:
-    step = multiple * tp
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Round up to a multiple of lcm(`multiple`, tp).
+
+    Not `multiple * tp` (Megatron-LM's rule): the padded size must not depend on TP, or a
+    checkpoint's embedding has another global shape at another TP and cannot be resharded on load.
+    128 keeps HF vocabularies (mostly multiples of 128) unpadded and every shard 16-aligned up to TP=8.
+    """
+    step = math.lcm(multiple, tp)
     return int(math.ceil(vocab_size / step) * step)
 
 

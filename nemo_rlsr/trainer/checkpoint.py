@@ -8,6 +8,10 @@ are stored by global shape, so a checkpoint saved at one TP/PP layout loads at a
 Besides model and optimizer, a checkpoint holds the caller's `extra` dict (step counters,
 sampler state, tokenizer, config: saved once, by rank 0, so it must be the same on every rank)
 and each rank's RNG states, so that a resumed run draws the same random numbers it would have.
+
+Entry points that save must guard their code with `if __name__ == "__main__":` megatron's
+checkpoint writer starts a multiprocessing Manager in a `spawn` context, which re-imports the
+main module.
 """
 
 from __future__ import annotations
@@ -68,7 +72,6 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(states["tracker"])
     if torch.cuda.is_available() and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"])
-    # Last: on CPU the tracker and the default generator can share the same generator.
     torch.set_rng_state(states["torch"])
 
 
@@ -77,6 +80,39 @@ def _rng_sharded_object(states: dict[str, Any] | None):
     from megatron.core.dist_checkpointing import ShardedObject
 
     return ShardedObject("rng_state", states, (_world_size(),), (_rank(),), replica_id=0)
+
+
+def _optimizer_has_state(policy: MegatronPolicy) -> bool:
+    """Adam allocates its state at the first step. Before it there is nothing to save, and
+    megatron cannot load a checkpoint that lacks the optimizer tensors it asks for."""
+    return policy.optimizer is not None and len(policy.optimizer.state) > 0
+
+
+def _allocate_optimizer_state(policy: MegatronPolicy) -> None:
+    """Give a never-stepped optimizer its state by one zero-gradient step of the inner torch
+    optimizers (what megatron's own FSDP loader does). Without TE/apex the DistributedOptimizer
+    reads the Adam `step` out of that state to build its state dict and asserts when it is empty;
+    the values are overwritten by the load (the weights too, so weight decay does not matter)."""
+    for part in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
+        for group in part.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        part.optimizer.step()
+        part.optimizer.zero_grad()
+
+
+def _unshare_adam_steps(policy: MegatronPolicy) -> None:
+    """Give every parameter its own Adam `step` tensor after a load.
+
+    Without TE/apex, megatron's DistributedOptimizer (0.16 to 0.19) loads ONE `step` tensor into
+    every parameter's state and torch Adam increments each parameter's step in place, so after a
+    resume the shared step advanced once per parameter per update: wrong bias correction, and
+    weights that drift from the uninterrupted run's.
+    """
+    for part in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
+        for state in part.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -107,6 +143,8 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f"{final.name}.tmp"
@@ -115,7 +153,9 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
 
-    state = policy.state_dict_for_checkpoint()
+    with_optimizer = _optimizer_has_state(policy)
+    state = policy.state_dict_for_checkpoint(include_optimizer=with_optimizer)
+    state["optimizer_saved"] = with_optimizer
     state["extra"] = extra
     state["world_size"] = _world_size()
     state["rng_state"] = _rng_sharded_object(_rng_states())
@@ -141,7 +181,8 @@ def load_checkpoint(path: str | Path, policy: MegatronPolicy, load_optimizer: bo
     RNG states are restored only when the checkpoint was saved with the same world size: with a
     different one there is no meaningful rank-to-state mapping, so they are left as seeded.
     `load_optimizer=False` loads weights only (e.g. a base model for a new run, or another layout
-    than the DistributedOptimizer's `dp_reshardable` optimizer state supports).
+    than the DistributedOptimizer's `dp_reshardable` optimizer state supports). A checkpoint saved
+    before the first optimizer step has no optimizer state: the optimizer is then left as it is.
     """
     from megatron.core import dist_checkpointing
 
@@ -154,7 +195,9 @@ def load_checkpoint(path: str | Path, policy: MegatronPolicy, load_optimizer: bo
             path, common.get("world_size"), _world_size(),
         )
 
-    with_optimizer = load_optimizer and policy.optimizer is not None
+    with_optimizer = load_optimizer and policy.optimizer is not None and common.get("optimizer_saved", False)
+    if with_optimizer and not _optimizer_has_state(policy):
+        _allocate_optimizer_state(policy)
     state = policy.state_dict_for_checkpoint(is_loading=True, include_optimizer=with_optimizer)
     if same_world:
         state["rng_state"] = _rng_sharded_object(None)
@@ -166,6 +209,7 @@ def load_checkpoint(path: str | Path, policy: MegatronPolicy, load_optimizer: bo
         policy.module.load_state_dict(loaded["model"])
         if with_optimizer:
             policy.optimizer.load_state_dict(loaded["optimizer"])
+            _unshare_adam_steps(policy)
         elif policy.optimizer is not None:
             # Mixed-precision optimizers keep fp32 main copies of the weights: refresh them.
             policy.optimizer.reload_model_params()

@@ -15,17 +15,24 @@ from nemo_rlsr.data.tokenizer import WordTokenizer
 from nemo_rlsr.models.policy import MegatronPolicy, TokenBatch
 
 
-def plain_text_batch(tokenizer: WordTokenizer, texts: list[str]) -> TokenBatch:
-    """Rows `text <eos>` right-padded; every real next token is a target."""
-    rows = [tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), tokenizer.pad_id, dtype=torch.long)
-    valid = torch.zeros(len(rows), length, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        valid[i, : len(row)] = True
-    loss_mask = torch.zeros(len(rows), length)
-    loss_mask[:, :-1] = valid[:, 1:].float()
+def text_stream_batch(
+    tokenizer: WordTokenizer, texts: list[str], rows: int, length: int, generator: torch.Generator
+) -> TokenBatch:
+    """`rows` windows of `length` tokens cut from a stream of the texts in random order, each as
+    `<bos> text <eos>`, as LM pre-training sees documents. A text thus appears after arbitrary
+    context, so the base learns to start a fresh answer whatever precedes it."""
+    encoded = [[tokenizer.bos_id] + tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
+    ids = torch.empty(rows, length, dtype=torch.long)
+    for row in range(rows):
+        stream: list[int] = []
+        while len(stream) < 2 * length:
+            for index in torch.randperm(len(encoded), generator=generator).tolist():
+                stream.extend(encoded[index])
+        start = int(torch.randint(len(stream) - length, (1,), generator=generator))
+        ids[row] = torch.tensor(stream[start : start + length])
+    valid = torch.ones(rows, length, dtype=torch.bool)
+    loss_mask = torch.ones(rows, length)
+    loss_mask[:, -1] = 0.0  # the last position has no next token in the window
     return TokenBatch(ids, valid, loss_mask, {})
 
 
@@ -36,18 +43,19 @@ def nll_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
 
 def pretrain_on_text(
     policy: MegatronPolicy,
-    data: TokenBatch,
+    tokenizer: WordTokenizer,
+    texts: list[str],
     cfg: PretrainConfig,
+    length: int,
     micro_batch_size: int,
     seed: int,
     progress=None,
 ) -> list[float]:
-    """`cfg.steps` optimizer steps on random rows of `data`; returns the per-step mean NLL."""
+    """`cfg.steps` optimizer steps of next-token prediction on `texts`; returns the mean NLL per step."""
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(cfg.steps):
-        rows = torch.randint(len(data), (cfg.batch_size,), generator=generator)
-        batch = TokenBatch(data.input_ids[rows], data.valid[rows], data.loss_mask[rows], {})
+        batch = text_stream_batch(tokenizer, texts, cfg.batch_size, length, generator)
         metrics = policy.train_step(batch, micro_batch_size, nll_loss)
         losses.append(metrics["loss"])
         if progress is not None:

@@ -18,7 +18,13 @@ from tqdm import tqdm
 
 from nemo_rlsr.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss
 from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict
-from nemo_rlsr.data.instructions import BUNDLED_DATASET, InstructionExample, load_instructions, render_prompt
+from nemo_rlsr.data.instructions import (
+    BUNDLED_DATASET,
+    InstructionExample,
+    encode_prompt,
+    load_instructions,
+    render_prompt,
+)
 from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.data.tokenizer import WordTokenizer
 from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
@@ -28,7 +34,7 @@ from nemo_rlsr.models.policy import LossFn, MegatronPolicy, TokenBatch
 from nemo_rlsr.rewards import EmbeddingSimilarityReward, RepetitionPenalty
 from nemo_rlsr.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nemo_rlsr.trainer.metrics import MetricsLogger, plot_reward, read_metrics
-from nemo_rlsr.trainer.pretrain import plain_text_batch, pretrain_on_text
+from nemo_rlsr.trainer.pretrain import pretrain_on_text
 
 
 @dataclass
@@ -115,6 +121,12 @@ class RLSRTrainer:
         if resume:
             self._resume(resume)
         else:
+            if latest_checkpoint(self.checkpoint_dir) or latest_checkpoint(self.base_dir):
+                raise FileExistsError(
+                    f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                    f"or choose another trainer.output_dir"
+                )
+            self.logger.truncate_after(0)
             self._prepare_base()
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -136,7 +148,7 @@ class RLSRTrainer:
             raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: only 'torch' is available in this build")
 
     def _prompts(self, examples: list[InstructionExample]) -> Prompts:
-        ids = [self.tokenizer.encode(render_prompt(e.prompt)) for e in examples]
+        ids = [encode_prompt(self.tokenizer, e.prompt) for e in examples]
         longest = max(len(i) for i in ids) + self.cfg.rollout.max_new_tokens
         if longest > self.cfg.model.max_sequence_length:
             raise ValueError(
@@ -155,9 +167,10 @@ class RLSRTrainer:
         """Pre-train the base (if configured), freeze it as the reference, score it on held-out."""
         cfg = self.cfg
         if cfg.pretrain.steps:
-            data = plain_text_batch(self.tokenizer, [e.reference for e in self.train.examples])
+            references = sorted({e.reference for e in self.train.examples})
             bar = self._progress(cfg.pretrain.steps, "pretrain base")
-            losses = pretrain_on_text(self.policy, data, cfg.pretrain, cfg.grpo.micro_batch_size,
+            losses = pretrain_on_text(self.policy, self.tokenizer, references, cfg.pretrain,
+                                      cfg.model.max_sequence_length, cfg.grpo.micro_batch_size,
                                       cfg.parallel.seed, bar)
             bar.close()
             self._print(f"base pre-training: NLL {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")

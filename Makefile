@@ -1,0 +1,32 @@
+# `make demo` and `make test` each create .venv if missing and install what they need.
+# On a machine whose python already has torch (NGC container, GPU box) the venv sees the system
+# site-packages, so that torch is kept; elsewhere the CPU build torch==2.13.0 is installed first
+# (an unpinned torch would pull several GB of CUDA wheels).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nemo_rlsr_installed
+DEMO_DIR ?= runs/rlsr_tiny
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if python3 -c "import torch" 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
+	  else python3 -m venv $(VENV); fi; \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/nemo-rlsr train --config conf/rlsr_tiny.yaml trainer.output_dir=$(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

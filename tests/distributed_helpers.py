@@ -1,0 +1,118 @@
+"""Shared by the multi-rank tests and their worker script: launching, and the tiny model and batch.
+
+Each test starts real processes (gloo over localhost) running `dist_worker.py <scenario>`; every
+rank torch.saves a dict of results that the test compares. Processes, not threads: megatron's
+parallel state is global per process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nemo_rlsr.config import ModelConfig, OptimizerConfig
+from nemo_rlsr.models.policy import TokenBatch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+VOCAB = 100
+SEQ_LEN = 16
+# Where each row's response starts: rows 0-1 have 16 loss tokens in all, rows 2-3 have 15, so the
+# two DP halves of the batch have different valid-token counts.
+RESPONSE_START = (8, 8, 11, 6)
+LEFT_PADS = (3, 0, 5, 1)
+
+
+def tiny_model_config() -> ModelConfig:
+    return ModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, max_sequence_length=32
+    )
+
+
+def optimizer_config(distributed: bool = False) -> OptimizerConfig:
+    # A large lr so that one step visibly moves the weights (and the logprobs after it).
+    return OptimizerConfig(lr=1e-2, clip_grad=1.0, use_distributed_optimizer=distributed)
+
+
+def token_batch() -> TokenBatch:
+    """4 left-padded sequences x 16 tokens; the loss counts the response part of each row."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (len(LEFT_PADS), SEQ_LEN), generator=g)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    loss_mask = torch.zeros(ids.shape)
+    for row, (pads, start) in enumerate(zip(LEFT_PADS, RESPONSE_START)):
+        ids[row, :pads] = 0
+        valid[row, :pads] = False
+        loss_mask[row, start - 1 : SEQ_LEN - 1] = 1.0  # targets[:, t] is token t+1
+    return TokenBatch(ids, valid, loss_mask, {})
+
+
+def nll_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
+    loss = (-logprobs * mb.loss_mask).sum()
+    return loss, {"loss": loss.detach()}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(scenario: str, out_dir: Path, nprocs: int = 2, timeout_s: float = 120.0) -> list[dict]:
+    """Run `dist_worker.py scenario out_dir` on `nprocs` ranks; return each rank's result dict.
+
+    When a rank fails the others are killed at once (they would wait on collectives until the
+    timeout); the error shows every rank's stderr.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    procs, logs = [], []
+    for rank in range(nprocs):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nprocs),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            "OMP_NUM_THREADS": "1",  # 2 ranks on 2 cores: no oversubscription
+            "PYTHONWARNINGS": "ignore",
+        }
+        log = out_dir / f"rank{rank}.log"
+        logs.append(log)
+        with open(log, "w") as sink:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), scenario, str(out_dir)],
+                    env=env, stdout=sink, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # so a kill also reaches the checkpoint writer's helpers
+                )
+            )
+    deadline = time.monotonic() + timeout_s
+    problem = ""
+    while not problem and any(proc.poll() is None for proc in procs):
+        if any(proc.poll() not in (None, 0) for proc in procs):
+            problem = "a rank failed"
+        elif time.monotonic() > deadline:
+            problem = f"timed out after {timeout_s:.0f}s"
+        else:
+            time.sleep(0.1)
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if problem or any(proc.returncode != 0 for proc in procs):
+        details = "\n\n".join(
+            f"--- rank {rank} (exit {proc.returncode}) ---\n{log.read_text()[-6000:]}"
+            for rank, (proc, log) in enumerate(zip(procs, logs))
+        )
+        raise AssertionError(f"scenario {scenario!r}: {problem or 'a rank failed'}\n{details}")
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(nprocs)]

@@ -1,0 +1,107 @@
+"""End-to-end RLSR runs through the command line: artifacts, exact resume, and 2-rank launches."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "pretrain.steps=20",
+    "grpo.prompts_per_step=4",
+    "grpo.num_generations=4",
+    "grpo.micro_batch_size=8",
+    "rollout.max_new_tokens=12",
+    "trainer.progress_bar=false",
+]
+
+
+def run(args: list[str], launcher: list[str] | None = None, timeout: int = 600) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = (launcher or [sys.executable]) + ["-m", "nemo_rlsr.cli", "train", "--config",
+                                                 str(REPO / "conf" / "rlsr_tiny.yaml"), *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-6000:]}")
+    return result.stdout + result.stderr
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_run_writes_artifacts_and_resume_reproduces_next_steps_exactly(tmp_path):
+    full = tmp_path / "full"
+    output = run(TINY + ["trainer.steps=4", "trainer.checkpoint_every=2", f"trainer.output_dir={full}"])
+    assert "mean reward, first 10 steps" in output and "held-out prompts, trained" in output
+
+    logged = records(full)
+    assert sorted(logged) == [1, 2, 3, 4]
+    for key in ["reward/mean", "reward/std", "kl", "entropy", "loss", "grad_norm", "clip_fraction",
+                "token_mult_prob_error", "time/step", "response/mean_length"]:
+        assert all(key in r for r in logged.values()), key
+    assert (full / "reward.png").stat().st_size > 5000
+    assert list((full / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["steps"] == 4 and set(summary["heldout_trained"]) == {"reward", "own_answer_rate"}
+    assert (full / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+
+    # Preempted after step 2: drop the later checkpoint and resume from the newest complete one.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    (resumed / "checkpoints" / "latest").write_text("step_0000002")
+    output = run(TINY + ["trainer.steps=4", "trainer.checkpoint_every=2", f"trainer.output_dir={resumed}"]
+                 + ["--resume", "auto"])
+    assert "resumed from" in output and "step_0000002" in output
+    again = records(resumed)
+    assert sorted(again) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ["loss", "grad_norm", "reward/mean", "kl", "entropy"]:
+            assert again[step][key] == logged[step][key], (step, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.tensor_parallel=1"], ["parallel.tensor_parallel=2"]],
+                         ids=["dp2", "tp2"])
+def test_torchrun_two_ranks(tmp_path, layout):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={free_port()}"]
+    run_dir = tmp_path / "run"
+    run(TINY + layout + ["trainer.steps=2", "trainer.heldout_eval=false", f"trainer.output_dir={run_dir}"],
+        launcher=launcher)
+    logged = records(run_dir)
+    assert sorted(logged) == [1, 2]
+    assert all(0.0 < r["num_tokens"] for r in logged.values())
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
+    (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config", str(REPO / "conf" / "rlsr_tiny.yaml"),
+         f"trainer.output_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--resume" in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_config_error_exit_code_and_message(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config", str(REPO / "conf" / "rlsr_tiny.yaml"),
+         "grpo.num_generatons=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "unknown key `grpo.num_generatons`" in result.stderr and "<command line>" in result.stderr

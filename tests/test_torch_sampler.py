@@ -1,0 +1,94 @@
+"""The KV-cache sampler against the trainer's own teacher-forced forward pass."""
+
+import pytest
+import torch
+
+from nemo_rlsr.config import ModelConfig, OptimizerConfig
+from nemo_rlsr.generation.interface import SamplingParams
+from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine, top_p_filter
+from nemo_rlsr.models.policy import MegatronPolicy, attention_mask
+
+VOCAB = 61  # deliberately not a multiple of 8: exercises the padded-vocab mask
+PAD, EOS = 0, 1
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]]
+
+
+@pytest.fixture(scope="module")
+def policy(single_rank):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                      max_sequence_length=32)
+    return MegatronPolicy(cfg, OptimizerConfig(lr=1e-3), VOCAB, single_rank)
+
+
+def teacher_forced_logits(policy, batch):
+    ids = batch.input_ids
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    policy.module.eval()
+    with torch.no_grad():
+        return policy.module(ids, positions, attention_mask(batch.valid))
+
+
+def test_greedy_equals_teacher_forced_argmax(policy):
+    engine = TorchRolloutEngine(policy.module, PAD, EOS, VOCAB)
+    rollouts = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, greedy=True), seed=0)
+    batch = rollouts.to_token_batch()
+    argmax = teacher_forced_logits(policy, batch)[..., :VOCAB].argmax(-1)
+    mask = rollouts.response_mask.bool()
+    assert mask.sum() >= len(PROMPTS)
+    assert torch.equal(argmax[mask], batch.targets[mask])
+    # prompts are left-padded to a common length and the response starts right after them
+    for row, prompt in enumerate(PROMPTS):
+        assert batch.input_ids[row, 5 - len(prompt) : 5].tolist() == prompt
+        assert not batch.valid[row, : 5 - len(prompt)].any()
+
+
+def test_sampled_logprobs_equal_trainer_logprobs(policy):
+    engine = TorchRolloutEngine(policy.module, PAD, EOS, VOCAB)
+    rollouts = engine.generate(PROMPTS * 4, SamplingParams(max_new_tokens=12), seed=7)
+    trainer = policy.logprobs(rollouts.to_token_batch(), micro_batch_size=8)
+    mask = rollouts.response_mask
+    diff = ((trainer - rollouts.engine_logprobs).abs() * mask).sum() / mask.sum()
+    assert float((trainer - rollouts.engine_logprobs).abs().mul(mask).max()) < 1e-4
+    assert float(torch.exp(diff)) < 1.001  # token_mult_prob_error
+    assert all(t < VOCAB for ids in rollouts.response_ids for t in ids), "sampled a padded vocab id"
+
+
+def test_same_seed_same_samples(policy):
+    engine = TorchRolloutEngine(policy.module, PAD, EOS, VOCAB)
+    params = SamplingParams(max_new_tokens=12)
+    first = engine.generate(PROMPTS, params, seed=3)
+    assert first.response_ids == engine.generate(PROMPTS, params, seed=3).response_ids
+    assert first.response_ids != engine.generate(PROMPTS, params, seed=4).response_ids
+
+
+def test_generation_stops_at_eos(policy):
+    greedy = SamplingParams(max_new_tokens=10, greedy=True)
+    free = TorchRolloutEngine(policy.module, PAD, EOS, VOCAB).generate(PROMPTS, greedy, seed=0)
+    # Declare the token that row 0 emits third to be EOS: row 0 must stop right after it.
+    stop_token = free.response_ids[0][2]
+    stopped = TorchRolloutEngine(policy.module, PAD, stop_token, VOCAB).generate(PROMPTS, greedy, seed=0)
+    expected = free.response_ids[0][: free.response_ids[0].index(stop_token) + 1]
+    assert stopped.response_ids[0] == expected
+    assert not bool(stopped.truncated[0])
+    assert int(stopped.response_mask[0].sum()) == len(expected)
+    for row in range(len(PROMPTS)):  # every row is the free run cut after its first stop token
+        ids = free.response_ids[row]
+        cut = ids[: ids.index(stop_token) + 1] if stop_token in ids else ids
+        assert stopped.response_ids[row] == cut
+        assert bool(stopped.truncated[row]) == (stop_token not in ids)
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.01)).sum() == 1  # the top token always survives
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_bad_sampling_params_are_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(max_new_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(max_new_tokens=4, top_p=1.5)
