@@ -56,7 +56,7 @@ def test_run_writes_artifacts_and_resume_reproduces_next_steps_exactly(tmp_path)
     assert (full / "reward.png").stat().st_size > 5000
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((full / "summary.json").read_text())
-    assert summary["steps"] == 4 and set(summary["heldout_trained"]) == {"reward", "own_answer_rate"}
+    assert summary["steps"] == 4 and set(summary["heldout_trained"]) == {"reward", "own_answer_rate", "examples"}
     assert (full / "checkpoints" / "latest").read_text().strip() == "step_0000004"
 
     # Preempted after step 2: drop the later checkpoint and resume from the newest complete one.
@@ -105,3 +105,15 @@ def test_config_error_exit_code_and_message(tmp_path):
          "grpo.num_generatons=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "unknown key `grpo.num_generatons`" in result.stderr and "<command line>" in result.stderr
+
+
+@pytest.mark.slow
+def test_embedded_default_learns_to_answer_the_asked_prompt(tmp_path):
+    """The acceptance bar of `make demo`, on the unchanged demo config."""
+    run([f"trainer.output_dir={tmp_path}", "trainer.progress_bar=false"], timeout=1200)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["reward_last10"] >= summary["reward_first10"] + 0.1, summary
+    base, trained = summary["heldout_base"], summary["heldout_trained"]
+    assert trained["reward"] > base["reward"], summary
+    # answering the asked prompt, not a generic centroid answer
+    assert trained["own_answer_rate"] > base["own_answer_rate"] + 0.2, summary

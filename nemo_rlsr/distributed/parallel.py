@@ -30,7 +30,7 @@ class ParallelContext:
 
     @property
     def is_logging_rank(self) -> bool:
-        """Rank 0 writes logs and plots; every rank holds the metrics after `broadcast_metrics`."""
+        """Rank 0 writes logs and plots (every rank computes the same reduced metrics)."""
         return self.rank == 0
 
 

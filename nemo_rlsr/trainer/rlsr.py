@@ -117,7 +117,7 @@ class RLSRTrainer:
                                        cfg.rollout.top_p, cfg.rollout.stop_on_eos)
         self.logger = MetricsLogger(self.run_dir, self.ctx.is_logging_rank)
         self.step = 0
-        self.base_heldout: dict[str, float] | None = None
+        self.base_heldout: dict | None = None
         if resume:
             self._resume(resume)
         else:
@@ -265,7 +265,7 @@ class RLSRTrainer:
 
     # ---- evaluation ----------------------------------------------------------------------------
 
-    def evaluate_heldout(self) -> dict[str, float]:
+    def evaluate_heldout(self, num_examples: int = 4) -> dict:
         """Mean reward on held-out prompts with a fixed sampling seed, and how often a response's
         nearest reference (by embedding) is its own prompt's: a policy that drifts to one generic
         answer scores a fair mean reward but a low `own_answer_rate`."""
@@ -276,10 +276,13 @@ class RLSRTrainer:
         references = self.reward.embed(self.all_references)
         nearest = (self.reward.embed(texts) @ references.T).argmax(dim=1)
         own = torch.tensor([self.all_references[j] == e.reference for j, e in zip(nearest.tolist(), examples)])
-        return {"reward": float(scores.rewards.mean()), "own_answer_rate": float(own.float().mean())}
+        group = self.cfg.grpo.num_generations
+        samples = [[examples[i].prompt, texts[i]] for i in range(0, len(texts), group)][:num_examples]
+        return {"reward": float(scores.rewards.mean()), "own_answer_rate": float(own.float().mean()),
+                "examples": samples}
 
     @staticmethod
-    def _format_eval(result: dict[str, float]) -> str:
+    def _format_eval(result: dict) -> str:
         return f"mean reward {result['reward']:.3f}, answers its own prompt {result['own_answer_rate']:.0%}"
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -317,6 +320,9 @@ class RLSRTrainer:
             if self.cfg.trainer.heldout_eval:
                 print(f"held-out prompts, base:    {self._format_eval(summary['heldout_base'])}")
                 print(f"held-out prompts, trained: {self._format_eval(summary['heldout_trained'])}")
+                for (prompt, base), (_, trained) in zip(summary["heldout_base"]["examples"],
+                                                        summary["heldout_trained"]["examples"]):
+                    print(f"  {prompt!r}\n    base:    {base}\n    trained: {trained}")
             print(f"metrics: {self.logger.jsonl_path}  plot: {self.run_dir / 'reward.png'}  "
                   f"checkpoint: {summary['checkpoint']}")
         return summary
