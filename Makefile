@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nemo_rlsr_installed
 DEMO_DIR ?= runs/rlsr_tiny
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean recipes-table
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# docs/recipes.md: every recipe planned on H100 and H200 (nemo_rlsr/planner).
+recipes-table: $(STAMP)
+	$(PY) docs/make_recipe_table.py
 
 clean:
 	rm -rf $(VENV) runs

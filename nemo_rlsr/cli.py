@@ -1,13 +1,21 @@
 """`nemo-rlsr`: the command line.
 
     nemo-rlsr train --config conf/rlsr_tiny.yaml [--resume [auto|PATH]] [key.path=value ...]
+    nemo-rlsr plan --config conf/rlsr_qwen7b_sb.yaml [--nodes N --gpus-per-node 8 --gpu h100-80gb]
+    nemo-rlsr report RUN_DIR [--out DIR]
+    nemo-rlsr export-hf --checkpoint DIR --out DIR
+    nemo-rlsr eval --checkpoint DIR --out DIR [--prompts FILE.jsonl]
 
 Runs under plain `python` (one process) or `torchrun --nproc_per_node=N` (SPMD).
+
+Exit codes: 0 done; 75 preempted (a checkpoint was saved: requeue with `--resume auto`);
+2 bad config or checkpoint path; 3 too many non-finite updates in a row; 1 any other error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -23,15 +31,73 @@ def _quiet_third_party() -> None:
 def _train(args: argparse.Namespace) -> int:
     from nemo_rlsr.config import load_config
     from nemo_rlsr.distributed.parallel import destroy_distributed
+    from nemo_rlsr.trainer.guards import NonFiniteError
+    from nemo_rlsr.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
     from nemo_rlsr.trainer.rlsr import RLSRTrainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = RLSRTrainer(cfg, resume=args.resume)
     try:
         trainer.fit()
+    except Preempted as exc:
+        print(f"{exc}; exiting with {PREEMPTED_EXIT_CODE} (resume with --resume auto)", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     finally:
         destroy_distributed()
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Print the memory / step-time plan; exit 1 when the config does not fit the cluster."""
+    from nemo_rlsr.config import load_config
+    from nemo_rlsr.planner import format_plan, make_plan, write_launch_env
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.mode)
+    print(format_plan(plan, args.config))
+    if args.launch_env:
+        write_launch_env(plan, args.launch_env)
+    return 0 if plan.fits else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from nemo_rlsr.trainer.report import write_report
+
+    for path in write_report(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from nemo_rlsr.distributed.parallel import destroy_distributed
+    from nemo_rlsr.eval.run import export_hf, lm_eval_command
+
+    try:
+        out = export_hf(args.checkpoint, args.out)
+    finally:
+        destroy_distributed()
+    print(f"exported {args.checkpoint} -> {out}\nlm-evaluation-harness: {lm_eval_command(out)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from nemo_rlsr.distributed.parallel import destroy_distributed
+    from nemo_rlsr.eval.run import evaluate, lm_eval_command
+
+    try:
+        summary = evaluate(args.checkpoint, args.prompts, args.out, args.max_new_tokens)
+    finally:
+        destroy_distributed()
+    print(json.dumps(summary, indent=2))
+    print(f"lm-evaluation-harness (after `nemo-rlsr export-hf --checkpoint {args.checkpoint} --out HF_DIR`): "
+          f"{lm_eval_command('HF_DIR')}")
+    return 0
+
+
+_EVAL_COMMANDS = {"report": _report, "export-hf": _export_hf, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +107,41 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", required=True, help="YAML config (see conf/)")
     train.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="resume from a checkpoint directory, or 'auto' (default when the flag is bare): "
-                            "the newest complete one under trainer.output_dir/checkpoints")
+                            "the newest complete one under trainer.output_dir/checkpoints (corrupt ones "
+                            "are skipped with a warning; a fresh start if there is none yet)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.num_generations=4")
+    plan = commands.add_parser("plan", help="per-GPU memory and step time of a config on a cluster; "
+                                            "exits 1 when it does not fit")
+    plan.add_argument("--config", required=True, help="YAML config (see conf/)")
+    plan.add_argument("--nodes", type=int, help="default: the config's cluster.nodes")
+    plan.add_argument("--gpus-per-node", type=int, help="default: cluster.gpus_per_node")
+    plan.add_argument("--gpu", help="h100-80gb | h200-141gb | cpu (default: cluster.gpu)")
+    plan.add_argument("--mode", default="rlsr", choices=["rlsr", "sft"], help="what the job runs")
+    plan.add_argument("--launch-env", help="also write shell assignments for the Slurm launcher here")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_parallel=4")
+    report = commands.add_parser("report", help="PNG plots of a run from its metrics.jsonl")
+    report.add_argument("run_dir", help="trainer.output_dir of a run")
+    report.add_argument("--out", help="where the PNGs go (default: RUN_DIR/report)")
+    export = commands.add_parser("export-hf", help="a checkpoint as a Hugging Face LlamaForCausalLM folder")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_XXXXXXX)")
+    export.add_argument("--out", required=True, help="output folder (safetensors, config.json, word_vocab.json)")
+    evaluate = commands.add_parser("eval", help="answers to a prompt file as AlpacaEval / Arena-Hard files")
+    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_XXXXXXX)")
+    evaluate.add_argument("--prompts", help="JSONL of {prompt, reference} (default: bundled held-out split)")
+    evaluate.add_argument("--out", required=True, help="output folder")
+    evaluate.add_argument("--max-new-tokens", type=int, help="default: the run's rollout.max_new_tokens")
     args = parser.parse_args(argv)
+    if args.command in ("report", "export-hf", "eval"):
+        _quiet_third_party()
+        return _EVAL_COMMANDS[args.command](args)
+    if args.command == "plan":
+        from nemo_rlsr.config import ConfigError
+
+        try:
+            return _plan(args)
+        except (ConfigError, ValueError) as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
     _quiet_third_party()
     from nemo_rlsr.config import ConfigError
 

@@ -1,13 +1,25 @@
+import os
+
 import pytest
 import torch
 
 
 @pytest.fixture(scope="session")
 def single_rank():
-    """One-process gloo group with megatron parallel state (TP=1, PP=1), shared by the session."""
+    """One-process gloo group with megatron parallel state (TP=1, PP=1), shared by the session.
+
+    init_distributed puts MASTER_ADDR/MASTER_PORT into os.environ; they are taken out again, else
+    every CLI subprocess launched later in the session inherits them and fails to bind that port."""
     from nemo_rlsr.distributed.parallel import init_distributed
 
-    return init_distributed(tp=1, pp=1, seed=1234)
+    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    ctx = init_distributed(tp=1, pp=1, seed=1234)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return ctx
 
 
 def pytest_collection_modifyitems(config, items):

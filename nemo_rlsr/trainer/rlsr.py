@@ -2,6 +2,9 @@
 
 Reads top to bottom like one step of DESIGN.md. Every rank runs this function (SPMD); each data-
 parallel rank samples and scores its own shard of the prompts, and rank 0 writes logs and plots.
+Reliability hooks, each in its own module: preemption.py (signal -> checkpoint -> exit 75),
+guards.py (reward range, non-finite updates), watchdog.py (stack dumps of a hung step),
+manifest.py via checkpoint.py (verified resume), fingerprint.py (weights digest in summary.json).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nemo_rlsr.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss
-from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict
+from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict, validate_supported
 from nemo_rlsr.data.instructions import (
     BUNDLED_DATASET,
     InstructionExample,
@@ -31,10 +34,22 @@ from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
 from nemo_rlsr.models.policy import LossFn, MegatronPolicy, TokenBatch
-from nemo_rlsr.rewards import EmbeddingSimilarityReward, RepetitionPenalty
-from nemo_rlsr.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nemo_rlsr.rewards import build_reward_actor
+from nemo_rlsr.rewards.diagnostics import reward_diagnostics
+from nemo_rlsr.trainer.checkpoint import (
+    find_resumable_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from nemo_rlsr.trainer.fingerprint import parameters_sha256
+from nemo_rlsr.trainer.guards import NonFiniteGuard, check_rewards, inject_nan
+from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.metrics import MetricsLogger, plot_reward, read_metrics
+from nemo_rlsr.trainer.preemption import MARKER, Preempted, PreemptionHandler
 from nemo_rlsr.trainer.pretrain import pretrain_on_text
+from nemo_rlsr.trainer.throughput import step_throughput
+from nemo_rlsr.trainer.watchdog import StepWatchdog
 
 
 @dataclass
@@ -88,6 +103,10 @@ class RLSRTrainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.base_dir = self.run_dir / "base"
         self._validate()
+        # Early, so that a signal during setup or base pre-training is not fatal: it stops the run
+        # after the first RLSR step, with a checkpoint.
+        self.preemption = PreemptionHandler(cfg.trainer.preemption_signals).install()
+        self.guard = NonFiniteGuard(cfg.trainer.max_consecutive_nonfinite)
 
         examples = load_instructions(cfg.data.path or BUNDLED_DATASET)
         self.tokenizer = WordTokenizer.build(
@@ -102,13 +121,7 @@ class RLSRTrainer:
                                      cfg.rollout.temperature)
         self.reference = MegatronPolicy(cfg.model, None, vocab, self.ctx, cfg.rollout.temperature)
         self.engine = TorchRolloutEngine(self.policy.module, self.tokenizer.pad_id, self.tokenizer.eos_id, vocab)
-        self.reward = EmbeddingSimilarityReward(
-            cfg.reward.encoder_path,
-            RepetitionPenalty(cfg.reward.repetition_mode, cfg.reward.repetition_min_chars,
-                              cfg.reward.repetition_min_reference_fraction, cfg.reward.repetition_penalty),
-            batch_size=cfg.reward.batch_size,
-            device=str(self.ctx.device),
-        )
+        self.reward = build_reward_actor(cfg.reward, str(self.ctx.device), self.ctx.world_size)
         per_rank = cfg.grpo.prompts_per_step // self.ctx.dp
         self.sampler = PromptSampler(len(self.train), per_rank, self.ctx.dp_rank, self.ctx.dp,
                                      seed=cfg.data.shuffle_seed)
@@ -118,9 +131,7 @@ class RLSRTrainer:
         self.logger = MetricsLogger(self.run_dir, self.ctx.is_logging_rank)
         self.step = 0
         self.base_heldout: dict | None = None
-        if resume:
-            self._resume(resume)
-        else:
+        if not (resume and self._resume(resume)):
             if latest_checkpoint(self.checkpoint_dir) or latest_checkpoint(self.base_dir):
                 raise FileExistsError(
                     f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
@@ -132,6 +143,7 @@ class RLSRTrainer:
     # ---- setup ---------------------------------------------------------------------------------
 
     def _validate(self) -> None:
+        validate_supported(self.cfg)  # recipe keys this build cannot act on are refused, not ignored
         cfg, dp = self.cfg, self.ctx.dp
         if cfg.grpo.prompts_per_step % dp:
             raise ValueError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} is not divisible by DP={dp}")
@@ -142,6 +154,8 @@ class RLSRTrainer:
                 f"{cfg.grpo.mini_batches_per_step} mini-batches of whole grpo.micro_batch_size="
                 f"{cfg.grpo.micro_batch_size} micro-batches"
             )
+        if cfg.trainer.keep_last_checkpoints < 0:
+            raise ValueError("trainer.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
         if cfg.grpo.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2: advantages are relative within a group")
         if cfg.rollout.engine != "torch":
@@ -179,22 +193,46 @@ class RLSRTrainer:
         if cfg.trainer.heldout_eval:
             self.base_heldout = self.evaluate_heldout()
             self._print(f"base policy on held-out prompts: {self._format_eval(self.base_heldout)}")
-        save_checkpoint(self.base_dir, 0, self.policy, self._extra())
+        self._save(self.base_dir)
 
-    def _resume(self, resume: str) -> None:
-        path = latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            raise FileNotFoundError(f"--resume auto: no complete checkpoint under {self.checkpoint_dir}")
-        load_checkpoint(latest_checkpoint(self.base_dir), self.reference, load_optimizer=False)
+    def _save(self, root: Path) -> Path:
+        keep = self.cfg.trainer.keep_last_checkpoints or None
+        return save_checkpoint(root, self.step, self.policy, self._extra(), keep_last=keep,
+                               checksums=self.cfg.trainer.checkpoint_checksums)
+
+    def _resume(self, resume: str) -> bool:
+        """Load `resume` (a path, or "auto"). Returns False when "auto" finds nothing at all, so
+        that a requeued job whose first attempt died before its first save starts afresh."""
+        checksums = self.cfg.trainer.checkpoint_checksums
+        base = find_resumable_checkpoint(self.base_dir, checksums)
+        if resume == "auto":
+            # No RLSR checkpoint yet: the base checkpoint is the state at step 0.
+            path = find_resumable_checkpoint(self.checkpoint_dir, checksums) or base
+            if path is None and (latest_checkpoint(self.checkpoint_dir) or latest_checkpoint(self.base_dir)):
+                raise FileNotFoundError(f"--resume auto: every checkpoint under {self.run_dir} is incomplete "
+                                        f"or corrupt (see the warnings above)")
+            if path is None:
+                self._print(f"--resume auto: no checkpoint under {self.run_dir} yet; starting afresh")
+                return False
+        else:
+            path = Path(resume)
+            problems = verify_checkpoint(path, checksums)
+            if problems:
+                raise FileNotFoundError(f"--resume {path}: not a complete checkpoint: {'; '.join(problems[:3])}")
+        if base is None:
+            raise FileNotFoundError(f"no complete base checkpoint under {self.base_dir} (the KL reference)")
+        load_checkpoint(base, self.reference, load_optimizer=False)
         self.policy.rebuild_optimizer(self.cfg.optimizer)
         extra = load_checkpoint(path, self.policy)
         self.step = extra["step"]
         self.sampler.load_state_dict(extra["sampler"])
         self.base_heldout = extra["base_heldout"]
+        self.guard.load_state_dict(extra.get("guard", {"consecutive": 0, "total": 0}))
         if WordTokenizer.from_json(extra["tokenizer"]) != self.tokenizer:
             raise ValueError(f"{path}: the checkpoint's tokenizer differs from this run's data")
         self.logger.truncate_after(self.step)
         self._print(f"resumed from {path} at step {self.step}")
+        return True
 
     def _extra(self) -> dict:
         return {
@@ -203,6 +241,7 @@ class RLSRTrainer:
             "tokenizer": self.tokenizer.to_json(),
             "config": to_dict(self.cfg),
             "base_heldout": self.base_heldout,
+            "guard": self.guard.state_dict(),
         }
 
     # ---- one RLSR step -------------------------------------------------------------------------
@@ -211,21 +250,30 @@ class RLSRTrainer:
         # Same on every TP/PP rank of a DP replica (they must draw identical tokens), distinct per DP rank.
         return (self.cfg.parallel.seed * 1_000_003 + step) * 131 + self.ctx.dp_rank
 
-    def _rollout(self, prompts: Prompts, rows: list[int], seed: int):
-        """n samples per prompt, decoded and rewarded. Rows are group-contiguous."""
+    def _rollout(self, prompts: Prompts, rows: list[int], seed: int, timings: dict | None = None):
+        """n samples per prompt, decoded and rewarded. Rows are group-contiguous. Fills
+        `timings["time/generate"]` and `timings["time/reward"]` when given."""
         group = self.cfg.grpo.num_generations
         token_ids = [prompts.token_ids[i] for i in rows for _ in range(group)]
         examples = [prompts.examples[i] for i in rows for _ in range(group)]
+        start = time.perf_counter()
         rollouts = self.engine.generate(token_ids, self.sampling, seed)
+        generated = time.perf_counter()
         texts = [self.tokenizer.decode(r) for r in rollouts.response_ids]
         scores = self.reward.score([e.prompt for e in examples], texts, [e.reference for e in examples])
+        check_rewards(scores.rewards, [e.prompt for e in examples])
+        if timings is not None:
+            timings["time/generate"] = generated - start
+            timings["time/reward"] = time.perf_counter() - generated
         return rollouts, texts, examples, scores
 
     def train_step(self) -> dict[str, float]:
         cfg, timings = self.cfg, {}
         t0 = time.perf_counter()
+        if cfg.trainer.debug_stall_step == self.step + 1 and self.ctx.rank == self.ctx.world_size - 1:
+            time.sleep(cfg.trainer.debug_stall_s)  # a deliberately slow rank (trainer.debug_stall_*)
         rows = self.sampler.next_batch()
-        rollouts, texts, _, scores = self._rollout(self.train, rows, self._sample_seed(self.step))
+        rollouts, texts, _, scores = self._rollout(self.train, rows, self._sample_seed(self.step), timings)
         t1 = time.perf_counter()
         advantages = group_advantages(scores.rewards, cfg.grpo.num_generations, cfg.grpo.advantage_eps)
         batch = rollouts.to_token_batch(advantages=advantages)
@@ -234,15 +282,21 @@ class RLSRTrainer:
         batch.extras["ref_logprobs"] = self.reference.logprobs(batch, cfg.grpo.micro_batch_size)
         t3 = time.perf_counter()
         mini_size = len(batch) // cfg.grpo.mini_batches_per_step
-        updates = [self.policy.train_step(batch.slice(i, i + mini_size), cfg.grpo.micro_batch_size, self.loss_fn)
+        loss_fn = inject_nan(self.loss_fn) if self.step + 1 in cfg.trainer.debug_inject_nan_steps else self.loss_fn
+        updates = [self.policy.train_step(batch.slice(i, i + mini_size), cfg.grpo.micro_batch_size, loss_fn,
+                                          skip_nonfinite=True)
                    for i in range(0, len(batch), mini_size)]
         t4 = time.perf_counter()
         self.step += 1
+        skipped = sum(self.guard.observe(self.step, u) for u in updates)
 
         metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        metrics["guard/skipped_updates"] = float(skipped)
+        metrics["guard/skipped_updates_total"] = float(self.guard.total)
         metrics.update(self._rollout_metrics(rollouts, scores, batch.extras["old_logprobs"]))
-        timings = {"time/generate_and_reward": t1 - t0, "time/advantages": t2 - t1,
-                   "time/logprobs": t3 - t2, "time/train": t4 - t3, "time/step": t4 - t0}
+        timings.update({"time/advantages": t2 - t1, "time/logprobs": t3 - t2, "time/train": t4 - t3,
+                        "time/step": t4 - t0})
+        metrics.update(step_throughput(batch.valid.sum(), self.policy.num_parameters, t4 - t0, self.ctx))
         metrics.update(timings)
         metrics["sample/response"] = texts[0]
         return metrics
@@ -252,7 +306,7 @@ class RLSRTrainer:
         lengths = gather_over_dp(rollouts.response_lengths.float())
         mask = rollouts.response_mask
         mismatch = ((rollouts.engine_logprobs - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
-        return {
+        metrics = {
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "reward/min": float(rewards.min()),
@@ -262,6 +316,9 @@ class RLSRTrainer:
             "response/truncated_fraction": float(gather_over_dp(rollouts.truncated.float()).mean()),
             "token_mult_prob_error": float(torch.exp(mismatch)),
         }
+        # Reward-hacking diagnostics over every rank's rollouts (cosine histogram, empty, length corr, ...).
+        metrics.update(reward_diagnostics(scores.map(lambda t: gather_over_dp(t.float())), lengths))
+        return metrics
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -288,22 +345,40 @@ class RLSRTrainer:
     # ---- the loop ------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        """Run to `trainer.steps`; raises `Preempted` after saving when a preemption signal came."""
         cfg = self.cfg
+        if self.ctx.is_logging_rank:
+            (self.run_dir / MARKER).unlink(missing_ok=True)
+        watchdog = StepWatchdog(cfg.trainer.watchdog_step_s, self.run_dir / "stacks", self.ctx.rank).start()
         bar = self._progress(cfg.trainer.steps, "rlsr", initial=self.step)
-        while self.step < cfg.trainer.steps:
-            metrics = self.train_step()
-            self.logger.log(self.step, metrics)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}",
-                            step_s=f"{metrics['time/step']:.2f}")
-            bar.update(1)
-            every = cfg.trainer.checkpoint_every
-            if (every and self.step % every == 0) or self.step == cfg.trainer.steps:
-                save_checkpoint(self.checkpoint_dir, self.step, self.policy, self._extra())
-        bar.close()
+        try:
+            while self.step < cfg.trainer.steps:
+                with watchdog.watch(f"step {self.step + 1}"):
+                    metrics = self.train_step()
+                    stop = self.preemption.should_stop(self.ctx.device)
+                self.logger.log(self.step, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+                                step_s=f"{metrics['time/step']:.2f}")
+                bar.update(1)
+                self.guard.check()
+                every = cfg.trainer.checkpoint_every
+                if (every and self.step % every == 0) or self.step == cfg.trainer.steps or stop:
+                    with watchdog.watch(f"checkpoint save after step {self.step}"):
+                        path = self._save(self.checkpoint_dir)
+                if stop:
+                    if self.ctx.is_logging_rank:
+                        self.preemption.write_marker(self.run_dir, self.step, path)
+                    raise Preempted(self.step, path, self.preemption.received)
+        finally:
+            bar.close()
+            watchdog.close()
+            self.preemption.uninstall()
         return self._summarise()
 
     def _summarise(self) -> dict:
-        summary: dict = {"steps": self.step, "checkpoint": str(latest_checkpoint(self.checkpoint_dir))}
+        summary: dict = {"steps": self.step, "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
+                         "param_sha256": parameters_sha256(self.policy.module),
+                         "skipped_nonfinite_updates": self.guard.total}
         if self.cfg.trainer.heldout_eval:
             summary["heldout_base"] = self.base_heldout
             summary["heldout_trained"] = self.evaluate_heldout()

@@ -1,0 +1,1 @@
+"""Evaluation of trained policies: benchmark answer files (AlpacaEval, Arena-Hard), HF export."""

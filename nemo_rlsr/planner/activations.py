@@ -1,0 +1,60 @@
+"""Activation memory: the tensors autograd keeps between the forward and the backward pass.
+
+Counted tensor by tensor for the two layer implementations we run, per token and per layer:
+
+- "local": megatron's local layer spec, used on CPU (fp32). Listed by hooking
+  `torch.autograd.graph.saved_tensors_hooks` on a real step of the tiny policy: norm input,
+  rsqrt, norm output (3h per norm incl. the next linear's input, two norms), the fused QKV
+  output (q + 2kv), copies of q and k made by RoPE (for GQA k and v are expanded to every head),
+  the softmax probabilities (heads x context: the unfused attention keeps them), the projection
+  input (q), and SwiGLU's fc1 output, its two halves' intermediates and fc2's input (5 ffn).
+- "te": Transformer Engine spec on GPUs (bf16, flash attention: no heads x context term).
+  LayerNormLinear keeps its input and normalised output (2h per norm), QKV output, the RoPE'd q
+  and k, the attention output, fc1's output (2 ffn) and the activation's output (ffn). This is
+  the same accounting as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models", ~34h bytes per token-layer) adapted to GQA and SwiGLU. Not measured here.
+
+The loss needs several vocabulary-sized fp32 buffers at once (ours: the logits, logits /
+temperature, the cross-entropy's softmax, and three temporaries of the entropy metric): 20 bytes
+per local vocab entry per token on the tiny CPU run, 26 with bf16 logits plus their fp32 copy.
+"""
+
+from __future__ import annotations
+
+from nemo_rlsr.planner.shapes import ModelShape
+
+LOGIT_BYTES = {4: 20, 2: 26}  # per (token x local vocab entry), keyed by parameter bytes
+MOE_IMBALANCE = 1.25  # ASSUMED: the busiest expert-parallel rank gets 25% more tokens than average
+
+
+def layer_elements(shape: ModelShape, index: int, profile: str, context: int) -> tuple[float, float]:
+    """(elements tensor parallelism does not split unless sequence-parallel, elements it splits)
+    kept per token by layer `index`, with `context` the sequence length attention sees."""
+    c, h = shape.cfg, shape.cfg.hidden_size
+    q, kv = shape.q_dim, shape.kv_dim
+    if profile == "local":
+        norms = 6 * h
+        gqa = shape.kv_heads != c.num_attention_heads
+        attention = (q + 2 * kv) + q + (q if gqa else kv) + (q if gqa else 0) + c.num_attention_heads * context + q
+        mlp = 5 * c.ffn_hidden_size
+    else:
+        norms = 4 * h
+        if c.multi_latent_attention:
+            lora = (c.q_lora_rank or 0) * 2 + (c.kv_lora_rank + c.qk_pos_emb_head_dim) + c.kv_lora_rank
+            norms += lora
+            qk = c.num_attention_heads * (c.qk_head_dim + c.qk_pos_emb_head_dim)
+            attention = qk + c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) + 2 * qk + q
+        else:
+            attention = (q + 2 * kv) + (q + kv) + q
+        mlp = 3 * c.ffn_hidden_size
+    if shape.is_moe_layer(index):
+        experts = c.moe_router_topk * (h + 3 * (c.moe_ffn_hidden_size or c.ffn_hidden_size)) * MOE_IMBALANCE
+        router = 2 * c.num_moe_experts  # fp32 logits, in bf16-element units
+        mlp = 3 * (c.moe_shared_expert_intermediate_size or 0)
+        norms += experts + router  # routed tokens follow the sequence split, not the head split
+    return norms, attention + mlp
+
+
+def final_elements(profile: str, hidden: int) -> float:
+    """Final norm and the output layer's input (kept on the last pipeline stage)."""
+    return (3 if profile == "local" else 2) * hidden

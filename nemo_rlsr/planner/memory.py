@@ -1,0 +1,218 @@
+"""Per-GPU memory of one RLSR (or SFT) step, phase by phase, on the most loaded pipeline stage.
+
+Training state per parameter (megatron DDP with fp32 gradient buffers, Adam): float32 params keep
+4 (weights) + 4 (grads) + 8 (Adam moments); bf16 params keep 2 + 4 + 12 (fp32 master copy and
+moments), megatron's "6 + 12/d" when the distributed optimizer shards the 12 over d data-parallel
+ranks (expert weights over their own, smaller, expert-data-parallel group).
+
+Phases, colocated on the same GPUs (the NeMo-RL / verl arrangement; ASSUMED for the GPU path):
+- generation: the engine's weights (a bf16 copy for TensorRT-LLM; megatron and torch engines
+  share the policy's) and its KV cache, next to the policy's and reference's weights; the policy's
+  grads and optimizer state are offloaded to host memory for TensorRT-LLM / megatron engines
+  (our torch sampler keeps them).
+- logprobs / training: policy state + the frozen reference's weights + activations; the engine has
+  released its weights and KV cache.
+The reward encoder is on every GPU (`reward.backend: local`) or on the GPUs of the Ray pool's
+actors (`ray`, when `ray_gpus_per_actor` > 0; counted once, as if colocated with a training rank);
+with `reward.offload_between_steps` it is on the GPU only around scoring, i.e. not in the
+logprobs and training phases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from nemo_rlsr.config import RLSRConfig
+from nemo_rlsr.planner.activations import LOGIT_BYTES, final_elements, layer_elements
+from nemo_rlsr.planner.hardware import FRAGMENTATION_HEADROOM, Device
+from nemo_rlsr.planner.layout import Layout
+from nemo_rlsr.planner.shapes import ENCODERS, ModelShape
+
+MIN_CONCURRENT_SEQUENCES = 8  # ASSUMED: fewer full-length sequences per engine is not worth running
+ENCODER_WORK_ELEMENTS = 16  # ASSUMED: an encoder forward's live intermediates per token, x hidden
+
+
+def param_bytes(cfg: RLSRConfig) -> int:
+    return 4 if cfg.model.params_dtype == "float32" else 2
+
+
+@dataclass
+class StageParams:
+    dense: float  # this GPU's share of the weights replicated across expert-parallel ranks
+    expert: float  # this GPU's share of routed-expert weights
+    layers: list[int] = field(default_factory=list)
+    first: bool = False
+    last: bool = False
+
+
+def stage_params(shape: ModelShape, lay: Layout) -> list[StageParams]:
+    """Each pipeline stage's parameters per GPU (contiguous layer blocks, as megatron assigns)."""
+    stages, start = [], 0
+    for s, count in enumerate(lay.stage_layers(shape.cfg.num_layers)):
+        layers, start = list(range(start, start + count)), start + count
+        dense = sum(shape.layer_params(i)[0] for i in layers) / lay.tp
+        expert = sum(shape.layer_params(i)[1] for i in layers) / (lay.ep * lay.etp)
+        first, last = s == 0, s == lay.pp - 1
+        if first:
+            dense += shape.embedding_params / lay.tp
+        if last:
+            dense += shape.cfg.hidden_size
+            dense += (shape.output_params or (shape.embedding_params if lay.pp > 1 else 0)) / lay.tp
+        stages.append(StageParams(dense, expert, layers, first, last))
+    return stages
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU. `items` are the report's lines; `phases` their sums per phase."""
+
+    items: dict[str, float]
+    phases: dict[str, float]
+    usable: float
+    stage: int
+    notes: list[str]
+    phase_items: dict[str, list[str]] = field(default_factory=dict)  # which items each phase holds
+
+    def largest(self, phase: str, count: int = 3) -> list[tuple[str, float]]:
+        names = self.phase_items.get(phase, list(self.items))
+        return sorted(((n, self.items[n]) for n in names), key=lambda kv: -kv[1])[:count]
+
+    @property
+    def peak(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+
+def usable_bytes(dev: Device) -> float:
+    return (dev.memory_bytes - dev.runtime_reserve_bytes) * (1 - FRAGMENTATION_HEADROOM)
+
+
+def training_state(cfg: RLSRConfig, st: StageParams, lay: Layout) -> dict[str, float]:
+    pb = param_bytes(cfg)
+    optim = 12 if pb == 2 else 8
+    dp, edp = (lay.dp, lay.expert_dp) if cfg.optimizer.use_distributed_optimizer else (1, 1)
+    return {
+        "weights": (st.dense + st.expert) * pb,
+        "grads": (st.dense + st.expert) * 4,
+        "optimizer": st.dense * optim / dp + st.expert * optim / edp,
+    }
+
+
+def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageParams, stage: int,
+                     profile: str, micro_batch: int, in_flight_batches: int) -> float:
+    """Saved activations of the micro-batches in flight on this stage, plus the loss's buffers."""
+    pb, seq = param_bytes(cfg), cfg.model.max_sequence_length
+    tokens = micro_batch * seq / lay.cp
+    split_seq = lay.tp if lay.sequence_parallel else 1
+    recompute = cfg.model.recompute_granularity == "full"
+    per_layer = []
+    for i in st.layers:
+        replicated, split = layer_elements(shape, i, profile, seq)
+        per_layer.append(replicated / split_seq + split / lay.tp)
+    if recompute:  # keep each layer's input; rebuild one layer at a time in the backward pass
+        kept = len(st.layers) * cfg.model.hidden_size / split_seq + max(per_layer, default=0)
+    else:
+        kept = sum(per_layer)
+    in_flight = min(lay.pp - stage, in_flight_batches)
+    if lay.vpp > 1:
+        in_flight *= 1 + (lay.pp - 1) / (lay.pp * lay.vpp)
+    total = kept * tokens * pb * in_flight
+    if st.last:
+        total += final_elements(profile, cfg.model.hidden_size) / split_seq * tokens * pb
+        total += tokens * shape.vocab / lay.tp * LOGIT_BYTES[pb]
+    return total
+
+
+def kv_bytes_per_token(cfg: RLSRConfig, shape: ModelShape, lay: Layout) -> float:
+    """KV cache per token of one sequence on one engine GPU (bf16 on GPUs, fp32 on the CPU)."""
+    engine_dtype = param_bytes(cfg) if cfg.rollout.engine == "torch" else 2
+    per_token = cfg.model.num_layers * shape.kv_cache_elements() * engine_dtype
+    # Heads split over the engine's GPUs (replicated past the KV head count); MLA's latent cache is
+    # one vector per token, so an MLA engine splits sequences (attention data parallel) instead.
+    shard = lay.engine_tp if cfg.model.multi_latent_attention else min(lay.engine_tp, shape.kv_heads)
+    return per_token / shard
+
+
+def engine_weight_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout) -> float:
+    """A TensorRT-LLM engine's bf16 weights per GPU: split over its GPUs, except that an MLA model
+    runs attention data-parallel (see kv_bytes_per_token), so only its routed experts are split."""
+    if not cfg.model.multi_latent_attention:
+        return shape.total_params() * 2 / lay.engine_tp
+    experts = shape.moe_layers * shape.expert_params() if cfg.model.num_moe_experts else 0
+    return (experts / lay.engine_tp + shape.total_params() - experts) * 2
+
+
+def encoder_window(cfg: RLSRConfig) -> int:
+    return cfg.reward.encoder_max_tokens or ENCODERS[cfg.reward.encoder].max_tokens
+
+
+def reward_bytes(cfg: RLSRConfig, on_gpu: bool) -> float:
+    """The encoder's weights and one batch's live intermediates on a GPU that holds it."""
+    r = cfg.reward
+    if r.backend == "ray" and r.ray_gpus_per_actor == 0:
+        return 0.0  # CPU actors
+    enc, dtype = ENCODERS[r.encoder], (2 if on_gpu else 4)
+    tokens = r.tokens_per_batch or r.batch_size * min(cfg.rollout.max_new_tokens, encoder_window(cfg))
+    return enc.params * dtype + tokens * enc.hidden * ENCODER_WORK_ELEMENTS * dtype
+
+
+def plan_memory(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, mode: str) -> Memory:
+    """Memory of the most loaded pipeline stage (the maximum of each stage's peak phase)."""
+    profile = "local" if dev.name == "cpu" else "te"
+    best: Memory | None = None
+    for s, st in enumerate(stage_params(shape, lay)):
+        memory = _stage_memory(cfg, shape, lay, dev, mode, profile, s, st)
+        if best is None or memory.peak > best.peak:
+            best = memory
+    return best
+
+
+def _stage_memory(cfg, shape, lay, dev, mode, profile, s, st) -> Memory:
+    usable, pb, notes = usable_bytes(dev), param_bytes(cfg), []
+    items = training_state(cfg, st, lay)
+    if mode == "sft":
+        micro = cfg.sft.micro_batch_size
+        n_micro = cfg.sft.global_batch_size // (lay.dp * micro)
+    else:
+        micro = cfg.grpo.micro_batch_size
+        rows = cfg.grpo.prompts_per_step // lay.dp * cfg.grpo.num_generations
+        n_micro = max(1, rows // cfg.grpo.mini_batches_per_step // micro)
+    items["activations"] = activation_bytes(cfg, shape, lay, st, s, profile, micro, n_micro)
+    state = items["weights"] + items["grads"] + items["optimizer"]
+    if mode == "sft":
+        return Memory(items, {"training": state + items["activations"]}, usable, s, notes,
+                      {"training": list(items)})
+
+    items["reference"] = (st.dense + st.expert) * pb
+    items["reward encoder"] = reward_bytes(cfg, dev.name != "cpu")
+    resident = items["weights"] + items["reference"] + items["reward encoder"]
+    engine = cfg.rollout.engine
+    items["rollout engine weights"] = engine_weight_bytes(cfg, shape, lay) if engine == "trtllm" else 0.0
+    generation = resident + items["rollout engine weights"]
+    if engine == "torch":
+        generation += items["grads"] + items["optimizer"]
+    else:
+        notes.append("generation: policy grads and optimizer state offloaded to host memory")
+    kv_token = kv_bytes_per_token(cfg, shape, lay)
+    seqs = cfg.grpo.prompts_per_step * cfg.grpo.num_generations / lay.engines
+    seq_bytes = cfg.model.max_sequence_length * kv_token
+    needed = math.ceil(seqs) * seq_bytes
+    pool = needed if engine == "torch" else min(needed, max(usable - generation, 0.0))
+    if engine != "torch" and pool < min(seqs, MIN_CONCURRENT_SEQUENCES) * seq_bytes:
+        pool = min(seqs, MIN_CONCURRENT_SEQUENCES) * seq_bytes  # the minimum; the phase then overflows
+    items["rollout KV cache"] = pool
+    held = {
+        "generation": ["weights", "reference", "reward encoder", "rollout engine weights", "rollout KV cache"]
+        + (["grads", "optimizer"] if engine == "torch" else []),
+        "logprobs": ["weights", "grads", "optimizer", "reference", "reward encoder"],
+        "training": ["weights", "grads", "optimizer", "reference", "reward encoder", "activations"],
+    }
+    if cfg.reward.offload_between_steps:
+        for phase in ("logprobs", "training"):
+            held[phase].remove("reward encoder")
+    phases = {phase: sum(items[n] for n in names) for phase, names in held.items()}
+    return Memory(items, phases, usable, s, notes, held)

@@ -1,0 +1,124 @@
+"""`make_plan`: does a config fit a cluster, how much memory per GPU, how long per step.
+
+The Slurm launcher runs this as a preflight (`nemo-rlsr plan ... --launch-env FILE`) and refuses
+to start a job that does not fit; docs/make_recipe_table.py runs it over every recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nemo_rlsr.config import RLSRConfig
+from nemo_rlsr.planner.hardware import GiB, Device, device
+from nemo_rlsr.planner.layout import Layout, layout_problems
+from nemo_rlsr.planner.memory import Memory, plan_memory
+from nemo_rlsr.planner.shapes import ENCODERS, ModelShape
+from nemo_rlsr.planner.timing import StepTime, plan_time
+
+MODES = ("rlsr", "sft")
+
+
+def vocab_size(cfg: RLSRConfig) -> int:
+    """model.vocab_size, or the word tokenizer's size over the data (what the CPU trainer builds)."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    from nemo_rlsr.data.instructions import BUNDLED_DATASET, load_instructions, render_prompt
+    from nemo_rlsr.data.tokenizer import WordTokenizer
+
+    examples = load_instructions(cfg.data.path or BUNDLED_DATASET)
+    texts = [render_prompt(e.prompt) for e in examples] + [e.reference for e in examples]
+    return WordTokenizer.build(texts).vocab_size
+
+
+@dataclass
+class Plan:
+    cfg: RLSRConfig
+    mode: str
+    device: Device
+    layout: Layout
+    shape: ModelShape
+    memory: Memory | None = None
+    time: StepTime | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    @property
+    def needs_ray(self) -> bool:
+        return self.mode == "rlsr" and (self.cfg.rollout.engine == "trtllm" or self.cfg.reward.backend == "ray")
+
+
+def make_plan(cfg: RLSRConfig, nodes: int | None = None, gpus_per_node: int | None = None,
+              gpu: str | None = None, mode: str = "rlsr") -> Plan:
+    """Plan `cfg` on `nodes` x `gpus_per_node` `gpu`s (each defaults to the config's `cluster`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    nodes = nodes or cfg.cluster.nodes
+    gpus_per_node = gpus_per_node or cfg.cluster.gpus_per_node
+    dev = device(gpu or cfg.cluster.gpu)
+    shape = ModelShape.build(cfg.model, vocab_size(cfg))
+    lay = Layout.of(cfg, nodes, gpus_per_node)
+    plan = Plan(cfg, mode, dev, lay, shape)
+    plan.problems = layout_problems(cfg, shape, lay, mode)
+    if mode == "rlsr" and cfg.reward.encoder not in ENCODERS:
+        plan.problems.append(f"reward.encoder={cfg.reward.encoder!r} is not one of {', '.join(ENCODERS)}")
+    if plan.problems:  # sizes below assume a valid layout
+        return plan
+    plan.memory = plan_memory(cfg, shape, lay, dev, mode)
+    plan.time = plan_time(cfg, shape, lay, dev, plan.memory, mode)
+    if plan.memory.peak > plan.memory.usable:
+        m = plan.memory
+        biggest = m.largest(m.peak_phase)
+        plan.problems.append(
+            f"the {m.peak_phase} phase needs {m.peak / GiB:.1f} GiB per GPU on pipeline stage {m.stage}, "
+            f"{dev.name} leaves {m.usable / GiB:.1f} GiB usable (largest: "
+            + ", ".join(f"{k} {v / GiB:.1f}" for k, v in biggest) + ")"
+        )
+    return plan
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def format_plan(plan: Plan, title: str = "") -> str:
+    lay, shape, cfg = plan.layout, plan.shape, plan.cfg
+    lines = [f"nemo-rlsr plan {title} (mode {plan.mode})".replace("  ", " "),
+             f"cluster: {lay.nodes} node(s) x {lay.gpus_per_node} {plan.device.name} = {lay.world} devices; "
+             f"TP {lay.tp} PP {lay.pp} (virtual {lay.vpp}) CP {lay.cp} EP {lay.ep} DP {lay.dp}"
+             + (f"; rollout {cfg.rollout.engine}, {lay.engines} engine(s) of {lay.engine_tp} GPU(s)"
+                if plan.mode == "rlsr" else ""),
+             f"model: {_count(shape.total_params())} parameters, {_count(shape.active_params())} active "
+             f"per token, padded vocab {shape.vocab}, {cfg.model.params_dtype}"]
+    if plan.memory:
+        m = plan.memory
+        lines.append(f"memory per device, GiB (pipeline stage {m.stage}):")
+        lines += [f"  {name:<24}{value / GiB:9.2f}" for name, value in m.items.items()]
+        lines += [f"  phase {name:<18}{value / GiB:9.2f}" + ("   <- peak" if name == m.peak_phase else "")
+                  for name, value in m.phases.items()]
+        lines.append(f"  {'usable':<24}{m.usable / GiB:9.2f}   ({plan.device.memory_bytes / GiB:.1f} total, "
+                     f"{plan.device.runtime_reserve_bytes / GiB:.1f} runtime reserve, allocator headroom)")
+        lines += [f"  note: {n}" for n in m.notes]
+    if plan.time:
+        t = plan.time
+        lines.append(f"step time estimate, s ({plan.device.name}; assumptions in nemo_rlsr/planner/hardware.py):")
+        lines += [f"  {name:<24}{value:9.1f}" for name, value in t.phases.items()]
+        lines.append(f"  {'total':<24}{t.total:9.1f}")
+        lines += [f"  note: {n}" for n in t.notes]
+    lines.append("verdict: fits" if plan.fits else "verdict: DOES NOT FIT\n  " + "\n  ".join(plan.problems))
+    return "\n".join(lines)
+
+
+def write_launch_env(plan: Plan, path: str | Path) -> None:
+    """What the Slurm launcher needs from the config, as shell assignments it can `source`."""
+    values = {
+        "NEMO_RLSR_FITS": int(plan.fits),
+        "NEMO_RLSR_WORLD_SIZE": plan.layout.world,
+        "NEMO_RLSR_NEEDS_RAY": int(plan.needs_ray),
+        "NEMO_RLSR_PEAK_GIB": f"{plan.memory.peak / GiB:.1f}" if plan.memory else "unknown",
+        "NEMO_RLSR_OUTPUT_DIR": plan.cfg.trainer.output_dir,
+    }
+    Path(path).write_text("".join(f"{k}='{v}'\n" for k, v in values.items()))

@@ -1,0 +1,169 @@
+"""Estimated wall time of one RLSR step (or one SFT optimizer step), phase by phase.
+
+A roofline estimate from the numbers in hardware.py: compute phases are FLOPs / (peak x assumed
+MFU), decoding is bytes read per step / (HBM bandwidth x assumed efficiency), communication is
+bytes / (link bandwidth x assumed bus efficiency) and is NOT assumed hidden behind compute. Only
+as good as those assumptions: calibrate them against the `time/*` metrics of a real run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nemo_rlsr.config import RLSRConfig
+from nemo_rlsr.planner.hardware import EFFICIENCY, Device
+from nemo_rlsr.planner.layout import Layout
+from nemo_rlsr.planner.memory import (Memory, encoder_window, engine_weight_bytes, kv_bytes_per_token,
+                                      param_bytes, stage_params)
+from nemo_rlsr.planner.shapes import ENCODERS, ModelShape
+
+MEAN_PROMPT_TOKENS = 256  # ASSUMED: instruction prompts of TULU / Infinity-Instruct are short
+RESPONSE_FILL = 0.5  # ASSUMED: responses average half of rollout.max_new_tokens
+CPU_CORE_FLOPS = 50e9  # ASSUMED: one core's fp32 FLOP/s in an encoder forward (AVX-512 FMA, ~60% busy)
+
+
+@dataclass
+class StepTime:
+    phases: dict[str, float]  # seconds
+    notes: list[str]
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+
+@dataclass(frozen=True)
+class Lengths:
+    prompt: float
+    response: float
+
+    @property
+    def sequence(self) -> float:
+        return self.prompt + self.response
+
+    @classmethod
+    def of(cls, cfg: RLSRConfig) -> "Lengths":
+        budget = cfg.model.max_sequence_length - cfg.rollout.max_new_tokens
+        return cls(min(MEAN_PROMPT_TOKENS, budget / 2), RESPONSE_FILL * cfg.rollout.max_new_tokens)
+
+
+def _link(dev: Device, lay: Layout, group: int) -> float:
+    bandwidth = dev.inter_node_bytes_per_s if lay.spans_nodes(group) else dev.intra_node_bytes_per_s
+    return bandwidth * EFFICIENCY.link
+
+
+def _bubble(lay: Layout, micro_batches: float) -> float:
+    return 1 + (lay.pp - 1) / (lay.vpp * max(micro_batches, 1))
+
+
+def _model_comm(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, tokens_per_dp: float) -> float:
+    """One forward pass's tensor-parallel collectives and MoE all-to-alls on one GPU (a backward
+    pass moves the same bytes again, a recomputed forward once more)."""
+    h, layers = cfg.model.hidden_size, max(lay.stage_layers(cfg.model.num_layers))
+    seconds = 0.0
+    if lay.tp > 1:  # 2 all-gathers + 2 reduce-scatters (or 2 all-reduces) per layer
+        seconds += layers * 4 * tokens_per_dp / lay.cp * h * 2 * (lay.tp - 1) / lay.tp / _link(dev, lay, lay.tp)
+    if cfg.model.num_moe_experts and lay.ep > 1:  # dispatch + combine, top-k copies of each token
+        moe_layers = layers * shape.moe_layers / cfg.model.num_layers
+        local = tokens_per_dp / lay.cp / (lay.tp if lay.sequence_parallel else 1)
+        sent = local * cfg.model.moe_router_topk * h * 2 * 2 * (lay.ep - 1) / lay.ep
+        seconds += moe_layers * sent / _link(dev, lay, lay.tp * lay.ep)
+    return seconds
+
+
+def _generation(cfg, shape, lay, dev, memory: Memory, n: Lengths) -> float:
+    """Prefill, then decode steps until every sequence is done. At most `concurrent` sequences fit
+    the KV cache; the longest response bounds the step count from below, and as sequences finish
+    the batch shrinks, so each step reads the weights once plus the KV of the *average* batch."""
+    eff, c = EFFICIENCY, cfg.model
+    seqs = cfg.grpo.prompts_per_step * cfg.grpo.num_generations / lay.engines
+    kv_token = kv_bytes_per_token(cfg, shape, lay)
+    concurrent = max(1.0, min(seqs, memory.items["rollout KV cache"] / (n.sequence * kv_token)))
+    steps = max(seqs * n.response / concurrent, cfg.rollout.max_new_tokens)
+    batch = seqs * n.response / steps  # sequences decoding in an average step
+    wbytes = param_bytes(cfg) if cfg.rollout.engine == "torch" else 2
+    weights = shape.total_params()
+    if c.num_moe_experts:  # experts a decode step touches: all of them once the batch is large
+        experts = shape.moe_layers * shape.expert_params()
+        weights -= experts * (1 - min(1.0, batch * c.moe_router_topk / c.num_moe_experts))
+    context = n.prompt + n.response / 2
+    if c.multi_latent_attention:  # attention data parallel: non-expert weights read whole on every GPU
+        experts = shape.moe_layers * shape.expert_params() if c.num_moe_experts else 0
+        touched = weights - (shape.total_params() - experts)
+        weight_read = touched / lay.engine_tp + shape.total_params() - experts
+    else:
+        weight_read = weights / lay.engine_tp
+    read = weight_read * wbytes + batch * context * kv_token
+    flops = batch * (2 * shape.active_params() + shape.attention_flops_per_token(context)) / lay.engine_tp
+    step = max(read / (dev.hbm_bytes_per_s * eff.decode_hbm), flops / (dev.peak_flops * eff.decode_flops))
+    if lay.engine_tp > 1:
+        step += 2 * c.num_layers * eff.collective_latency_s
+    prefill = seqs * n.prompt * (2 * shape.active_params() + shape.attention_flops_per_token(n.prompt))
+    return steps * step + prefill / lay.engine_tp / (dev.peak_flops * EFFICIENCY.prefill)
+
+
+def _refit(cfg, shape, lay, dev) -> float:
+    if cfg.rollout.engine != "trtllm":
+        return 0.0  # the torch and megatron engines run on the policy's own weights
+    shard = engine_weight_bytes(cfg, shape, lay)
+    group = lay.tp * lay.pp * lay.cp * lay.ep
+    return shard / _link(dev, lay, group) + shard / dev.hbm_bytes_per_s
+
+
+def _dp_sync(cfg, shape, lay, dev) -> float:
+    """Gradient reduce-scatter + parameter all-gather (distributed optimizer) of one update."""
+    st = max(stage_params(shape, lay), key=lambda s: s.dense + s.expert)
+    per_param = 4 + param_bytes(cfg) if cfg.optimizer.use_distributed_optimizer else 8
+    dense = st.dense * per_param * (lay.dp - 1) / lay.dp
+    expert = st.expert * per_param * (lay.expert_dp - 1) / lay.expert_dp
+    return (dense + expert) / _link(dev, lay, lay.world)
+
+
+def _reward(cfg, lay, dev, rollouts: int, n: Lengths) -> float:
+    """Encoder FLOPs over the responses (and each prompt's reference) on the devices that run it."""
+    r, eff = cfg.reward, EFFICIENCY
+    enc = ENCODERS[r.encoder]
+    per_text = n.response if r.long_response == "chunk" else min(n.response, encoder_window(cfg))
+    flops = 2 * enc.params * (rollouts + cfg.grpo.prompts_per_step) * per_text
+    if r.backend == "ray" and r.ray_gpus_per_actor == 0:
+        return flops / (r.ray_num_actors * r.ray_cpus_per_actor * CPU_CORE_FLOPS)
+    gpus = lay.world if r.backend == "local" else r.ray_num_actors * r.ray_gpus_per_actor
+    return flops / (gpus * dev.peak_flops * (eff.reward_large if enc.params >= 1e9 else eff.reward_small))
+
+
+def plan_time(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, memory: Memory, mode: str) -> StepTime:
+    eff = EFFICIENCY
+    mfu = eff.train_moe if cfg.model.num_moe_experts else eff.train_dense
+    recompute = 4 / 3 if cfg.model.recompute_granularity == "full" else 1.0
+    notes = ["communication is not assumed to overlap with compute"]
+    if mode == "sft":
+        seq = cfg.model.max_sequence_length
+        tokens = cfg.sft.global_batch_size * seq
+        flops = tokens * (6 * shape.active_params() + 3 * shape.attention_flops_per_token(seq)) * recompute
+        micro = cfg.sft.global_batch_size / (lay.dp * cfg.sft.micro_batch_size)
+        train = flops / lay.world / (dev.peak_flops * mfu) * _bubble(lay, micro)
+        train += (2 + (recompute > 1)) * _model_comm(cfg, shape, lay, dev, tokens / lay.dp) + _dp_sync(cfg, shape, lay, dev)
+        return StepTime({"training": train}, notes)
+
+    n = Lengths.of(cfg)
+    g = cfg.grpo
+    rollouts = g.prompts_per_step * g.num_generations
+    tokens = rollouts * n.sequence
+    reward = _reward(cfg, lay, dev, rollouts, n)
+
+    rows = rollouts / lay.dp
+    fwd = tokens * (2 * shape.active_params() + shape.attention_flops_per_token(n.sequence))
+    comm = _model_comm(cfg, shape, lay, dev, tokens / lay.dp)
+    logprobs = 2 * (fwd / lay.world / (dev.peak_flops * eff.forward) * _bubble(lay, rows / g.micro_batch_size) + comm)
+    micro = rows / g.mini_batches_per_step / g.micro_batch_size
+    train = 3 * fwd * recompute / lay.world / (dev.peak_flops * mfu) * _bubble(lay, micro)
+    train += (2 + (recompute > 1)) * comm + g.mini_batches_per_step * _dp_sync(cfg, shape, lay, dev)
+    phases = {
+        "generation": _generation(cfg, shape, lay, dev, memory, n),
+        "reward": reward,
+        "logprobs": logprobs,
+        "training": train,
+        "refit": _refit(cfg, shape, lay, dev),
+    }
+    notes.append(f"mean prompt {n.prompt:.0f} + response {n.response:.0f} tokens (ASSUMED)")
+    return StepTime(phases, notes)

@@ -1,0 +1,45 @@
+"""Per-step reward diagnostics, for spotting reward hacking.
+
+A policy optimising a cosine reward can game it without answering better: drift to one
+generic "centroid" answer (the cosine histogram narrows to one bin), write nothing
+(empty responses still get a cosine), grow or shrink its answers because length moves
+the embedding (the correlation of reward with length), or hide content past the
+encoder's window (responses cut by the encoder). These numbers make that visible next
+to the mean reward. All are computed over the whole step (every rank's rollouts).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .result import RewardResult
+
+__all__ = ["HIST_BINS", "reward_diagnostics"]
+
+HIST_BINS = 10  # over [-1, 1]: bin k counts cosines in [-1 + 0.2k, -1 + 0.2(k+1)), the last bin includes 1
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation; 0.0 when either side is constant (no signal, not NaN)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt()
+    return float((x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def reward_diagnostics(result: RewardResult, lengths: torch.Tensor) -> dict[str, float]:
+    """Metrics of one step from its results (boolean fields may arrive as floats, e.g. after a
+    gather) and the responses' lengths in tokens."""
+    cosine = result.cosine.float()
+    hist = torch.histc(cosine, bins=HIST_BINS, min=-1.0, max=1.0) if len(cosine) else torch.zeros(HIST_BINS)
+    metrics = {f"reward/cos_hist_{k}": float(c) for k, c in enumerate(hist.tolist())}
+    n = max(len(cosine), 1)
+    measured = result.repeat_length[result.repeat_length >= 0].float()
+    metrics.update({
+        "reward/fraction_empty": float(result.empty.float().sum()) / n,
+        "reward/length_corr": _pearson(result.rewards, lengths) if len(cosine) > 1 else 0.0,
+        "reward/encoder_truncated": float(result.cut.float().sum()),
+        "reward/encoder_chunked": float(result.chunked.float().sum()),
+        "reward/repeat_len_mean": float(measured.mean()) if len(measured) else 0.0,
+        "reward/repeat_len_max": float(measured.max()) if len(measured) else 0.0,
+    })
+    return metrics

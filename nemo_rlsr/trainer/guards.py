@@ -1,0 +1,83 @@
+"""Bad numbers: rewards outside [-1, 1], and non-finite losses or gradient norms.
+
+A reward outside the cosine range is a bug upstream (a broken encoder, a remote reward server
+answering for another request): training on it silently is worse than stopping, so it raises with
+the rollout's index and prompt. A single non-finite update is usually a transient (one pathological
+batch): the policy skips it (`MegatronPolicy.train_step(skip_nonfinite=True)`, nothing applied) and
+the guard counts it; several in a row mean the run itself is broken, and the guard stops it with an
+error naming the limit, instead of burning the allocation on skipped steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from nemo_rlsr.models.policy import LossFn
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates with a non-finite loss or gradient norm."""
+
+
+def check_rewards(rewards: torch.Tensor, prompts: Sequence[str]) -> None:
+    """Raise if any reward is NaN/Inf or outside [-1, 1], naming the first bad index and its prompt."""
+    bad = (~torch.isfinite(rewards) | (rewards < -1.0) | (rewards > 1.0)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"reward {float(rewards[i])} at index {i} (prompt {prompts[i]!r}) is not a finite number in "
+            f"[-1, 1]; {len(bad)} bad of {len(rewards)} (indices {bad[:10]})"
+        )
+
+
+def inject_nan(loss_fn: LossFn) -> LossFn:
+    """`loss_fn` with its loss multiplied by NaN: the fault that `trainer.debug_inject_nan_steps` injects."""
+
+    def poisoned(logprobs, entropy, mb):
+        loss, metrics = loss_fn(logprobs, entropy, mb)
+        poisoned_metrics = {k: v * float("nan") if k == "loss" else v for k, v in metrics.items()}
+        return loss * float("nan"), poisoned_metrics
+
+    return poisoned
+
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) updates; `check()` raises after `max_consecutive` in a row."""
+
+    def __init__(self, max_consecutive: int) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"trainer.max_consecutive_nonfinite must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total = 0
+        self._last: tuple[int, float, float] | None = None
+
+    def observe(self, step: int, update: dict[str, float]) -> bool:
+        """Record one update's metrics (from `train_step(skip_nonfinite=True)`); True if skipped."""
+        skipped = bool(update.get("nonfinite", 0.0))
+        if skipped:
+            self.consecutive += 1
+            self.total += 1
+            self._last = (step, update.get("loss", math.nan), update.get("grad_norm", math.nan))
+        else:
+            self.consecutive = 0
+        return skipped
+
+    def check(self) -> None:
+        if self.consecutive >= self.max_consecutive:
+            step, loss, grad_norm = self._last or ("?", math.nan, math.nan)
+            raise NonFiniteError(
+                f"{self.consecutive} consecutive updates with a non-finite loss or gradient norm, the last at "
+                f"step {step} (loss {loss}, grad_norm {grad_norm}); trainer.max_consecutive_nonfinite="
+                f"{self.max_consecutive}. The weights are those of the last finite update; check the data, "
+                f"the learning rate, and trainer.debug_inject_nan_steps."
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consecutive, self.total = int(state["consecutive"]), int(state["total"])

@@ -1,0 +1,162 @@
+"""The planner: parameter counts, the recipes in conf/, refusals with reasons, the CLI, the docs table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from nemo_rlsr.cli import main as cli_main
+from nemo_rlsr.config import ConfigError, load_config, validate_supported
+from nemo_rlsr.planner import make_plan
+from nemo_rlsr.planner.shapes import ModelShape
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in REPO.glob("conf/*.yaml") if p.name.startswith(("rlsr_", "sft_")) and "tiny" not in p.name)
+
+
+def mode_of(path: Path) -> str:
+    return "sft" if path.name.startswith("sft_") else "rlsr"
+
+
+def test_every_config_file_parses():
+    files = sorted(REPO.glob("conf/**/*.yaml"))
+    assert {p.parent.name for p in files} == {"conf", "models", "encoders"}
+    for path in files:
+        load_config(path)
+
+
+def test_tiny_parameter_count_equals_megatron_model(single_rank):
+    from nemo_rlsr.models.gpt import build_gpt
+    from nemo_rlsr.planner.plan import vocab_size
+
+    cfg = load_config(REPO / "conf/rlsr_tiny.yaml")
+    model = build_gpt(cfg.model, vocab_size(cfg))
+    plan = make_plan(cfg)
+    assert plan.shape.total_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_planner_pads_the_vocabulary_like_the_policy_and_does_not_import_torch():
+    from nemo_rlsr.models.gpt import padded_vocab_size
+    from nemo_rlsr.planner.shapes import padded_vocab_size as planner_padding
+
+    for vocab in (1, 255, 256, 257, 128256, 151665, 152064, 163840):
+        assert planner_padding(vocab) == padded_vocab_size(vocab, 1) == padded_vocab_size(vocab, 8)
+    code = "import sys, nemo_rlsr.cli; nemo_rlsr.cli.main(['plan', '--config', 'conf/rlsr_tiny.yaml']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout
+    assert out.strip().endswith("False")
+
+
+@pytest.mark.parametrize("fragment, overrides, published", [
+    ("qwen2.5-7b", [], 7.61e9),  # Qwen2.5-7B model card
+    ("llama3.1-8b", [], 8.03e9),  # Llama-3.1-8B model card
+    ("qwen2.5-32b", [], 32.5e9),  # Qwen2.5-32B model card
+    # The Kimi-K2 shape with DeepSeek-V3's heads, experts, dense layers and vocabulary: 671B.
+    ("kimi-k2-1t", ["model.num_attention_heads=128", "model.num_moe_experts=256",
+                    "model.moe_first_dense_layers=3", "model.vocab_size=129280"], 671e9),
+])
+def test_parameter_counts_match_published_sizes(fragment, overrides, published):
+    cfg = load_config(REPO / f"conf/models/{fragment}.yaml", overrides)
+    total = ModelShape.build(cfg.model, cfg.model.vocab_size).total_params()
+    assert abs(total - published) / published < 0.01, total
+
+
+def test_moe_recipe_is_a_trillion_parameters_with_32b_active():
+    cfg = load_config(REPO / "conf/rlsr_moe_1t.yaml")
+    shape = ModelShape.build(cfg.model, cfg.model.vocab_size)
+    assert 1.0e12 < shape.total_params() < 1.1e12
+    assert 30e9 < shape.active_params() < 34e9  # Kimi-K2: 32B activated
+
+
+@pytest.mark.parametrize("path", RECIPES + [REPO / "conf/rlsr_tiny.yaml"], ids=lambda p: p.name)
+def test_every_recipe_fits_its_own_cluster(path):
+    cfg = load_config(path)
+    plan = make_plan(cfg, mode=mode_of(path))
+    assert plan.fits, plan.problems
+    assert plan.layout.world == cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    assert plan.time.total > 0 and plan.memory.peak <= plan.memory.usable
+    if "tiny" not in path.name:
+        assert cfg.cluster.gpu in ("h100-80gb", "h200-141gb") and cfg.cluster.gpus_per_node == 8
+
+
+def test_recipes_follow_the_paper():
+    rlsr = [p for p in RECIPES if mode_of(p) == "rlsr"]
+    names = {p.stem for p in rlsr}
+    for model in ("qwen7b", "llama8b", "qwen32b"):
+        assert {f"rlsr_{model}_sb", f"rlsr_{model}_qwenem"} <= names
+    for path in rlsr:
+        cfg = load_config(path)
+        g = cfg.grpo
+        assert (g.num_generations, g.prompts_per_step, g.kl_coef) == (8, 1024, 0.001)
+        assert g.prompts_per_step // g.mini_batches_per_step == 256  # PPO mini-batch of 256 prompts
+        assert cfg.model.max_sequence_length == 4096
+        assert 1e-6 <= cfg.optimizer.lr <= 3e-6
+        assert cfg.reward.encoder in ("minilm-l6", "qwen3-embedding-8b")
+    for path in RECIPES:
+        if mode_of(path) == "sft":
+            assert load_config(path).optimizer.lr == 3e-5
+
+
+def test_a_layout_that_does_not_fit_is_refused_with_the_reason():
+    cfg = load_config(REPO / "conf/rlsr_qwen32b_sb.yaml")  # TP 8: one node is one model replica
+    plan = make_plan(cfg, nodes=1)
+    assert not plan.fits
+    (reason,) = plan.problems
+    assert "phase needs" in reason and "h100-80gb leaves 70.5 GiB" in reason and "optimizer" in reason
+    # The same layout on one H200 node fits: the refusal is about memory, not the layout.
+    assert make_plan(cfg, nodes=1, gpu="h200-141gb").fits
+
+
+def test_megatron_divisibility_rules_are_refused_by_name():
+    cfg = load_config(REPO / "conf/rlsr_qwen7b_sb.yaml", ["parallel.tensor_parallel=8"])
+    problems = make_plan(cfg).problems
+    assert any("num_attention_heads=28" in p for p in problems)
+    assert any("num_query_groups=4" in p for p in problems)
+    uneven = load_config(REPO / "conf/rlsr_moe_1t.yaml", ["parallel.num_layers_in_last_pipeline_stage=5"])
+    assert any("does not split into pipeline stages" in p for p in make_plan(uneven).problems)
+    assert any("grpo.prompts_per_step=1024 is not divisible by DP=24" in p
+               for p in make_plan(load_config(REPO / "conf/rlsr_qwen7b_sb.yaml"), nodes=6).problems)
+
+
+def test_planner_knows_every_encoder_the_reward_can_load():
+    encoders = pytest.importorskip("nemo_rlsr.rewards.encoders")
+    from nemo_rlsr.planner.shapes import ENCODERS
+
+    assert set(encoders.ENCODER_FAMILIES) <= set(ENCODERS)
+
+
+def test_plan_cli_exit_codes_and_launch_env(tmp_path, capsys):
+    env_file = tmp_path / "launch.env"
+    assert cli_main(["plan", "--config", str(REPO / "conf/rlsr_qwen7b_sb.yaml"), "--launch-env", str(env_file)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: fits" in out and "rollout KV cache" in out and "generation" in out
+    assert "NEMO_RLSR_NEEDS_RAY='1'" in env_file.read_text()
+    assert cli_main(["plan", "--config", str(REPO / "conf/rlsr_qwen32b_sb.yaml"), "--nodes", "1"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert cli_main(["plan", "--config", str(REPO / "conf/rlsr_tiny.yaml"), "--gpu", "a100"]) == 2
+
+
+def test_trainer_refuses_recipe_keys_it_cannot_act_on():
+    validate_supported(load_config(REPO / "conf/rlsr_tiny.yaml"))
+    cfg = load_config(REPO / "conf/rlsr_qwen7b_sb.yaml")
+    with pytest.raises(ConfigError) as err:
+        validate_supported(cfg)
+    for key in ("model.num_query_groups", "model.hf_path", "rollout.engine", "parallel.sequence_parallel"):
+        assert key in str(err.value)
+    assert "cluster." not in str(err.value)  # where a recipe runs is not the trainer's business
+    # RLSRTrainer._validate runs the same check before anything is built.
+    from nemo_rlsr.trainer.rlsr import RLSRTrainer
+
+    with pytest.raises(ConfigError, match="model.num_moe_experts"):
+        RLSRTrainer._validate(SimpleNamespace(cfg=load_config(REPO / "conf/rlsr_moe_1t.yaml"), ctx=SimpleNamespace(dp=1)))
+
+
+def test_docs_recipe_table_is_generated_from_the_planner():
+    result = subprocess.run([sys.executable, str(REPO / "docs/make_recipe_table.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = (REPO / "docs/recipes.md").read_text()
+    assert all(f"`conf/{p.name}`" in table for p in RECIPES)

@@ -1,0 +1,193 @@
+"""The real CLI on 2 gloo ranks, killed the hard and the polite way; and a run of NaN losses.
+
+Ranks are launched the way srun does it (one process per rank, RANK/WORLD_SIZE in the environment),
+each in its own session, so a test can signal one rank's processes (as Slurm signals every process
+of a task, checkpoint-writer helpers included) or SIGKILL everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_rlsr_run import free_port, records
+
+from nemo_rlsr.trainer.manifest import verify_checkpoint
+from nemo_rlsr.trainer.preemption import PREEMPTED_EXIT_CODE
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "grpo.prompts_per_step=4",
+    "grpo.num_generations=4",
+    "grpo.micro_batch_size=8",
+    "rollout.max_new_tokens=12",
+    "trainer.progress_bar=false",
+    "trainer.heldout_eval=false",
+]
+
+
+def launch(args: list[str], log_dir: Path, nprocs: int = 2, tag: str = "run") -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for rank in range(nprocs):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        command = [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config",
+                   str(REPO / "conf" / "rlsr_tiny.yaml"), *args]
+        log = open(log_dir / f"{tag}.rank{rank}.log", "w")
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        log.close()
+    return procs
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if any(p.poll() is None for p in procs):
+        kill_all(procs)
+        raise AssertionError(f"ranks still running after {timeout:.0f}s")
+    return [p.returncode for p in procs]
+
+
+def logs(log_dir: Path, tag: str) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(log_dir.glob(f"{tag}.rank*.log")))
+
+
+def run_to_end(args: list[str], log_dir: Path, tag: str, timeout: float = 300) -> str:
+    codes = wait(launch(args, log_dir, tag=tag), timeout)
+    assert codes == [0, 0], f"{tag}: exit codes {codes}\n{logs(log_dir, tag)}"
+    return logs(log_dir, tag)
+
+
+def wait_for_step(run_dir: Path, step: int, procs, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= step:
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a rank exited before step {step}")
+        time.sleep(0.02)
+    kill_all(procs)
+    raise AssertionError(f"step {step} not reached in {timeout:.0f}s")
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    found = [p for p in sorted(root.glob("step_???????")) if p.is_dir() and not verify_checkpoint(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_ends_bit_identical_skipping_a_corrupt_checkpoint(tmp_path):
+    """Reference: 6 steps uninterrupted. Then the same run SIGKILLed (every process) at a random
+    point of a random step, its newest complete checkpoint truncated, and `--resume auto`: it
+    must warn, resume from the previous checkpoint, and end with the reference's weights. A NaN
+    injected at step 2 makes the skip-and-count path part of what must resume exactly."""
+    common = SMALL + ["pretrain.steps=10", "trainer.steps=6", "trainer.checkpoint_every=1",
+                      "trainer.keep_last_checkpoints=3", "trainer.debug_inject_nan_steps=[2]"]
+    reference = tmp_path / "reference"
+    run_to_end(common + [f"trainer.output_dir={reference}"], tmp_path, "reference")
+    expected = json.loads((reference / "summary.json").read_text())
+    assert expected["skipped_nonfinite_updates"] == 1
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    kill_step, delay = rng.randint(3, 5), rng.uniform(0.0, 0.4)
+    interrupted = tmp_path / "interrupted"
+    procs = launch(common + [f"trainer.output_dir={interrupted}"], tmp_path, tag="killed")
+    wait_for_step(interrupted, kill_step, procs)
+    time.sleep(delay)
+    kill_all(procs)
+    context = f"(seed {seed}: SIGKILL {delay:.2f}s after step {kill_step} was logged)"
+
+    complete = complete_checkpoints(interrupted / "checkpoints")
+    assert len(complete) >= 2, f"{context} {complete}"
+    newest, previous = complete[-1], complete[-2]
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    output = run_to_end(common + [f"trainer.output_dir={interrupted}", "--resume", "auto"], tmp_path, "resumed")
+    assert f"skipping incomplete or corrupt checkpoint {newest}" in output, f"{context}\n{output}"
+    assert f"resumed from {previous} at step" in output, f"{context}\n{output}"
+    summary = json.loads((interrupted / "summary.json").read_text())
+    assert summary["param_sha256"] == expected["param_sha256"], context
+    assert summary["skipped_nonfinite_updates"] == 1, context
+    assert sorted(records(interrupted)) == [1, 2, 3, 4, 5, 6]
+    assert verify_checkpoint(interrupted / "checkpoints" / "step_0000006") == []
+
+
+@pytest.mark.slow
+def test_sigterm_mid_step_saves_a_complete_checkpoint_and_exits_75(tmp_path):
+    """Rank 1 stalls 3 s at the start of step 3 (rank 0 waits for it in the gradient all-reduce);
+    SIGTERM reaches rank 1's processes only, mid-stall. Both ranks must finish step 3, agree to
+    stop, save step 3 (no save is scheduled otherwise) and exit 75 in bounded time; the watchdog
+    must have dumped both ranks' stacks."""
+    run_dir = tmp_path / "run"
+    args = SMALL + ["pretrain.steps=0", "trainer.steps=50", "trainer.debug_stall_step=3",
+                    "trainer.debug_stall_s=3", "trainer.watchdog_step_s=1.5", f"trainer.output_dir={run_dir}"]
+    procs = launch(args, tmp_path)
+    wait_for_step(run_dir, 2, procs)
+    time.sleep(0.8)
+    os.killpg(procs[1].pid, signal.SIGTERM)
+    sent = time.monotonic()
+    codes = wait(procs, timeout=120)
+    elapsed = time.monotonic() - sent
+    print(f"SIGTERM to exit of both ranks: {elapsed:.1f}s")
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, f"{codes}\n{logs(tmp_path, 'run')}"
+    # ~2 s of stall left + the step + a save: 6-9 s on 2 idle cores, 13 s at load average 20.
+    # The bound is what matters: far below a collective timeout or Slurm's KillWait + grace.
+    assert elapsed < 60, elapsed
+
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_0000003"
+    assert verify_checkpoint(checkpoints / "step_0000003") == []
+    assert sorted(records(run_dir)) == [1, 2, 3]
+    marker = json.loads((run_dir / "preempted.json").read_text())
+    assert marker["step"] == 3 and marker["exit_code"] == PREEMPTED_EXIT_CODE
+    assert "preempted by" in logs(tmp_path, "run")
+
+    stacks = {rank: (run_dir / "stacks" / f"rank{rank:05d}.txt").read_text() for rank in (0, 1)}
+    assert all("step 3 running for" in text for text in stacks.values()), stacks
+    assert "train_step" in stacks[1]  # rank 1 stalls in the step; rank 0 waits for it in megatron's all-reduce
+    assert "finalize_model_grads" in stacks[0] and "finalize_model_grads" not in stacks[1], stacks
+    assert "SIGTERM" in marker["signal"]
+
+
+@pytest.mark.slow
+def test_injected_nans_are_skipped_counted_and_stop_the_run_after_k_in_a_row(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config", str(REPO / "conf" / "rlsr_tiny.yaml"),
+         *SMALL, "pretrain.steps=0", "trainer.steps=8", "trainer.debug_inject_nan_steps=[2,4,5,6]",
+         "trainer.max_consecutive_nonfinite=3", f"trainer.output_dir={run_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "3 consecutive updates with a non-finite loss" in result.stderr, result.stderr[-4000:]
+    assert "step 6" in result.stderr and "trainer.max_consecutive_nonfinite=3" in result.stderr
+    logged = records(run_dir)
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    assert [logged[s]["guard/skipped_updates"] for s in range(1, 7)] == [0, 1, 0, 1, 1, 1]
+    assert logged[6]["guard/skipped_updates_total"] == 4
+    assert math.isnan(logged[2]["loss"]) and math.isfinite(logged[3]["loss"])
