@@ -1,6 +1,7 @@
 """`nemo-rlsr`: the command line.
 
     nemo-rlsr train --config conf/rlsr_tiny.yaml [--resume [auto|PATH]] [key.path=value ...]
+    nemo-rlsr sft --config conf/sft_tiny.yaml [--resume [auto|PATH]] [key.path=value ...]
     nemo-rlsr plan --config conf/rlsr_qwen7b_sb.yaml [--nodes N --gpus-per-node 8 --gpu h100-80gb]
     nemo-rlsr report RUN_DIR [--out DIR]
     nemo-rlsr export-hf --checkpoint DIR --out DIR
@@ -45,6 +46,19 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from nemo_rlsr.config import load_config
+    from nemo_rlsr.distributed.parallel import destroy_distributed
+    from nemo_rlsr.trainer.sft import SFTTrainer
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        SFTTrainer(cfg, resume=args.resume).fit()
     finally:
         destroy_distributed()
     return 0
@@ -110,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
                             "the newest complete one under trainer.output_dir/checkpoints (corrupt ones "
                             "are skipped with a warning; a fresh start if there is none yet)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.num_generations=4")
+    sft = commands.add_parser("sft", help="supervised fine-tuning on the references (response tokens only)")
+    sft.add_argument("--config", required=True, help="YAML config (see conf/sft_tiny.yaml)")
+    sft.add_argument("--resume", nargs="?", const="auto", default=None,
+                     help="a checkpoint directory, or 'auto': the newest complete one under "
+                          "trainer.output_dir/checkpoints (a fresh start if there is none)")
+    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=40")
     plan = commands.add_parser("plan", help="per-GPU memory and step time of a config on a cluster; "
                                             "exits 1 when it does not fit")
     plan.add_argument("--config", required=True, help="YAML config (see conf/)")
@@ -146,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_rlsr.config import ConfigError
 
     try:
-        return _train(args)
+        return _sft(args) if args.command == "sft" else _train(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -95,6 +95,10 @@ class PretrainConfig:
     steps: int = 0
     lr: float = 3.0e-3
     batch_size: int = 32
+    # A checkpoint (a `step_*` directory, or a checkpoints root: its newest complete one) whose
+    # weights start the run instead of pre-training, e.g. an `nemo-rlsr sft` run's: for RLSR it
+    # is both the starting policy and the frozen KL reference. Needs `steps: 0`.
+    init_checkpoint: str | None = None
 
 
 @dataclass
@@ -218,13 +222,37 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where per-step metrics go besides `output_dir/metrics.jsonl` (always written).
+
+    `wandb_project` set: a Weights & Biases run (mode from WANDB_MODE, e.g. `offline` on clusters
+    without internet; `pip install wandb`). `mlflow_tracking_uri` set: an MLflow run in
+    `mlflow_experiment` (e.g. `http://mlflow:5000`; `pip install mlflow-skinny`). `run_name`
+    defaults to the output directory's name.
+    """
+
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "nemo_rlsr"
+    run_name: str | None = None
+
+
+@dataclass
 class SFTConfig:
-    """Read by `nemo-rlsr sft` (supervised fine-tuning on the references; not built yet) and the
-    planner's `--mode sft`. Batches count sequences of up to model.max_sequence_length tokens."""
+    """Read by `nemo-rlsr sft` (supervised fine-tuning on the references, loss on response tokens
+    only; trainer/sft.py) and the planner's `--mode sft`. Batches count sequences of up to
+    model.max_sequence_length tokens (one example per row: no packing). `steps: 0` runs `epochs`
+    epochs; otherwise exactly `steps` steps. The LR (optimizer.lr) warms up linearly over
+    `warmup_steps`, then decays by a cosine to `min_lr_ratio` x optimizer.lr at the last step."""
 
     global_batch_size: int = 128
     micro_batch_size: int = 1
     epochs: int = 1
+    steps: int = 0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -248,6 +276,7 @@ class RLSRConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -408,9 +437,6 @@ _NOT_BUILT = {
     "parallel.sequence_parallel": "sequence parallelism needs the Transformer Engine layer spec",
     "rollout.engine": "only the 'torch' rollout engine is built",
     "rollout.tensor_parallel": "the torch sampler runs on the trainer's own layout",
-    "sft.global_batch_size": "sft.* is read by `nemo-rlsr sft`, which is not built",
-    "sft.micro_batch_size": "sft.* is read by `nemo-rlsr sft`, which is not built",
-    "sft.epochs": "sft.* is read by `nemo-rlsr sft`, which is not built",
 }
 
 

@@ -152,7 +152,7 @@ fi
 if [[ $mode == rlsr ]]; then
   entry=(-m nemo_rlsr.cli train --config "$config" --resume auto)
 else
-  entry=(-m nemo_rlsr.cli sft --config "$config")
+  entry=(-m nemo_rlsr.cli sft --config "$config" --resume auto)
 fi
 entry+=("trainer.output_dir=$run_dir" "${overrides[@]}")
 if [[ $launcher == torchrun ]]; then

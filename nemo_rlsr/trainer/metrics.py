@@ -1,28 +1,28 @@
-"""Per-step metrics: JSONL always, TensorBoard when installed, and a PNG of the reward curve.
+"""Per-step metrics: JSONL always; TensorBoard, W&B and MLflow as configured; a reward-curve PNG.
 
 Only the logging rank writes. JSONL is the record of truth (one object per step, appended and
-flushed, so a preempted run keeps what it logged); plots and TensorBoard are views of it.
+flushed, so a preempted run keeps what it logged); plots and the other sinks are views of it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from nemo_rlsr.config import LoggingConfig
+from nemo_rlsr.trainer.metric_sinks import build_sinks, scalars
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, cfg: LoggingConfig | None = None,
+                 config: dict | None = None) -> None:
         self.run_dir = run_dir
         self.enabled = enabled
         self.jsonl_path = run_dir / "metrics.jsonl"
-        self._tb = None
+        self._sinks: list = []
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._sinks = build_sinks(cfg or LoggingConfig(), run_dir, config or {})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -30,11 +30,9 @@ class MetricsLogger:
         record = {"step": step, **metrics}
         with self.jsonl_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        values = scalars(metrics)
+        for sink in self._sinks:
+            sink.log(step, values)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records of steps after the checkpoint (they will be recomputed)."""
@@ -44,8 +42,9 @@ class MetricsLogger:
         self.jsonl_path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
 
 
 def read_metrics(path: Path) -> list[dict]:

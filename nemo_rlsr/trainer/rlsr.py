@@ -128,7 +128,7 @@ class RLSRTrainer:
         self.loss_fn = grpo_loss_fn(GRPOLossConfig(cfg.grpo.clip_low, cfg.grpo.clip_high, cfg.grpo.kl_coef))
         self.sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
                                        cfg.rollout.top_p, cfg.rollout.stop_on_eos)
-        self.logger = MetricsLogger(self.run_dir, self.ctx.is_logging_rank)
+        self.logger = MetricsLogger(self.run_dir, self.ctx.is_logging_rank, cfg.logging, to_dict(cfg))
         self.step = 0
         self.base_heldout: dict | None = None
         if not (resume and self._resume(resume)):
@@ -154,6 +154,9 @@ class RLSRTrainer:
                 f"{cfg.grpo.mini_batches_per_step} mini-batches of whole grpo.micro_batch_size="
                 f"{cfg.grpo.micro_batch_size} micro-batches"
             )
+        if cfg.pretrain.init_checkpoint and cfg.pretrain.steps:
+            raise ValueError("pretrain.init_checkpoint and pretrain.steps > 0 are exclusive: the base is loaded, "
+                             "not pre-trained")
         if cfg.trainer.keep_last_checkpoints < 0:
             raise ValueError("trainer.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
         if cfg.grpo.num_generations < 2:
@@ -178,8 +181,16 @@ class RLSRTrainer:
                                use_distributed_optimizer=self.cfg.optimizer.use_distributed_optimizer)
 
     def _prepare_base(self) -> None:
-        """Pre-train the base (if configured), freeze it as the reference, score it on held-out."""
+        """Pre-train the base or load `pretrain.init_checkpoint` (e.g. an SFT run's), freeze it as
+        the reference, score it on held-out."""
         cfg = self.cfg
+        if cfg.pretrain.init_checkpoint:
+            from nemo_rlsr.trainer.sft import load_init_checkpoint
+
+            path = load_init_checkpoint(cfg.pretrain.init_checkpoint, self.policy, self.tokenizer,
+                                        cfg.trainer.checkpoint_checksums)
+            self._print(f"initialised policy and reference from {path} "
+                        f"(weights sha256 {parameters_sha256(self.policy.module)})")
         if cfg.pretrain.steps:
             references = sorted({e.reference for e in self.train.examples})
             bar = self._progress(cfg.pretrain.steps, "pretrain base")
@@ -373,6 +384,7 @@ class RLSRTrainer:
             bar.close()
             watchdog.close()
             self.preemption.uninstall()
+            self.logger.close()
         return self._summarise()
 
     def _summarise(self) -> dict:
