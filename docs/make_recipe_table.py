@@ -27,8 +27,10 @@ PHASES = ("generation", "reward", "logprobs", "training", "refit")
 
 
 def recipes() -> list[tuple[Path, str]]:
-    found = [(p, "rlsr") for p in sorted(REPO.glob("conf/rlsr_*.yaml")) if p.name != "rlsr_tiny.yaml"]
-    return found + [(p, "sft") for p in sorted(REPO.glob("conf/sft_*.yaml"))]
+    """The cluster recipes; the CPU demo configs (`*tiny*`) are not recipes."""
+    found = [(p, "rlsr") for p in sorted(REPO.glob("conf/rlsr_*.yaml"))]
+    found += [(p, "sft") for p in sorted(REPO.glob("conf/sft_*.yaml"))]
+    return [(p, mode) for p, mode in found if "tiny" not in p.name]
 
 
 def smallest_fit(cfg, mode: str, gpu: str) -> str:
