@@ -33,7 +33,7 @@ from texts import rollouts  # noqa: E402
 
 from nemo_rlsr.config import RewardConfig  # noqa: E402
 from nemo_rlsr.rewards import EmbeddingSimilarityReward, RepetitionPenalty  # noqa: E402
-from nemo_rlsr.rewards.random_qwen import QWEN3_SHAPES, build_random_qwen3_embedding  # noqa: E402
+from nemo_rlsr.rewards.random_qwen import build_random_qwen3_embedding  # noqa: E402
 
 
 def reward_config(args, path: str | None) -> RewardConfig:

@@ -41,6 +41,13 @@ def render_prompt(question: str) -> str:
     return f"question : {question} answer :"
 
 
+def build_word_tokenizer(examples: list[InstructionExample]) -> WordTokenizer:
+    """The tiny model's vocabulary: every word of the rendered prompts and the references, of all
+    splits (so held-out prompts encode without <unk>). One rule for RLSR, SFT and the planner, so
+    their checkpoints are interchangeable."""
+    return WordTokenizer.build([render_prompt(e.prompt) for e in examples] + [e.reference for e in examples])
+
+
 def encode_prompt(tokenizer: WordTokenizer, question: str) -> list[int]:
     """Token ids of the rendered prompt, closed by ``<bos>``: in base pre-training every document
     starts with ``<bos>``, so it is where the base begins a fresh answer (as an assistant header

@@ -23,12 +23,9 @@ def vocab_size(cfg: RLSRConfig) -> int:
     """model.vocab_size, or the word tokenizer's size over the data (what the CPU trainer builds)."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    from nemo_rlsr.data.instructions import BUNDLED_DATASET, load_instructions, render_prompt
-    from nemo_rlsr.data.tokenizer import WordTokenizer
+    from nemo_rlsr.data.instructions import BUNDLED_DATASET, build_word_tokenizer, load_instructions
 
-    examples = load_instructions(cfg.data.path or BUNDLED_DATASET)
-    texts = [render_prompt(e.prompt) for e in examples] + [e.reference for e in examples]
-    return WordTokenizer.build(texts).vocab_size
+    return build_word_tokenizer(load_instructions(cfg.data.path or BUNDLED_DATASET)).vocab_size
 
 
 @dataclass

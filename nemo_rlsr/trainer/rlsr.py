@@ -24,9 +24,9 @@ from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict, validate_supp
 from nemo_rlsr.data.instructions import (
     BUNDLED_DATASET,
     InstructionExample,
+    build_word_tokenizer,
     encode_prompt,
     load_instructions,
-    render_prompt,
 )
 from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.data.tokenizer import WordTokenizer
@@ -109,9 +109,7 @@ class RLSRTrainer:
         self.guard = NonFiniteGuard(cfg.trainer.max_consecutive_nonfinite)
 
         examples = load_instructions(cfg.data.path or BUNDLED_DATASET)
-        self.tokenizer = WordTokenizer.build(
-            [render_prompt(e.prompt) for e in examples] + [e.reference for e in examples]
-        )
+        self.tokenizer = build_word_tokenizer(examples)
         self.train = self._prompts([e for e in examples if e.split == "train"])
         self.heldout = self._prompts([e for e in examples if e.split == "heldout"])
         self.all_references = sorted({e.reference for e in examples})

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from nemo_rlsr.config import ConfigError, RLSRConfig, to_dict, validate_supported
-from nemo_rlsr.data.instructions import BUNDLED_DATASET, encode_prompt, load_instructions, render_prompt
+from nemo_rlsr.data.instructions import BUNDLED_DATASET, build_word_tokenizer, encode_prompt, load_instructions
 from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.data.tokenizer import WordTokenizer
 from nemo_rlsr.distributed.parallel import init_distributed
@@ -107,11 +107,8 @@ class SFTTrainer:
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
 
-        # The same tokenizer as RLSRTrainer builds from the same file (train + held-out).
         examples = load_instructions(cfg.data.path or BUNDLED_DATASET)
-        self.tokenizer = WordTokenizer.build(
-            [render_prompt(e.prompt) for e in examples] + [e.reference for e in examples]
-        )
+        self.tokenizer = build_word_tokenizer(examples)
         self.train = [sft_example_ids(self.tokenizer, e.prompt, e.reference) for e in examples if e.split == "train"]
         self.heldout = [sft_example_ids(self.tokenizer, e.prompt, e.reference)
                         for e in examples if e.split == "heldout"]
