@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from nemo_rlsr.trainer.checkpoint import _remove, find_resumable_checkpoint
-from nemo_rlsr.trainer.guards import NonFiniteError, NonFiniteGuard, check_rewards
+from nemo_rlsr.rewards.result import RewardResult, RewardRangeError
+from nemo_rlsr.trainer.guards import NonFiniteError, NonFiniteGuard
 from nemo_rlsr.trainer.manifest import MANIFEST, verify_checkpoint, write_manifest
 from nemo_rlsr.trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from nemo_rlsr.trainer.watchdog import StepWatchdog
@@ -63,11 +64,17 @@ def test_removal_never_leaves_a_half_deleted_step_directory(tmp_path):
     assert not list(tmp_path.glob("step_*"))
 
 
+def scores(rewards: list[float]) -> RewardResult:
+    values = torch.tensor(rewards)
+    return RewardResult(values, torch.zeros_like(values), torch.zeros(len(rewards), dtype=torch.bool),
+                        *[torch.zeros(len(rewards), dtype=torch.bool)] * 3, torch.zeros(len(rewards), dtype=torch.long))
+
+
 def test_rewards_outside_the_cosine_range_name_index_and_prompt():
-    check_rewards(torch.tensor([-1.0, 0.0, 1.0]), ["a", "b", "c"])
+    scores([-1.0, 0.0, 1.0]).check(["a", "b", "c"])
     for bad in [float("nan"), 1.5, -1.01, float("inf")]:
-        with pytest.raises(ValueError, match=r"index 1 \(prompt 'why\?'\)"):
-            check_rewards(torch.tensor([0.5, bad, 0.2]), ["ok", "why?", "fine"])
+        with pytest.raises(RewardRangeError, match=r"rewards\[1\] = .*\(prompt 'why\?'\)"):
+            scores([0.5, bad, 0.2]).check(["ok", "why?", "fine"])
 
 
 def test_nonfinite_guard_counts_and_stops_after_k_in_a_row():

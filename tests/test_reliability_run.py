@@ -19,20 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from test_rlsr_run import free_port, records
+from test_rlsr_run import TINY, free_port, records
 
 from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.preemption import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    "grpo.prompts_per_step=4",
-    "grpo.num_generations=4",
-    "grpo.micro_batch_size=8",
-    "rollout.max_new_tokens=12",
-    "trainer.progress_bar=false",
-    "trainer.heldout_eval=false",
-]
+# The end-to-end tests' tiny run, except that pre-training length stays the demo's (150 steps).
+SMALL = [arg for arg in TINY if not arg.startswith("pretrain.")] + ["trainer.heldout_eval=false"]
 
 
 def launch(args: list[str], log_dir: Path, nprocs: int = 2, tag: str = "run") -> list[subprocess.Popen]:

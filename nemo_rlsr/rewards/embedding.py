@@ -105,7 +105,7 @@ class EmbeddingSimilarityReward:
         rewards = torch.where(penalized, torch.full_like(cosine, float(self.repetition.penalty)), cosine)
         empty = torch.tensor([not r.strip() for r in responses], dtype=torch.bool)
         return RewardResult(rewards, cosine, penalized, encoded.cut, encoded.chunked, empty,
-                            torch.tensor(lengths, dtype=torch.long)).check()
+                            torch.tensor(lengths, dtype=torch.long)).check(prompts)
 
     def close(self) -> None:
         self.runner.close()

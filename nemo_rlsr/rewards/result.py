@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,15 +55,16 @@ class RewardResult:
             return cls.empty_batch()
         return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)})
 
-    def check(self) -> "RewardResult":
-        """Raise RewardRangeError naming the first bad index if any reward or cosine is not a
-        finite number in [-1, 1]; return self otherwise."""
+    def check(self, prompts: Sequence[str] | None = None) -> "RewardResult":
+        """Raise RewardRangeError naming the first bad index (and its prompt, when given) if any
+        reward or cosine is not a finite number in [-1, 1]; return self otherwise."""
         for name in ("rewards", "cosine"):
             values = getattr(self, name)
             bad = (~torch.isfinite(values) | (values < -1.0) | (values > 1.0)).nonzero().flatten().tolist()
             if bad:
+                where = f" (prompt {prompts[bad[0]]!r})" if prompts is not None else ""
                 raise RewardRangeError(
-                    f"{name}[{bad[0]}] = {float(values[bad[0]])} is not a finite number in [-1, 1] "
+                    f"{name}[{bad[0]}] = {float(values[bad[0]])}{where} is not a finite number in [-1, 1] "
                     f"({len(bad)} of {len(values)} bad; indices {bad[:10]})"
                 )
         return self

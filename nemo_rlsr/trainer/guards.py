@@ -1,8 +1,6 @@
-"""Bad numbers: rewards outside [-1, 1], and non-finite losses or gradient norms.
+"""Bad numbers: non-finite losses or gradient norms (rewards are checked by `RewardResult.check`).
 
-A reward outside the cosine range is a bug upstream (a broken encoder, a remote reward server
-answering for another request): training on it silently is worse than stopping, so it raises with
-the rollout's index and prompt. A single non-finite update is usually a transient (one pathological
+A single non-finite update is usually a transient (one pathological
 batch): the policy skips it (`MegatronPolicy.train_step(skip_nonfinite=True)`, nothing applied) and
 the guard counts it; several in a row mean the run itself is broken, and the guard stops it with an
 error naming the limit, instead of burning the allocation on skipped steps.
@@ -11,26 +9,12 @@ error naming the limit, instead of burning the allocation on skipped steps.
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
-import torch
 
 from nemo_rlsr.models.policy import LossFn
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates with a non-finite loss or gradient norm."""
-
-
-def check_rewards(rewards: torch.Tensor, prompts: Sequence[str]) -> None:
-    """Raise if any reward is NaN/Inf or outside [-1, 1], naming the first bad index and its prompt."""
-    bad = (~torch.isfinite(rewards) | (rewards < -1.0) | (rewards > 1.0)).nonzero().flatten().tolist()
-    if bad:
-        i = bad[0]
-        raise ValueError(
-            f"reward {float(rewards[i])} at index {i} (prompt {prompts[i]!r}) is not a finite number in "
-            f"[-1, 1]; {len(bad)} bad of {len(rewards)} (indices {bad[:10]})"
-        )
 
 
 def inject_nan(loss_fn: LossFn) -> LossFn:

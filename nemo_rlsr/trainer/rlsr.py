@@ -43,7 +43,7 @@ from nemo_rlsr.trainer.checkpoint import (
     save_checkpoint,
 )
 from nemo_rlsr.trainer.fingerprint import parameters_sha256
-from nemo_rlsr.trainer.guards import NonFiniteGuard, check_rewards, inject_nan
+from nemo_rlsr.trainer.guards import NonFiniteGuard, inject_nan
 from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.metrics import MetricsLogger, plot_reward, read_metrics
 from nemo_rlsr.trainer.preemption import MARKER, Preempted, PreemptionHandler
@@ -159,8 +159,6 @@ class RLSRTrainer:
             raise ValueError("trainer.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
         if cfg.grpo.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2: advantages are relative within a group")
-        if cfg.rollout.engine != "torch":
-            raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: only 'torch' is available in this build")
 
     def _prompts(self, examples: list[InstructionExample]) -> Prompts:
         ids = [encode_prompt(self.tokenizer, e.prompt) for e in examples]
@@ -270,7 +268,7 @@ class RLSRTrainer:
         generated = time.perf_counter()
         texts = [self.tokenizer.decode(r) for r in rollouts.response_ids]
         scores = self.reward.score([e.prompt for e in examples], texts, [e.reference for e in examples])
-        check_rewards(scores.rewards, [e.prompt for e in examples])
+        scores.check([e.prompt for e in examples])  # any RewardActor: never train on a bad number
         if timings is not None:
             timings["time/generate"] = generated - start
             timings["time/reward"] = time.perf_counter() - generated
