@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="PNG plots of a run from its metrics.jsonl")
     report.add_argument("run_dir", help="trainer.output_dir of a run")
     report.add_argument("--out", help="where the PNGs go (default: RUN_DIR/report)")
-    export = commands.add_parser("export-hf", help="a checkpoint as a Hugging Face LlamaForCausalLM folder")
+    export = commands.add_parser("export-hf", help="a checkpoint as a Hugging Face folder (the policy's architecture; Llama for the tiny one)")
     export.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_XXXXXXX)")
     export.add_argument("--out", required=True, help="output folder (safetensors, config.json, word_vocab.json)")
     evaluate = commands.add_parser("eval", help="answers to a prompt file as AlpacaEval / Arena-Hard files")

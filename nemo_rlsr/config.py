@@ -36,20 +36,49 @@ class ModelConfig:
     init_method_std: float = 0.02
     tie_embeddings: bool = True
     rotary_base: int = 10000
-    # The shape of a Hugging Face architecture (megatron-core's names). The planner reads all of
-    # these; the CPU trainer builds only the tiny GPT above and refuses them (`validate_supported`).
+    # The shape of a Hugging Face architecture (megatron-core's names). With `hf_path` set, the
+    # checkpoint's config.json fills them (models/hf/start.py); keys the build cannot act on are
+    # refused (`validate_supported`).
     hf_path: str | None = None  # local HF checkpoint directory the policy starts from
-    vocab_size: int | None = None  # null: the tokenizer's
+    vocab_size: int | None = None  # embedding rows (>= the tokenizer's ids); null: the tokenizer's
     num_query_groups: int | None = None  # GQA key/value heads; null: one per attention head
     kv_channels: int | None = None  # head dim; null: hidden_size / num_attention_heads
     add_qkv_bias: bool = False  # Qwen2 / Qwen2.5
+    qk_layernorm: bool = False  # Qwen3: RMSNorm over each q and k head
+    layernorm_epsilon: float = 1.0e-5
+    rotary_percent: float = 1.0
+    # Llama-3.x "llama3" RoPE scaling (HF rope_parameters); null factor: no scaling.
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     params_dtype: str = "float32"  # "bfloat16" on GPUs
     recompute_granularity: str | None = None  # "full" (each layer's input kept) | "selective"
+    recompute_method: str | None = None  # full recompute: "uniform" | "block" (megatron's names)
+    recompute_num_layers: int | None = None  # full recompute: layers per group (uniform) / per stage (block)
+    # Transformer Engine FP8 (models/precision.py validates these on every machine): `fp8` "e4m3" |
+    # "hybrid" (null: off); `fp8_recipe` "delayed" | "tensorwise" | "blockwise" | "mxfp8";
+    # `fp8_param_gather`: keep weights in FP8 and all-gather them in FP8.
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"
+    fp8_param_gather: bool = False
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    first_last_layers_bf16: bool = False  # the first and last layer stay in bf16
     num_moe_experts: int | None = None
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
     moe_shared_expert_intermediate_size: int | None = None
     moe_first_dense_layers: int = 0  # DeepSeek-V3 / Kimi-K2: the first k layers keep a dense MLP
+    # Router (megatron's names; models/moe.py): "softmax" (Qwen3-MoE) or "sigmoid" (DeepSeek-V3).
+    # `pre_softmax`: softmax over all experts, then top-k, unrenormalized (HF norm_topk_prob=false).
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_enable_expert_bias: bool = False  # DeepSeek-V3 e_score_correction_bias (routing only)
+    moe_router_num_groups: int | None = None  # DeepSeek-V3 n_group / topk_group
+    moe_router_group_topk: int | None = None
+    moe_router_topk_scaling_factor: float | None = None  # DeepSeek-V3 routed_scaling_factor
     multi_latent_attention: bool = False
     q_lora_rank: int | None = None
     kv_lora_rank: int = 512
@@ -77,10 +106,43 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Prompts and references. `path: null` means the instruction set bundled with the package."""
+    """Prompts and references (nemo_rlsr/data/dataset.py; README "Bring your own data").
+
+    `format: instructions` is the demo's strict ``{prompt, reference, split?, topic?}`` JSONL
+    (`path: null`: the set bundled with the package). User data: `tulu` (`messages_field` of
+    `role_field`/`content_field` turns), `infinity` (`conversations_field` of `from_field`/`value_field`
+    turns, whose `from` values map through the `infinity_*_roles` lists), `prompt_response`
+    (`prompt_field`, `response_field`), or `auto` (per row, by which of those fields it has); `path`
+    is a .jsonl / .json / .parquet file, a `datasets` directory, or a hub name (`hf_split`). The
+    reference is the last assistant turn, the prompt every turn before it. Rows that cannot be used
+    are dropped and counted per reason (over `max_row_bytes`, prompt over `max_prompt_tokens`,
+    reference over `max_reference_tokens`, repeated rendered prompt when `drop_duplicate_prompts`,
+    ...); `strict: true` makes the first one an error naming file and row. `tokenizer_path`: a local
+    HF tokenizer directory whose chat template renders the prompts (null: the demo's word tokenizer,
+    built from the data).
+    """
 
     path: str | None = None
     shuffle_seed: int = 0
+    format: str = "instructions"
+    tokenizer_path: str | None = None
+    hf_split: str = "train"
+    messages_field: str = "messages"
+    role_field: str = "role"
+    content_field: str = "content"
+    conversations_field: str = "conversations"
+    from_field: str = "from"
+    value_field: str = "value"
+    infinity_user_roles: list[str] = field(default_factory=lambda: ["human", "user"])
+    infinity_assistant_roles: list[str] = field(default_factory=lambda: ["gpt", "assistant"])
+    infinity_system_roles: list[str] = field(default_factory=lambda: ["system"])
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    max_prompt_tokens: int | None = None
+    max_reference_tokens: int | None = None
+    max_row_bytes: int = 1_000_000
+    drop_duplicate_prompts: bool = True
+    strict: bool = False
 
 
 @dataclass
@@ -107,8 +169,13 @@ class RolloutConfig:
 
     `engine`: "torch" (our KV-cache sampler, CPU and GPU), "trtllm" (TensorRT-LLM Ray workers
     colocated on the trainer's GPUs) or "megatron" (megatron-core inference). `tensor_parallel`:
-    GPUs per engine instance (null: the trainer's tensor_parallel); an MoE engine spreads its
-    experts over them.
+    GPUs per engine instance (null: the trainer's tensor_parallel; trtllm: tensor_parallel x
+    pipeline_parallel, the only value it takes, one engine on each model-parallel group's GPUs);
+    an MoE engine spreads its experts over them. `top_k: 0` keeps every token; `stop`: strings that end a response (it keeps
+    the token that completed one). Sampling seeds derive from parallel.seed, the step and the
+    DP rank. `refit_bucket_mb`: size of the buckets of HF-named tensors a refit streams to an engine
+    holding its own copy of the weights (trtllm). `fp8`: FP8 rollout (trtllm: weights quantised on
+    load, trainer stays in its own precision).
     """
 
     engine: str = "torch"
@@ -116,7 +183,11 @@ class RolloutConfig:
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
+    refit_bucket_mb: int = 512
+    fp8: bool = False
 
 
 @dataclass
@@ -129,6 +200,13 @@ class GRPOConfig:
     clip_high: float = 0.28
     kl_coef: float = 0.001
     advantage_eps: float = 1.0e-6
+    # Truncated importance sampling (algorithms/grpo.py: tis_weights): each token's surrogate is
+    # weighted by min(pi_old / pi_engine, tis_cap) against the rollout engine's numerics; null: off.
+    tis_cap: float | None = None
+    # Where the frozen KL reference lives (models/reference.py): "resident" (its own model on the
+    # device: +1x parameters in device memory) or "cpu_swap" (weights in host memory, copied into the
+    # policy for the reference pass and back: +1x parameters in host memory, 2 copies per step).
+    reference_placement: str = "resident"
 
 
 @dataclass
@@ -139,6 +217,7 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+    cpu_offload: bool = False  # optimizer state and step on the CPU (megatron's HybridDeviceOptimizer)
 
 
 @dataclass
@@ -243,9 +322,11 @@ class LoggingConfig:
 class SFTConfig:
     """Read by `nemo-rlsr sft` (supervised fine-tuning on the references, loss on response tokens
     only; trainer/sft.py) and the planner's `--mode sft`. Batches count sequences of up to
-    model.max_sequence_length tokens (one example per row: no packing). `steps: 0` runs `epochs`
-    epochs; otherwise exactly `steps` steps. The LR (optimizer.lr) warms up linearly over
-    `warmup_steps`, then decays by a cosine to `min_lr_ratio` x optimizer.lr at the last step."""
+    model.max_sequence_length tokens, one example per row; with `pack_sequences: true` they count
+    examples instead, which each step packs into rows of model.max_sequence_length (block-diagonal
+    attention, positions restarting per example; data/packing.py), the row count rounded up to whole
+    micro-batches. `steps: 0` runs `epochs` epochs; otherwise exactly `steps` steps. The LR
+    (optimizer.lr) warms up linearly over `warmup_steps`, then decays by a cosine to `min_lr_ratio` x optimizer.lr at the last step."""
 
     global_batch_size: int = 128
     micro_batch_size: int = 1
@@ -253,6 +334,7 @@ class SFTConfig:
     steps: int = 0
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    pack_sequences: bool = False
 
 
 @dataclass
@@ -410,33 +492,10 @@ def to_dict(config) -> dict:
 # non-default value is refused by `validate_supported`, so a recipe never runs with a setting
 # silently ignored.
 _NOT_BUILT = {
-    "model.hf_path": "HF checkpoint conversion is not built",
-    "model.vocab_size": "the vocabulary comes from the tokenizer (HF tokenizers are not built)",
-    "model.num_query_groups": "the policy builder does not pass GQA to megatron yet",
-    "model.kv_channels": "the policy builder does not pass kv_channels to megatron yet",
-    "model.add_qkv_bias": "the policy builder does not pass add_qkv_bias to megatron yet",
-    "model.params_dtype": "the CPU policy trains in float32 (bf16 mixed precision is not built)",
-    "model.recompute_granularity": "activation recompute is not wired into the policy builder",
-    "model.num_moe_experts": "MoE layers are not built",
-    "model.moe_router_topk": "MoE layers are not built",
-    "model.moe_ffn_hidden_size": "MoE layers are not built",
-    "model.moe_shared_expert_intermediate_size": "MoE layers are not built",
-    "model.moe_first_dense_layers": "MoE layers are not built",
-    "model.multi_latent_attention": "multi-latent attention is not built",
-    "model.q_lora_rank": "multi-latent attention is not built",
-    "model.kv_lora_rank": "multi-latent attention is not built",
-    "model.qk_head_dim": "multi-latent attention is not built",
-    "model.qk_pos_emb_head_dim": "multi-latent attention is not built",
-    "model.v_head_dim": "multi-latent attention is not built",
-    "parallel.context_parallel": "context parallelism is not built",
-    "parallel.expert_parallel": "expert parallelism is not built (no MoE layers)",
-    "parallel.expert_tensor_parallel": "expert parallelism is not built (no MoE layers)",
-    "parallel.virtual_pipeline_parallel": "interleaved pipeline schedules are not wired into the trainer",
-    "parallel.num_layers_in_first_pipeline_stage": "uneven pipeline stages are not wired into the policy builder",
-    "parallel.num_layers_in_last_pipeline_stage": "uneven pipeline stages are not wired into the policy builder",
-    "parallel.sequence_parallel": "sequence parallelism needs the Transformer Engine layer spec",
-    "rollout.engine": "only the 'torch' rollout engine is built",
-    "rollout.tensor_parallel": "the torch sampler runs on the trainer's own layout",
+    "parallel.context_parallel": "context parallelism is not built (needs TE attention and a per-CP-rank sequence split)",
+    "parallel.sequence_parallel": "sequence parallelism needs the Transformer Engine layer spec, and the torch sampler "
+                                  "decodes one token at a time through the same module",
+    "optimizer.cpu_offload": "optimizer CPU offload is not wired into the optimizer builder",
 }
 
 

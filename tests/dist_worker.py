@@ -11,14 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import sys
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from distributed_helpers import nll_loss, optimizer_config, tiny_model_config, token_batch, VOCAB
+from distributed_helpers import worker_main, nll_loss, optimizer_config, tiny_model_config, token_batch, VOCAB
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.gpt import mask_padded_vocab
 from nemo_rlsr.models.policy import MegatronPolicy, attention_mask, vocab_parallel_entropy
@@ -188,15 +186,7 @@ SCENARIOS = {
 }
 
 
-def main() -> None:
-    scenario, out = sys.argv[1], Path(sys.argv[2])
-    result = SCENARIOS[scenario](out)
-    rank = dist.get_rank()
-    destroy_distributed()
-    torch.save(result, out / f"rank{rank}.pt")
-
-
 # The guard matters: dist_checkpointing's writer starts a `spawn` multiprocessing Manager, which
 # re-imports the main module.
 if __name__ == "__main__":
-    main()
+    worker_main(SCENARIOS)

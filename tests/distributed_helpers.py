@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -34,6 +35,20 @@ def tiny_model_config() -> ModelConfig:
     return ModelConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, max_sequence_length=32
     )
+
+
+def random_tiny_gpt(cfg: ModelConfig, vocab: int):
+    """A one-rank GPTModel with seeded random weights, norms included (megatron inits them to 1,
+    which would hide a swapped or misplaced norm in a conversion test)."""
+    from nemo_rlsr.models.gpt import build_gpt
+
+    torch.manual_seed(0)
+    module = build_gpt(cfg, vocab).eval()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "layernorm" in name:
+                param.uniform_(0.5, 1.5)
+    return module
 
 
 def optimizer_config(distributed: bool = False) -> OptimizerConfig:
@@ -65,8 +80,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_workers(scenario: str, out_dir: Path, nprocs: int = 2, timeout_s: float = 120.0) -> list[dict]:
-    """Run `dist_worker.py scenario out_dir` on `nprocs` ranks; return each rank's result dict.
+def worker_main(scenarios: dict[str, Callable[[Path], dict]]) -> None:
+    """A worker script's entry point: run scenario argv[1] with output folder argv[2] and save this
+    rank's result dict as rank<R>.pt (what `run_workers` reads back)."""
+    import torch.distributed as dist
+
+    from nemo_rlsr.distributed.parallel import destroy_distributed
+
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    result = scenarios[scenario](out)
+    rank = dist.get_rank()
+    destroy_distributed()
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+def run_workers(
+    scenario: str, out_dir: Path, nprocs: int = 2, timeout_s: float = 120.0, worker: Path = WORKER
+) -> list[dict]:
+    """Run `<worker> scenario out_dir` (dist_worker.py unless told) on `nprocs` ranks; return each
+    rank's result dict.
 
     When a rank fails the others are killed at once (they would wait on collectives until the
     timeout); the error shows every rank's stderr.
@@ -91,7 +123,7 @@ def run_workers(scenario: str, out_dir: Path, nprocs: int = 2, timeout_s: float 
         with open(log, "w") as sink:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(WORKER), scenario, str(out_dir)],
+                    [sys.executable, str(worker), scenario, str(out_dir)],
                     env=env, stdout=sink, stderr=subprocess.STDOUT,
                     start_new_session=True,  # so a kill also reaches the checkpoint writer's helpers
                 )

@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,8 @@ from PIL import Image
 
 from nemo_rlsr.eval.formats import (ALPACA_EVAL_FIELDS, ARENA_HARD_FIELDS, alpaca_eval_outputs,
                                     arena_hard_answers)
-from test_rlsr_run import REPO, TINY, run
+from cli_runner import run_cli
+from test_rlsr_run import TINY, run
 
 # Field lists as the projects document them (see nemo_rlsr/eval/formats.py for the sources).
 ALPACA_DOCUMENTED = {"instruction", "output", "generator", "dataset"}
@@ -25,15 +23,6 @@ def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny_run")
     run(TINY + ["trainer.steps=3", f"trainer.output_dir={run_dir}"])
     return run_dir
-
-
-def cli(*args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "nemo_rlsr.cli", *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
 
 
 def test_answer_file_schemas_match_the_documented_fields():
@@ -62,7 +51,7 @@ def test_every_logged_metric_is_a_finite_number(tiny_run):
 
 @pytest.mark.slow
 def test_report_writes_nonblank_pngs(tiny_run, tmp_path):
-    printed = cli("report", str(tiny_run), "--out", str(tmp_path))
+    printed = run_cli("report", str(tiny_run), "--out", str(tmp_path))
     names = {"reward.png", "kl.png", "length.png", "entropy_clip.png", "time.png"}
     assert {p.name for p in tmp_path.glob("*.png")} == names and all(n in printed for n in names)
     for name in names:
@@ -82,7 +71,7 @@ def test_export_hf_folder_loads_in_transformers_with_our_logits(tiny_run, tmp_pa
     from nemo_rlsr.models.policy import attention_mask
 
     checkpoint = tiny_run / "checkpoints" / "step_0000003"
-    printed = cli("export-hf", "--checkpoint", str(checkpoint), "--out", str(tmp_path))
+    printed = run_cli("export-hf", "--checkpoint", str(checkpoint), "--out", str(tmp_path))
     assert f"lm_eval --model hf --model_args pretrained={tmp_path}" in printed
     assert (tmp_path / "model.safetensors").exists()
     hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
@@ -99,7 +88,7 @@ def test_export_hf_folder_loads_in_transformers_with_our_logits(tiny_run, tmp_pa
 @pytest.mark.slow
 def test_eval_writes_alpaca_and_arena_files_for_the_heldout_prompts(tiny_run, tmp_path):
     checkpoint = tiny_run / "checkpoints" / "step_0000003"
-    printed = cli("eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--max-new-tokens", "8")
+    printed = run_cli("eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--max-new-tokens", "8")
     assert "lm_eval --model hf" in printed
     summary = json.loads((tmp_path / "eval_summary.json").read_text())
     assert summary["num_prompts"] == 24 and -1.0 <= summary["mean_similarity_to_reference"] <= 1.0

@@ -11,6 +11,8 @@ from nemo_rlsr.algorithms.grpo import (
     grpo_loss,
     masked_mean,
     sequence_logprobs_from_logits,
+    tis_metrics,
+    tis_weights,
     token_entropy,
 )
 
@@ -101,6 +103,53 @@ def test_grpo_loss_hand_example():
     for b, t in [(0, 1), (1, 0)]:
         d = ref[b][t] - lp[b][t]
         assert g[b, t].item() == pytest.approx(cfg.kl_coef * (1 - math.exp(d)) / 8, abs=1e-7)
+
+
+def test_truncated_importance_sampling_hand_example():
+    """w = min(exp(old - engine), cap) multiplies the surrogate, not the KL, and carries no grad."""
+    cfg = GRPOLossConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.1, tis_cap=2.0)
+    lp = [[-1.0, -0.5, -0.7]]
+    old = [[-1.1, -0.6, 9.0]]
+    ref = [[-1.2, -0.4, 0.0]]
+    engine = [[-1.6, -0.3, -50.0]]  # t0: w = e^0.5 = 1.6487; t1: w = e^-0.3 = 0.7408; t2 masked
+    mask = [[1, 1, 0]]
+    a = 1.5
+    expected = 0.0
+    weights = []
+    for t in range(2):
+        r = math.exp(lp[0][t] - old[0][t])  # e^0.1 inside the clip range for both tokens
+        w = min(math.exp(old[0][t] - engine[0][t]), 2.0)
+        weights.append(w)
+        d = ref[0][t] - lp[0][t]
+        expected += -w * r * a + 0.1 * (math.exp(d) - d - 1)
+    assert weights == pytest.approx([1.6487213, 0.7408182], rel=1e-6)
+
+    logprobs = torch.tensor(lp, requires_grad=True)
+    args = (torch.tensor(old), torch.tensor(ref), torch.tensor([a]), torch.tensor(mask))
+    loss, m = grpo_loss(logprobs, *args, cfg, global_valid_tokens=2, engine_logprobs=torch.tensor(engine))
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-6)
+    loss.backward()
+    # d/dlp of -w * exp(lp - old) * a is -w * r * a: w is a constant
+    d0 = ref[0][0] - lp[0][0]
+    grad0 = (-weights[0] * math.exp(0.1) * a + 0.1 * (1 - math.exp(d0))) / 2
+    assert logprobs.grad[0, 0].item() == pytest.approx(grad0, rel=1e-5)
+    assert logprobs.grad[0, 2].item() == 0.0
+
+    # the cap truncates: with cap 1.2, t0's weight is 1.2
+    w = tis_weights(torch.tensor(old), torch.tensor(engine), torch.tensor(mask), cap=1.2)
+    assert w[0].tolist() == pytest.approx([1.2, 0.7408182, 1.0], rel=1e-6)
+    metrics = tis_metrics(w, torch.tensor(mask), cap=1.2)
+    assert metrics["tis/weight_max"] == pytest.approx(1.2)
+    assert metrics["tis/weight_mean"] == pytest.approx((1.2 + 0.7408182) / 2, rel=1e-6)
+    assert metrics["tis/clipped_fraction"] == 0.5
+
+    # off (None) is the plain loss; on without engine logprobs is an error
+    plain, _ = grpo_loss(logprobs, *args, GRPOLossConfig(kl_coef=0.1), global_valid_tokens=2)
+    assert plain.item() != pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="engine"):
+        grpo_loss(logprobs, *args, cfg, global_valid_tokens=2)
+    with pytest.raises(ValueError, match="tis_cap"):
+        GRPOLossConfig(tis_cap=0.0)
 
 
 def _random_batch(seed: int = 0, B: int = 8, T: int = 6):

@@ -1,87 +1,83 @@
-"""HF export: our megatron GPT and `LlamaForCausalLM` on the exported weights compute the same logits."""
+"""HF export of our own policy: megatron GPT -> save.py -> `LlamaForCausalLM` computes the same
+logits, load.py brings it back bit for bit, and the fused layouts split as megatron lays them out."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
+from distributed_helpers import random_tiny_gpt
 from nemo_rlsr.config import ModelConfig
-from nemo_rlsr.models.gpt import build_gpt, padded_vocab_size
-from nemo_rlsr.models.hf_llama import from_hf, llama_config, to_hf
+from nemo_rlsr.models.gpt import build_gpt
+from nemo_rlsr.models.hf import adapter_for_model
+from nemo_rlsr.models.hf.fused import fuse_qkv, glu_shard, glu_unshard, split_qkv
+from nemo_rlsr.models.hf.load import load_hf_weights
+from nemo_rlsr.models.hf.save import save_hf_checkpoint
 from nemo_rlsr.models.policy import attention_mask
 
 VOCAB = 61  # padded to 128 by megatron: exercises the trim
 CFG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
-                  max_sequence_length=32, rotary_base=500)
+                  max_sequence_length=32, rotary_base=500, vocab_size=VOCAB)
 
 
-@pytest.fixture(scope="module")
-def model(single_rank):
-    torch.manual_seed(0)
-    module = build_gpt(CFG, VOCAB).eval()
-    with torch.no_grad():  # megatron inits norms to 1: randomise them so a swapped norm would show
-        for name, param in module.named_parameters():
-            if "layernorm" in name:
-                param.uniform_(0.5, 1.5)
-    return module
+def logits(module, ids):
+    with torch.no_grad():
+        return module(ids, torch.arange(ids.shape[1]).expand_as(ids),
+                      attention_mask(torch.ones_like(ids, dtype=torch.bool)))[..., :VOCAB]
 
 
-def hf_model(state, cfg=CFG, eps=1e-5):
+def test_exported_llama_has_our_logits_and_loads_back_exactly(single_rank, tmp_path):
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM(llama_config(cfg, VOCAB, eps)).eval()
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    hf.tie_weights()
-    return hf
-
-
-def test_hf_llama_logits_equal_megatron_logits(model):
+    model = random_tiny_gpt(CFG, VOCAB)
+    adapter = adapter_for_model(CFG)
+    assert adapter.model_type == "llama"
+    save_hf_checkpoint(model, adapter, CFG, tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "model.safetensors.index.json").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rms_norm_eps"] == 1e-5  # megatron's, not HF's 1e-6
+    hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    expected = logits(model, ids)
     with torch.no_grad():
-        ours = model(ids, positions, attention_mask(torch.ones_like(ids, dtype=torch.bool)))[..., :VOCAB]
-        hf = hf_model(to_hf(model.state_dict(), CFG, VOCAB))
-        theirs = hf(input_ids=ids).logits
-    assert theirs.shape == ours.shape
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
-    # HF's default epsilon (1e-6) is not megatron's: the config must carry ours
-    with torch.no_grad():
-        wrong_eps = hf_model(to_hf(model.state_dict(), CFG, VOCAB), eps=1e-6)(input_ids=ids).logits
-    assert not torch.equal(wrong_eps, theirs)
+        torch.testing.assert_close(hf(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
 
-
-def test_from_hf_inverts_to_hf_exactly(model):
-    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    back = from_hf(to_hf(state, CFG, VOCAB), CFG, padded_vocab_size(VOCAB, 1))
-    assert set(back) == set(state)
+    back = build_gpt(CFG, VOCAB).eval()
+    load_hf_weights(back, adapter, CFG, tmp_path)
+    state, restored = model.state_dict(), back.state_dict()
     for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
         if key == "embedding.word_embeddings.weight":
-            assert torch.equal(back[key][:VOCAB], tensor[:VOCAB])
-            assert not back[key][VOCAB:].any()  # padded rows (masked out everywhere) come back as 0
+            assert torch.equal(restored[key][:VOCAB], tensor[:VOCAB])
+            assert not restored[key][VOCAB:].any()  # padded rows (masked out everywhere) come back as 0
         else:
-            assert torch.equal(back[key], tensor), key
+            assert torch.equal(restored[key], tensor), key
 
 
-def test_grouped_query_layout_round_trips():
-    """With 2 query groups of 2 heads, q/k/v come out of megatron's per-group interleave."""
-    cfg = dataclasses.replace(CFG, num_query_groups=2)
-    heads, groups, dim, hidden = 4, 2, 16, 64
-    # row r of the fused weight holds the value r: each block's rows are recognisable
+def test_export_picks_the_architecture_of_the_policy_shape():
+    assert adapter_for_model(dataclasses.replace(CFG, add_qkv_bias=True)).model_type == "qwen2"
+    assert adapter_for_model(dataclasses.replace(CFG, qk_layernorm=True)).model_type == "qwen3"
+
+
+def test_grouped_query_layout_matches_megatron_interleave():
+    """With 2 query groups of 2 heads, rows are [q0 q1 k0 v0 | q2 q3 k1 v1] per group."""
+    heads, groups, dim, hidden = 4, 2, 16, 8
     qkv = torch.arange((heads + 2 * groups) * dim, dtype=torch.float32)[:, None].expand(-1, hidden)
-    state = {"embedding.word_embeddings.weight": torch.zeros(128, hidden),
-             "decoder.final_layernorm.weight": torch.ones(hidden)}
-    for i in range(cfg.num_layers):
-        state |= {f"decoder.layers.{i}.self_attention.linear_qkv.weight": qkv,
-                  f"decoder.layers.{i}.mlp.linear_fc1.weight": torch.randn(2 * 96, hidden),
-                  **{f"decoder.layers.{i}.{k}": torch.randn(1) for k in
-                     ["input_layernorm.weight", "pre_mlp_layernorm.weight",
-                      "self_attention.linear_proj.weight", "mlp.linear_fc2.weight"]}}
-    hf = to_hf(state, cfg, VOCAB)
-    group_rows = (heads // groups + 2) * dim  # 64 rows per group: 2 q heads, k, v
-    k = hf["model.layers.0.self_attn.k_proj.weight"][:, 0]
-    assert k[:dim].tolist() == list(range(2 * dim, 3 * dim))
-    assert k[dim:].tolist() == list(range(group_rows + 2 * dim, group_rows + 3 * dim))
-    assert hf["model.layers.0.self_attn.q_proj.weight"].shape == (heads * dim, hidden)
-    back = from_hf(hf, cfg, 128)
-    assert all(torch.equal(back[key], value) for key, value in state.items())
+    q, k, v = split_qkv(qkv, heads, groups, dim)
+    group_rows = (heads // groups + 2) * dim
+    assert k[:, 0].tolist() == list(range(2 * dim, 3 * dim)) + list(range(group_rows + 2 * dim, group_rows + 3 * dim))
+    assert q.shape == (heads * dim, hidden) and v.shape == (groups * dim, hidden)
+    assert torch.equal(fuse_qkv(q, k, v, groups, dim), qkv)
+    bias = qkv[:, 0]  # biases (1-D) follow the same layout
+    assert torch.equal(fuse_qkv(*split_qkv(bias, heads, groups, dim), groups, dim), bias)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_glu_shards_hold_their_part_of_gate_and_up(tp):
+    gate, up = torch.arange(8.0)[:, None], 100 + torch.arange(8.0)[:, None]
+    full = torch.cat([gate, up])
+    shards = [glu_shard(full, rank, tp) for rank in range(tp)]
+    assert torch.equal(shards[-1], torch.cat([gate.chunk(tp)[-1], up.chunk(tp)[-1]]))
+    assert torch.equal(glu_unshard(shards), full)

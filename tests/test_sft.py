@@ -2,34 +2,25 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_runner import cli
+from nemo_rlsr.data.dataset import TrainingExample
 from nemo_rlsr.data.instructions import encode_prompt
 from nemo_rlsr.data.tokenizer import WordTokenizer
-from nemo_rlsr.trainer.sft import lr_at, sft_batch, sft_example_ids
+from nemo_rlsr.trainer.sft import lr_at, sft_batch, sft_row
 
 REPO = Path(__file__).resolve().parents[1]
 RLSR_TINY = ["grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.micro_batch_size=8",
              "rollout.max_new_tokens=12", "trainer.progress_bar=false"]
 
 
-def cli(command: str, config: str, args: list[str]) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "nemo_rlsr.cli", command, "--config", str(REPO / "conf" / config), *args]
-    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr[-6000:]}")
-    return result.stdout + result.stderr
-
-
 def test_loss_mask_covers_exactly_the_response_and_eos():
     tok = WordTokenizer.build(["question : what is a dog ? answer :", "a dog barks ."])
-    ids, prompt_len = sft_example_ids(tok, "what is a dog ?", "a dog barks .")
+    example = TrainingExample(None, encode_prompt(tok, "what is a dog ?"), tok.encode("a dog barks ."))
+    ids, prompt_len = sft_row(example, tok.eos_id)
     assert ids[:prompt_len] == encode_prompt(tok, "what is a dog ?") and ids[-1] == tok.eos_id
     batch = sft_batch([(ids, prompt_len)], len(ids) + 3, tok.pad_id)
     targets = batch.targets[0][batch.loss_mask[0].bool()].tolist()

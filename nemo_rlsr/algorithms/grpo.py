@@ -44,11 +44,40 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
 
 @dataclass(frozen=True)
 class GRPOLossConfig:
-    """Asymmetric PPO clip range (DAPO "clip-higher") and k3-KL weight."""
+    """Asymmetric PPO clip range (DAPO "clip-higher"), k3-KL weight, and the truncated
+    importance-sampling cap (`tis_cap: None` turns the correction off; see :func:`tis_weights`)."""
 
     clip_low: float = 0.2
     clip_high: float = 0.28
     kl_coef: float = 0.001
+    tis_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0 (or None to disable), got {self.tis_cap}")
+
+
+def tis_weights(old_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance-sampling weights ``min(exp(old - engine), cap)`` per token, no grad.
+
+    The rollout engine samples from its own numerics (another kernel, another precision, FP8), not
+    from the trainer's pi_old, so PPO's ratio, taken against pi_old, is off-policy by
+    pi_old / pi_engine. Reweighting each token's surrogate by that ratio makes the gradient
+    unbiased again; capping it (Yao et al. 2025, "truncated IS") trades a small bias for bounded
+    variance when the engine gave a token far less mass than the trainer. Masked tokens get 1.
+    """
+    log_w = torch.where(mask.bool(), old_logprobs - engine_logprobs, 0.0)
+    return log_w.exp().clamp(max=cap).detach()
+
+
+def tis_metrics(weights: Tensor, mask: Tensor, cap: float) -> dict[str, float]:
+    """Mean and max TIS weight over valid tokens, and the fraction of them the cap truncated."""
+    valid = mask.bool()
+    if not valid.any():
+        return {"tis/weight_mean": 1.0, "tis/weight_max": 1.0, "tis/clipped_fraction": 0.0}
+    values = weights[valid]
+    return {"tis/weight_mean": float(values.mean()), "tis/weight_max": float(values.max()),
+            "tis/clipped_fraction": float((values >= cap).float().mean())}
 
 
 def grpo_loss(
@@ -59,6 +88,7 @@ def grpo_loss(
     mask: Tensor,
     cfg: GRPOLossConfig,
     global_valid_tokens: float | Tensor,
+    engine_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped GRPO surrogate plus k3 KL penalty, token-mean over the global batch.
 
@@ -71,8 +101,11 @@ def grpo_loss(
 
         surrogate = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
         kl        = exp(ref - logp) - (ref - logp) - 1      # Schulman's k3
-        per_token = surrogate + kl_coef * kl
+        per_token = w * surrogate + kl_coef * kl
 
+    ``w`` is 1, or with ``cfg.tis_cap`` set the truncated IS weight
+    ``min(exp(old_logprobs - engine_logprobs), tis_cap)`` (:func:`tis_weights`;
+    ``engine_logprobs`` are the rollout engine's logprobs of the sampled tokens).
     k3 is >= 0 per token and unbiased for KL(pi || ref) under samples from pi.
 
     Aggregation: ``loss = sum(per_token * mask) / global_valid_tokens`` where
@@ -91,7 +124,8 @@ def grpo_loss(
     ``clip_fraction`` (number of tokens where the clip changed the objective,
     i.e. ratio outside ``[1-clip_low, 1+clip_high]`` on the side where the
     clipped branch wins the min, so those tokens get no gradient), ``kl``
-    (sum of k3), ``ratio`` (sum of ratios), ``pg_loss`` (sum of surrogate).
+    (sum of k3), ``ratio`` (sum of ratios), ``pg_loss`` (sum of the, possibly
+    IS-weighted, surrogate).
     """
     valid = mask.bool()
     adv = advantages.unsqueeze(-1)
@@ -105,6 +139,10 @@ def grpo_loss(
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * adv
     surrogate = -torch.minimum(unclipped, clipped)
+    if cfg.tis_cap is not None:
+        if engine_logprobs is None:
+            raise ValueError("tis_cap is set: grpo_loss needs the engine's logprobs")
+        surrogate = tis_weights(old_logprobs, engine_logprobs, mask, cfg.tis_cap) * surrogate
     kl = ref_log_ratio.exp() - ref_log_ratio - 1.0
     per_token = surrogate + cfg.kl_coef * kl
 

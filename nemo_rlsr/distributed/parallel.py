@@ -27,6 +27,12 @@ class ParallelContext:
     dp: int
     dp_rank: int
     device: torch.device
+    ep: int = 1  # expert parallelism: each rank holds num_moe_experts / ep experts of every MoE layer
+    etp: int = 1  # tensor parallelism inside each expert
+    # Uneven pipeline stages: layers of the first / last stage (None: an even split).
+    stage_layers: tuple[int | None, int | None] = (None, None)
+    # Interleaved pipeline: model chunks per PP rank (None: one chunk, the plain 1F1B schedule).
+    vpp: int | None = None
 
     @property
     def is_logging_rank(self) -> bool:
@@ -59,10 +65,15 @@ def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -
     return dist.PrefixStore(f"nemo_rlsr_init_{_GENERATION}", _STORE)
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> ParallelContext:
-    """Create the default process group and megatron's TP/PP/DP groups; seed every RNG.
+def init_distributed(
+    tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: int = 1, etp: int = 1,
+    stage_layers: tuple[int | None, int | None] = (None, None), vpp: int | None = None,
+) -> ParallelContext:
+    """Create the default process group and megatron's TP/PP/DP (and expert EP/ETP) groups; seed
+    every RNG.
 
-    World size must be a multiple of tp*pp; the rest is data parallelism.
+    World size must be a multiple of tp*pp; the rest is data parallelism. MoE layers regroup the
+    same ranks as etp*ep*(expert DP)*pp, so it must be a multiple of etp*ep*pp too.
     """
     cpu_compat.enable()
     from megatron.core import parallel_state
@@ -89,9 +100,19 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
         raise ValueError(
             f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel = {tp}*{pp}"
         )
+    if world_size % (etp * ep * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by expert_tensor_parallel*expert_parallel*"
+            f"pipeline_parallel = {etp}*{ep}*{pp}"
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+            # set here, megatron's get_forward_backward_func picks the interleaved schedule
+            virtual_pipeline_model_parallel_size=vpp,
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -104,6 +125,10 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
         dp=parallel_state.get_data_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
+        ep=ep,
+        etp=etp,
+        stage_layers=stage_layers,
+        vpp=vpp,
     )
 
 

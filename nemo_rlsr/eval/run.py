@@ -7,6 +7,7 @@ itself: nothing but the checkpoint directory is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from nemo_rlsr.config import RLSRConfig, from_dict
-from nemo_rlsr.data.instructions import BUNDLED_DATASET, encode_prompt, load_instructions
+from nemo_rlsr.data.chat import encode_chat_prompt
+from nemo_rlsr.data.instructions import BUNDLED_DATASET, load_instructions
+from nemo_rlsr.data.chat import Tokenizer
 from nemo_rlsr.data.tokenizer import WordTokenizer
 from nemo_rlsr.eval.formats import alpaca_eval_outputs, arena_hard_answers, write_answer_files
 
@@ -23,8 +26,21 @@ from nemo_rlsr.eval.formats import alpaca_eval_outputs, arena_hard_answers, writ
 @dataclass
 class LoadedPolicy:
     cfg: RLSRConfig
-    tokenizer: WordTokenizer
+    tokenizer: Tokenizer
     module: torch.nn.Module
+
+
+def run_tokenizer(cfg: RLSRConfig, saved: str) -> Tokenizer:
+    """The run's tokenizer: a word tokenizer is stored in the checkpoint; an HF one is re-read from the
+    run's data.tokenizer_path and must be the one the weights were trained with."""
+    if json.loads(saved).get("type") != "hf":
+        return WordTokenizer.from_json(saved)
+    from nemo_rlsr.data.chat import HFTokenizer
+
+    tokenizer = HFTokenizer(cfg.data.tokenizer_path)
+    if tokenizer.to_json() != saved:
+        raise ValueError(f"data.tokenizer_path={cfg.data.tokenizer_path} is not the tokenizer the checkpoint was trained with")
+    return tokenizer
 
 
 def load_policy(checkpoint: str | Path) -> LoadedPolicy:
@@ -37,36 +53,35 @@ def load_policy(checkpoint: str | Path) -> LoadedPolicy:
 
     extra = dist_checkpointing.load_common_state_dict(str(checkpoint))["extra"]
     cfg = from_dict(extra["config"], f"{checkpoint} (saved config)")
-    tokenizer = WordTokenizer.from_json(extra["tokenizer"])
+    tokenizer = run_tokenizer(cfg, extra["tokenizer"])
     ctx = init_distributed(1, 1, cfg.parallel.seed)
     policy = MegatronPolicy(cfg.model, None, tokenizer.vocab_size, ctx)
     load_checkpoint(checkpoint, policy, load_optimizer=False)
     return LoadedPolicy(cfg, tokenizer, policy.module.eval())
 
 
-def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write `LlamaForCausalLM.save_pretrained` (safetensors + config.json) and `word_vocab.json`.
+def export_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int | None = None) -> Path:
+    """Write an HF checkpoint (config.json, safetensors files + index; models/hf/save.py) and the
+    tokenizer: an HF tokenizer as its own files, the word tokenizer as `word_vocab.json`. The
+    architecture is the policy's (models.hf.adapter_for_model): Llama for the tiny policy.
 
     The tiny word tokenizer has no Hugging Face tokenizer class: its id -> token table is saved as
     `word_vocab.json` (WordTokenizer.load reads it) and prompts must be encoded with it
     (`render_prompt` + `<bos>`); HF tools that need an AutoTokenizer cannot read this folder alone.
     """
-    from transformers import LlamaForCausalLM
-
-    from nemo_rlsr.models.hf_llama import llama_config, to_hf
+    from nemo_rlsr.models.hf import adapter_for_model
+    from nemo_rlsr.models.hf.save import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
 
     loaded = load_policy(checkpoint)
-    vocab = loaded.tokenizer.vocab_size
-    hf = LlamaForCausalLM(llama_config(loaded.cfg.model, vocab, loaded.module.config.layernorm_epsilon,
-                                       loaded.tokenizer))
-    missing, unexpected = hf.load_state_dict(to_hf(loaded.module.state_dict(), loaded.cfg.model, vocab),
-                                             strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"HF export: missing {missing}, unexpected {unexpected}")
-    hf.tie_weights()
-    out = Path(out)
-    hf.save_pretrained(out, safe_serialization=True)
-    loaded.tokenizer.save(out / "word_vocab.json")
+    tok = loaded.tokenizer
+    cfg = dataclasses.replace(loaded.cfg.model, vocab_size=loaded.cfg.model.vocab_size or tok.vocab_size)
+    special = {"pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    out = save_hf_checkpoint(loaded.module, adapter_for_model(cfg), cfg, out,
+                             max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, extra_config=special)
+    if isinstance(tok, WordTokenizer):
+        tok.save(out / "word_vocab.json")
+    else:
+        tok.hf.save_pretrained(str(out))
     return out
 
 
@@ -90,7 +105,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None, out: str | Path
     examples = load_instructions(prompts or BUNDLED_DATASET, split=None if prompts else "heldout")
     engine = TorchRolloutEngine(loaded.module, tok.pad_id, tok.eos_id, tok.vocab_size)
     params = SamplingParams(max_new_tokens or loaded.cfg.rollout.max_new_tokens, greedy=True)
-    rollouts = engine.generate([encode_prompt(tok, e.prompt) for e in examples], params, seed)
+    rollouts = engine.generate([encode_chat_prompt(tok, [{"role": "user", "content": e.prompt}]) for e in examples],
+                               params, seed)
     outputs = [tok.decode(ids) for ids in rollouts.response_ids]
     name = Path(checkpoint).resolve().name
     dataset = Path(prompts).stem if prompts else "nemo_rlsr_heldout"

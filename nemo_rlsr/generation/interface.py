@@ -9,7 +9,7 @@ same column; RoPE attention depends only on relative positions, so the shift cha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -18,13 +18,29 @@ from nemo_rlsr.models.policy import TokenBatch
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """What every engine honours. `top_k: 0` keeps all tokens. `stop`: strings that end a response
+    once its decoded text contains one (the response keeps the token that completed it, as it keeps
+    EOS). `n`: samples per prompt, returned group-contiguously (prompt i's samples are rows
+    i*n .. i*n+n-1); engines that can share the prompt's KV cache among the n samples do.
+    Engine logprobs are those of the temperature-scaled distribution before top-k/top-p filtering,
+    which is what the trainer recomputes."""
+
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     stop_on_eos: bool = True
     greedy: bool = False
+    stop: tuple[str, ...] = ()
+    n: int = 1
 
     def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n (samples per prompt) must be >= 1, got {self.n}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
@@ -54,11 +70,15 @@ class RolloutBatch:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> RolloutBatch:
-        """Sample one response per prompt (repeat a prompt n times for n samples)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seed: int | Sequence[int]) -> RolloutBatch:
+        """`params.n` responses per prompt, group-contiguous. `seed`: one per prompt, or one int
+        from which each prompt's seed is derived by its index; the same (prompt, seed) gives the
+        same samples whatever else is in the batch (up to the engine's batch numerics)."""
 
-    def update_weights(self) -> None:
-        """Bring the engine's weights up to date with the trainer's (a refit)."""
+    def update_weights(self) -> dict[str, float]:
+        """Bring the engine's weights up to date with the trainer's (a refit); returns the refit's
+        step metrics (refit/seconds, refit/gib, refit/buckets), empty when nothing is copied."""
 
     def sleep(self) -> None:
         """Release engine memory (KV cache, weights) while the trainer runs."""

@@ -4,29 +4,51 @@ It runs the trainer's module itself, so a refit costs nothing: `update_weights` 
 The KV cache is megatron-core's static inference context; decoding feeds one token per step.
 Sampling runs on every TP rank with identically seeded generators, so all ranks draw the same
 tokens from the (gathered) full-vocabulary logits.
+
+* n samples per prompt: each distinct prompt is prefilled once, then its cached keys/values are
+  copied into the n rows of its samples (`share_prompt_kv=False` prefills every row, for tests).
+* Seeds: every sample has its own generator, seeded from its request's seed and its index within
+  the request, and draws one uniform per step: a request's tokens do not depend on the other
+  requests in the batch, up to the float differences that another left-pad width makes.
+* Stop strings (`params.stop`, needs `detokenize`): after each step every active row's response is
+  decoded; once it contains a stop string the row ends with the token that completed it (that token
+  is in `response_ids`, `response_mask` and `valid`, like an EOS token; `truncated` is False).
+* Finished rows (EOS, stop string) leave the batch: their cache rows are dropped and later steps
+  run only the live rows (GRPO responses end at very different lengths).
+* Not built: continuous refill (a waiting request taking a finished row's slot). The static
+  context keeps one sequence offset for the whole batch, so a new request cannot join mid-way.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
+from nemo_rlsr.generation.sampling import (
+    request_seeds,
+    row_seed,
+    sample_rows,
+    stop_string_end,
+    top_k_filter,
+    top_p_filter,
+)
 from nemo_rlsr.models.gpt import mask_padded_vocab
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches top_p (always the top token)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+def select_kv_rows(context, rows: torch.Tensor) -> None:
+    """Row i of a static context's KV cache becomes its old row `rows[i]`: repeated indices copy a
+    prompt's cache into its n samples, a subset drops finished rows."""
+    for layer, (keys, values) in context.key_value_memory_dict.items():
+        # [sequence, batch, ...]: the batch is dim 1
+        context.key_value_memory_dict[layer] = (keys.index_select(1, rows), values.index_select(1, rows))
+    context.max_batch_size = len(rows)
 
 
 class TorchRolloutEngine:
-    def __init__(self, module, pad_id: int, eos_id: int, vocab_size: int) -> None:
+    def __init__(self, module, pad_id: int, eos_id: int, vocab_size: int,
+                 detokenize: Callable[[list[int]], str] | None = None, share_prompt_kv: bool = True) -> None:
         if not (module.pre_process and module.post_process):
             raise ValueError(
                 "the torch rollout engine needs the whole model on each rank (pipeline_parallel=1)"
@@ -35,9 +57,12 @@ class TorchRolloutEngine:
         self.pad_id = pad_id
         self.eos_id = eos_id
         self.vocab_size = vocab_size
+        self.detokenize = detokenize
+        self.share_prompt_kv = share_prompt_kv
 
-    def update_weights(self) -> None:
+    def update_weights(self) -> dict[str, float]:
         """Nothing to copy: the engine samples from the trainer's own module."""
+        return {}
 
     def sleep(self) -> None:
         """Nothing is held between calls: the KV cache lives only inside `generate`."""
@@ -61,55 +86,81 @@ class TorchRolloutEngine:
         context.sequence_len_offset += length
         return logits[:, -1].float()
 
+    def _next_tokens(self, logits, params: SamplingParams, generators) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled token and its logprob (temperature-scaled, before top-k/top-p) for each row."""
+        logits = mask_padded_vocab(logits, self.vocab_size, gathered=True) / params.temperature
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if params.greedy:
+            token = logits.argmax(dim=-1)
+        else:
+            filtered = top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
+            token = sample_rows(torch.softmax(filtered, dim=-1), generators)
+        return token, logprobs.gather(1, token[:, None]).squeeze(1)
+
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> RolloutBatch:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seed: int | Sequence[int]) -> RolloutBatch:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if params.stop and self.detokenize is None:
+            raise ValueError("stop strings need the engine's detokenize callback")
         device = next(self.module.parameters()).device
-        n, prompt_len = len(prompts), max(len(p) for p in prompts)
+        seeds = request_seeds(seed, len(prompts))
+        n_samples = params.n
+        rows = [p for p in prompts for _ in range(n_samples)]
+        n, prompt_len = len(rows), max(len(p) for p in prompts)
         total = prompt_len + params.max_new_tokens
         ids = torch.full((n, total), self.pad_id, dtype=torch.long, device=device)
         valid = torch.zeros(n, total, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
+        for row, prompt in enumerate(rows):
             ids[row, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt, device=device)
             valid[row, prompt_len - len(prompt) : prompt_len] = True
         response_mask = torch.zeros(n, total, dtype=torch.float32, device=device)
         engine_logprobs = torch.zeros(n, total, dtype=torch.float32, device=device)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generators = [torch.Generator(device=device).manual_seed(row_seed(s, j))
+                      for s in seeds for j in range(n_samples)]
+        responses: list[list[int]] = [[] for _ in range(n)]
 
         was_training = self.module.training
         self.module.eval()
-        context = StaticInferenceContext(max_batch_size=n, max_sequence_length=total)
+        share = self.share_prompt_kv and n_samples > 1
+        context = StaticInferenceContext(max_batch_size=len(prompts) if share else n, max_sequence_length=total)
         try:
-            logits = self._forward(ids[:, :prompt_len], valid[:, :prompt_len], context)
+            if share:  # prefill each distinct prompt once, then give its n samples copies of its cache
+                logits = self._forward(ids[::n_samples, :prompt_len], valid[::n_samples, :prompt_len], context)
+                select_kv_rows(context, torch.arange(len(prompts), device=device).repeat_interleave(n_samples))
+                logits = logits.repeat_interleave(n_samples, dim=0)
+            else:
+                logits = self._forward(ids[:, :prompt_len], valid[:, :prompt_len], context)
+            live = torch.arange(n, device=device)  # rows whose cache is in the context, all unfinished
             for step in range(params.max_new_tokens):
                 column = prompt_len + step
-                logits = mask_padded_vocab(logits, self.vocab_size, gathered=True) / params.temperature
-                logprobs = torch.log_softmax(logits, dim=-1)
-                if params.greedy:
-                    token = logits.argmax(dim=-1)
-                else:
-                    probs = torch.softmax(top_p_filter(logits, params.top_p), dim=-1)
-                    token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                active = ~finished
-                ids[:, column] = torch.where(active, token, self.pad_id)
-                valid[:, column] = active
-                response_mask[:, column - 1] = active.float()
-                engine_logprobs[:, column - 1] = torch.where(
-                    active, logprobs.gather(1, token[:, None]).squeeze(1), 0.0
-                )
-                if params.stop_on_eos:
-                    finished |= active & (token == self.eos_id)
-                if bool(finished.all()) or step + 1 == params.max_new_tokens:
+                rows = live.tolist()
+                token, token_logprob = self._next_tokens(logits, params, [generators[r] for r in rows])
+                ids[live, column] = token
+                valid[live, column] = True
+                response_mask[live, column - 1] = 1.0
+                engine_logprobs[live, column - 1] = token_logprob
+                for row, value in zip(rows, token.tolist()):
+                    responses[row].append(value)
+                done = token == self.eos_id if params.stop_on_eos else torch.zeros_like(token, dtype=torch.bool)
+                if params.stop:
+                    done |= self._stopped([responses[r] for r in rows], params.stop)
+                finished[live] = done
+                if bool(done.all()) or step + 1 == params.max_new_tokens:
                     break
-                logits = self._forward(ids[:, column : column + 1], valid[:, : column + 1], context)
+                if bool(done.any()):
+                    keep = (~done).nonzero().flatten()
+                    select_kv_rows(context, keep)
+                    live = live[keep]
+                logits = self._forward(ids[live, column : column + 1], valid[live, : column + 1], context)
         finally:
             self.module.train(was_training)
+        return RolloutBatch(ids, valid, response_mask, engine_logprobs, responses, ~finished)
 
-        response_ids = [
-            ids[row, prompt_len:][valid[row, prompt_len:]].tolist() for row in range(n)
-        ]
-        return RolloutBatch(ids, valid, response_mask, engine_logprobs, response_ids, ~finished)
+    def _stopped(self, responses: list[list[int]], stops) -> torch.Tensor:
+        return torch.tensor([stop_string_end(self.detokenize(r), stops) is not None for r in responses],
+                            device=next(self.module.parameters()).device)

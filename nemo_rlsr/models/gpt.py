@@ -13,6 +13,9 @@ import math
 import torch
 
 from nemo_rlsr.config import ModelConfig
+from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs
+from nemo_rlsr.models.precision import te_kwargs
+from nemo_rlsr.models.rope import llama3_inv_freq
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -26,23 +29,37 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return int(math.ceil(vocab_size / step) * step)
 
 
-def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = torch.float32):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def transformer_config(
+    cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = torch.float32, ep: int = 1, etp: int = 1,
+    stage_layers: tuple[int | None, int | None] = (None, None), vpp: int | None = None,
+):
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-    if cfg.num_layers % pp != 0:
+    from nemo_rlsr.models.mla import mla_transformer_kwargs  # imports megatron
+
+    if cfg.num_layers % pp != 0 and stage_layers == (None, None):  # uneven splits: megatron checks them
         raise ValueError(f"model.num_layers={cfg.num_layers} is not divisible by pipeline_parallel={pp}")
     if cfg.num_attention_heads % tp != 0:
         raise ValueError(
             f"model.num_attention_heads={cfg.num_attention_heads} is not divisible by tensor_parallel={tp}"
         )
-    config = TransformerConfig(
+    config_class = MLATransformerConfig if cfg.multi_latent_attention else TransformerConfig
+    config = config_class(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
         ffn_hidden_size=cfg.ffn_hidden_size,
         init_method_std=cfg.init_method_std,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        layernorm_epsilon=cfg.layernorm_epsilon,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        num_layers_in_first_pipeline_stage=stage_layers[0],
+        num_layers_in_last_pipeline_stage=stage_layers[1],
+        virtual_pipeline_model_parallel_size=vpp,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         normalization="RMSNorm",
@@ -63,27 +80,78 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = 
         calculate_per_token_loss=True,
         # gloo mis-orders batched isend/irecv (wrong grads with interleaving); NCCL is fine either way.
         batch_p2p_comm=torch.cuda.is_available(),
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
+        **te_kwargs(cfg),  # FP8 (models/precision.py); empty when model.fp8 is null
+        **moe_transformer_kwargs(cfg, ep, etp),  # models/moe.py; empty for a dense model
+        **mla_transformer_kwargs(cfg),  # models/mla.py; empty without multi-latent attention
     )
     return config
 
 
-def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1):
-    """The GPTModel chunk for this rank's pipeline stage (vocab padded for TP)."""
+def use_transformer_engine() -> bool:
+    """The Transformer Engine layer spec where TE imports and a GPU is there (TE kernels are
+    CUDA-only); the local spec otherwise. Parameter names differ (the HF adapters map both)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def dense_layer_spec(cfg: ModelConfig, te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1,
+              stage_layers: tuple[int | None, int | None] = (None, None), vpp: int | None = None,
+              vp_stage: int | None = None):
+    """The GPTModel chunk for this rank's pipeline stage (vocab padded for TP); with `vpp` chunks per
+    rank (interleaved pipeline), chunk `vp_stage` of them: its layers, and the embedding / output
+    layer only on the first chunk of the first rank / the last chunk of the last rank."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    config = transformer_config(cfg, tp, pp, getattr(torch, cfg.params_dtype), ep=ep, etp=etp,
+                                stage_layers=stage_layers, vpp=vpp)
+    te = use_transformer_engine()
+    if cfg.num_moe_experts or cfg.multi_latent_attention:
+        spec = decoder_block_spec(config, te, vp_stage)  # per-layer dense/MoE MLPs, MLA (models/moe.py)
+    else:
+        spec = dense_layer_spec(cfg, te)
     model = GPTModel(
-        config=transformer_config(cfg, tp, pp),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=padded_vocab_size(vocab_size, tp),
+        config=config,
+        transformer_layer_spec=spec,
+        # model.vocab_size (an HF checkpoint's embedding rows) may exceed the tokenizer's `vocab_size`:
+        # the rows are kept (exact HF round trip) and their ids masked like padding.
+        vocab_size=padded_vocab_size(max(vocab_size, cfg.vocab_size or 0), tp),
         max_sequence_length=cfg.max_sequence_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=cfg.rotary_base,
+        rotary_percent=cfg.rotary_percent,
+        vp_stage=vp_stage,
     )
+    if cfg.rope_scaling_factor is not None:  # before the first forward: megatron caches the frequencies
+        rotary = model.rotary_pos_emb
+        rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                                          cfg.rope_high_freq_factor, cfg.rope_original_max_position)
+    # The local spec's norms are built in fp32 whatever params_dtype says (Megatron-LM casts the whole
+    # module, Float16Module); megatron's bf16 optimizer needs one dtype. Only those are cast: FP8
+    # parameters (TE, fp8_param_gather) report bf16 and are left as they are.
+    dtype = getattr(torch, cfg.params_dtype)
+    for param in model.parameters():
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
     model.true_vocab_size = vocab_size
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

@@ -3,7 +3,8 @@
 `MegatronPolicy` exposes the three things the RLSR loop needs: per-token logprobs of given tokens
 (`logprobs`), one optimizer step over a batch with a caller-supplied loss (`train_step`), and its
 weights for the rollout engine (`module`). Both go through megatron's forward/backward schedule, so
-the same code runs with pipeline parallelism (1F1B over the PP group) and without it.
+the same code runs with pipeline parallelism (1F1B over the PP group), without it, and interleaved
+(`parallel.virtual_pipeline_parallel`: several model `chunks` per rank, each a run of layers).
 
 Loss convention: a loss function returns the SUM of its per-token loss over the micro-batch and
 megatron (`calculate_per_token_loss=True`) divides the gradients by the number of valid tokens
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from nemo_rlsr.config import ModelConfig, OptimizerConfig
 from nemo_rlsr.distributed.parallel import ParallelContext
 from nemo_rlsr.models.gpt import build_gpt, mask_padded_vocab
+from nemo_rlsr.models.precision import sequence_multiple
 
 
 @dataclass
@@ -32,12 +34,15 @@ class TokenBatch:
     `targets[:, t]` is the token at position t+1 (what the logits at t predict); `loss_mask` and
     every per-token tensor in `extras` are aligned with `targets`. `valid` marks real (non-pad)
     input positions; pads are excluded as attention keys so left-padded prompts see only themselves.
+    `segment_ids` (packed rows, e.g. SFT's `sft.pack_sequences`): which example of the row each
+    position belongs to; a token then attends only within its own example, whose positions restart at 0.
     """
 
     input_ids: torch.Tensor
     valid: torch.Tensor
     loss_mask: torch.Tensor
     extras: dict[str, torch.Tensor]
+    segment_ids: torch.Tensor | None = None
 
     @property
     def targets(self) -> torch.Tensor:
@@ -53,17 +58,52 @@ class TokenBatch:
             self.valid[start:end],
             self.loss_mask[start:end],
             {k: v[start:end] for k, v in self.extras.items()},
+            None if self.segment_ids is None else self.segment_ids[start:end],
         )
 
     def micro_batches(self, size: int) -> list["TokenBatch"]:
         return [self.slice(i, i + size) for i in range(0, len(self), size)]
 
 
-def attention_mask(valid: torch.Tensor) -> torch.Tensor:
-    """Megatron's boolean mask [B, 1, T, T], True = not attended: future positions and pad keys."""
+def attention_mask(valid: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Megatron's boolean mask [B, 1, T, T], True = not attended: future positions and pad keys, and
+    with `segment_ids` keys of another segment (block-diagonal causal: packed examples stay apart)."""
     length = valid.shape[1]
     future = torch.ones(length, length, dtype=torch.bool, device=valid.device).triu(1)
-    return future[None, None] | ~valid[:, None, None, :].bool()
+    mask = future[None, None] | ~valid[:, None, None, :].bool()
+    if segment_ids is not None:
+        mask = mask | (segment_ids[:, None, :, None] != segment_ids[:, None, None, :])
+    return mask
+
+
+def position_ids(input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """0..T-1 per row, or restarting at 0 where a new segment starts. (RoPE, which the policy uses,
+    sees only offsets inside a segment under the block-diagonal mask; learned position embeddings read these.)"""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    if segment_ids is None:
+        return positions
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return positions - torch.where(starts, positions, 0).cummax(dim=1).values
+
+
+def pad_sequence_length(batch: TokenBatch, multiple: int) -> TokenBatch:
+    """Right-pad every row to a length divisible by `multiple` with positions that are neither
+    attended to nor counted in the loss (FP8 GEMMs need aligned token counts;
+    models/precision.sequence_multiple). Per-token extras are padded with zeros."""
+    length = batch.input_ids.shape[1]
+    extra = -length % multiple
+    if extra == 0:
+        return batch
+
+    def pad(t: torch.Tensor, value=0) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, extra), value=value)
+
+    return TokenBatch(
+        pad(batch.input_ids), pad(batch.valid, False), pad(batch.loss_mask),
+        {k: pad(v) if v.dim() >= 2 and v.shape[1] == length else v for k, v in batch.extras.items()},
+        None if batch.segment_ids is None else pad(batch.segment_ids, -1),
+    )
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -110,37 +150,72 @@ class MegatronPolicy:
         self.ctx = ctx
         self.vocab_size = vocab_size
         self.temperature = temperature
-        self.module = build_gpt(model_cfg, vocab_size, ctx.tp, ctx.pp)
-        self.config = self.module.config
+        # One GPTModel per virtual pipeline stage of this rank (interleaved schedule), else just one.
+        self.chunks = [
+            build_gpt(model_cfg, vocab_size, ctx.tp, ctx.pp, ctx.ep, ctx.etp, ctx.stage_layers,
+                      vpp=ctx.vpp, vp_stage=stage if ctx.vpp else None)
+            for stage in range(ctx.vpp or 1)
+        ]
+        # Batches are padded to this length multiple (1 unless FP8; CP / sequence parallel are not built).
+        self.sequence_multiple = sequence_multiple(model_cfg, ctx.tp, cp=1, sequence_parallel=False)
+        self.config = self.chunks[0].config
         self.optimizer = None
-        self.model = self.module
+        self.models = list(self.chunks)  # what the schedule runs: the chunks, each under DDP when training
         if optim_cfg is not None:
-            self.model = DistributedDataParallel(
-                config=self.config,
-                ddp_config=DistributedDataParallelConfig(
-                    grad_reduce_in_fp32=True,
-                    use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
-                ),
-                module=self.module,
-            )
-            self.config.finalize_model_grads_func = finalize_model_grads
-            self.optimizer = _build_optimizer(optim_cfg, self.model)
+            self.models = [
+                DistributedDataParallel(
+                    config=chunk.config,
+                    ddp_config=DistributedDataParallelConfig(
+                        grad_reduce_in_fp32=True,
+                        use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+                        fp8_param_gather=model_cfg.fp8_param_gather,
+                    ),
+                    module=chunk,
+                    disable_bucketing=stage > 0,  # megatron's rule: only the first chunk's buckets overlap
+                )
+                for stage, chunk in enumerate(self.chunks)
+            ]
+            for chunk in self.chunks:  # each chunk has its own TransformerConfig
+                chunk.config.finalize_model_grads_func = finalize_model_grads
+            self.optimizer = _build_optimizer(optim_cfg, self.models)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """This rank's whole model, for code that runs it outside the schedule (samplers, eval).
+        Interleaved PP splits it into `chunks`, which such code cannot run: a clear error then."""
+        if len(self.chunks) > 1:
+            raise ValueError(f"parallel.virtual_pipeline_parallel={len(self.chunks)} splits this rank's model "
+                             f"into chunks: use `policy.chunks` (this code path needs one module)")
+        return self.chunks[0]
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        """Every parameter of this rank in one module (digests, copies): the chunk itself without
+        interleaving (names unchanged), else the chunks in a ModuleList."""
+        return self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
 
     # ---- forward passes through megatron's schedule -------------------------------------------
 
     def _run(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        batch = pad_sequence_length(batch, self.sequence_multiple)
         micro = batch.micro_batches(micro_batch_size)
         if len(micro[-1]) != micro_batch_size:
             raise ValueError(
                 f"batch of {len(batch)} sequences is not divisible by micro_batch_size={micro_batch_size}"
             )
+        if len(self.models) > 1 and len(micro) % self.ctx.pp:
+            raise ValueError(
+                f"the interleaved pipeline schedule needs a number of micro-batches divisible by "
+                f"pipeline_parallel={self.ctx.pp}; got {len(micro)} ({len(batch)} rows / micro_batch_size="
+                f"{micro_batch_size})"
+            )
 
         def forward_step(data_iterator: Iterator[TokenBatch], model):
             mb = next(data_iterator)
-            positions = torch.arange(mb.input_ids.shape[1], device=mb.input_ids.device).expand_as(mb.input_ids)
-            output = model(mb.input_ids, positions, attention_mask(mb.valid))
+            positions = position_ids(mb.input_ids, mb.segment_ids)
+            output = model(mb.input_ids, positions, attention_mask(mb.valid, mb.segment_ids))
 
             def loss_func(logits: torch.Tensor):
                 logits = mask_padded_vocab(logits.float() / self.temperature, self.vocab_size)
@@ -152,12 +227,16 @@ class MegatronPolicy:
 
             return output, loss_func
 
-        self.model.train(not forward_only)
+        for model in self.models:
+            model.train(not forward_only)
         seq_length = batch.input_ids.shape[1]
+        # Interleaved: every chunk walks the micro-batches in order (the first reads the tokens, the
+        # last the targets), so each gets its own iterator.
+        data = [iter(micro) for _ in self.models] if len(self.models) > 1 else iter(micro)
         return get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter(micro),
-            model=[self.model],
+            data_iterator=data,
+            model=self.models,
             num_microbatches=len(micro),
             seq_length=seq_length,
             micro_batch_size=micro_batch_size,
@@ -170,13 +249,16 @@ class MegatronPolicy:
         def keep_logprobs(logprobs, entropy, mb):
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
 
+        rows = len(batch)
+        if len(self.models) > 1:  # the interleaved schedule needs whole groups of PP micro-batches
+            batch = repeat_first_row(batch, micro_batch_size * self.ctx.pp)
         with torch.no_grad():
             outputs = self._run(batch, micro_batch_size, keep_logprobs, forward_only=True)
         from megatron.core import parallel_state
 
-        result = torch.empty(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+        result = torch.empty((rows, batch.input_ids.shape[1]), dtype=torch.float32, device=batch.input_ids.device)
         if parallel_state.is_pipeline_last_stage():
-            result = torch.cat([out["logprobs"] for out in outputs])
+            result = torch.cat([out["logprobs"] for out in outputs])[:rows, : batch.input_ids.shape[1]].contiguous()
         if self.ctx.pp > 1:
             dist.broadcast(
                 result,
@@ -196,7 +278,8 @@ class MegatronPolicy:
         would write NaN into every weight). Costs one more gradient-norm pass; every rank takes the
         same decision because both numbers are globally reduced.
         """
-        self.model.zero_grad_buffer()
+        for model in self.models:
+            model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batch, micro_batch_size, loss_fn, forward_only=False)
         metrics = reduce_metric_sums(outputs, self.ctx)
@@ -217,11 +300,11 @@ class MegatronPolicy:
     @property
     def num_parameters(self) -> int:
         """Parameters of this rank's shard (TP slice of this PP stage)."""
-        return sum(p.numel() for p in self.module.parameters())
+        return sum(p.numel() for p in self.weights.parameters())
 
     def rebuild_optimizer(self, optim_cfg: OptimizerConfig) -> None:
         """A fresh optimizer (new LR, empty Adam moments), e.g. between base pre-training and RL."""
-        self.optimizer = _build_optimizer(optim_cfg, self.model)
+        self.optimizer = _build_optimizer(optim_cfg, self.models)
 
     def state_dict_for_checkpoint(self, is_loading: bool = False, include_optimizer: bool = True) -> dict:
         """megatron sharded state dicts of model and optimizer (dist_checkpointing format).
@@ -233,16 +316,42 @@ class MegatronPolicy:
         that megatron-core 0.16 and 0.19 both accept (`sharding_type=` is deprecated).
         """
         metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
-        model_sd = self.module.sharded_state_dict(metadata=metadata)
-        state = {"model": model_sd}
+        state = {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in zip(self._chunk_keys, self.chunks)}
+        model_sd = state["model"] if len(self.chunks) == 1 else dict(state)
         if include_optimizer and self.optimizer is not None:
             state["optimizer"] = self.optimizer.sharded_state_dict(
                 model_sd, is_loading=is_loading, metadata=metadata
             )
         return state
 
+    @property
+    def _chunk_keys(self) -> list[str]:
+        """Checkpoint keys of the chunks: `model`, or megatron's `model0`, `model1`... per virtual
+        stage. Tensors inside are keyed by GLOBAL layer, so either form loads into the other layout."""
+        return ["model"] if len(self.chunks) == 1 else [f"model{i}" for i in range(len(self.chunks))]
 
-def _build_optimizer(cfg: OptimizerConfig, model):
+    def load_model_state(self, loaded: dict) -> None:
+        """Copy the model part of a `dist_checkpointing.load` result (see state_dict_for_checkpoint)."""
+        for key, chunk in zip(self._chunk_keys, self.chunks):
+            chunk.load_state_dict(loaded[key])
+
+
+def repeat_first_row(batch: TokenBatch, multiple: int) -> TokenBatch:
+    """`batch` with copies of its first row appended up to a multiple of `multiple` rows (filler
+    for a forward-only pass whose extra outputs the caller drops)."""
+    extra = -len(batch) % multiple
+    if extra == 0:
+        return batch
+
+    def grow(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
+
+    return TokenBatch(grow(batch.input_ids), grow(batch.valid), grow(batch.loss_mask),
+                      {k: grow(v) for k, v in batch.extras.items()},
+                      None if batch.segment_ids is None else grow(batch.segment_ids))
+
+
+def _build_optimizer(cfg: OptimizerConfig, models: list):
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
@@ -255,9 +364,11 @@ def _build_optimizer(cfg: OptimizerConfig, model):
             adam_beta2=cfg.adam_beta2,
             clip_grad=cfg.clip_grad,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
-            params_dtype=torch.float32,
+            # bf16 parameters: megatron keeps fp32 main weights and Adam state (mixed precision).
+            bf16=models[0].config.params_dtype == torch.bfloat16,
+            params_dtype=models[0].config.params_dtype,
         ),
-        [model],
+        models,
     )
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemo_rlsr.config import RLSRConfig
+from nemo_rlsr.models.precision import fp8_config_problems, params_dtype_problems
+from nemo_rlsr.models.recompute import recompute_problems
 from nemo_rlsr.planner.hardware import GiB, Device, device
 from nemo_rlsr.planner.layout import Layout, layout_problems
 from nemo_rlsr.planner.memory import Memory, plan_memory
@@ -20,12 +22,12 @@ MODES = ("rlsr", "sft")
 
 
 def vocab_size(cfg: RLSRConfig) -> int:
-    """model.vocab_size, or the word tokenizer's size over the data (what the CPU trainer builds)."""
+    """model.vocab_size, or the size of the tokenizer the trainer would build for `data.*`."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    from nemo_rlsr.data.instructions import BUNDLED_DATASET, build_word_tokenizer, load_instructions
+    from nemo_rlsr.data.dataset import load_training_data
 
-    return build_word_tokenizer(load_instructions(cfg.data.path or BUNDLED_DATASET)).vocab_size
+    return load_training_data(cfg.data, log=lambda line: None).tokenizer.vocab_size
 
 
 @dataclass
@@ -59,7 +61,9 @@ def make_plan(cfg: RLSRConfig, nodes: int | None = None, gpus_per_node: int | No
     shape = ModelShape.build(cfg.model, vocab_size(cfg))
     lay = Layout.of(cfg, nodes, gpus_per_node)
     plan = Plan(cfg, mode, dev, lay, shape)
-    plan.problems = layout_problems(cfg, shape, lay, mode)
+    # The trainer's config rules that need no GPU (models/recompute.py, models/precision.py).
+    plan.problems = (layout_problems(cfg, shape, lay, mode) + recompute_problems(cfg) + params_dtype_problems(cfg)
+                     + fp8_config_problems(cfg))
     if mode == "rlsr" and cfg.reward.encoder not in ENCODERS:
         plan.problems.append(f"reward.encoder={cfg.reward.encoder!r} is not one of {', '.join(ENCODERS)}")
     if plan.problems:  # sizes below assume a valid layout

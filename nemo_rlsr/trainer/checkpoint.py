@@ -226,7 +226,7 @@ def load_checkpoint(path: str | Path, policy: MegatronPolicy, load_optimizer: bo
     # no_grad: with fp32 params the DistributedOptimizer's main params are views of the model's
     # leaf params, and its dp_reshardable loader copy_()s into them without a no_grad of its own.
     with torch.no_grad():
-        policy.module.load_state_dict(loaded["model"])
+        policy.load_model_state(loaded)
         if with_optimizer:
             policy.optimizer.load_state_dict(loaded["optimizer"])
             _unshare_adam_steps(policy)

@@ -19,21 +19,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nemo_rlsr.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss
+from nemo_rlsr.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss, tis_metrics, tis_weights
 from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict, validate_supported
-from nemo_rlsr.data.instructions import (
-    BUNDLED_DATASET,
-    InstructionExample,
-    build_word_tokenizer,
-    encode_prompt,
-    load_instructions,
-)
+from nemo_rlsr.data.dataset import TrainingExample, load_training_data
+from nemo_rlsr.data.instructions import InstructionExample
 from nemo_rlsr.data.sampler import PromptSampler
-from nemo_rlsr.data.tokenizer import WordTokenizer
+from nemo_rlsr.distributed.layout import validate_run
 from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
-from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
+from nemo_rlsr.generation.factory import build_engine, check_engine, trtllm_importable
+from nemo_rlsr.models.hf.start import load_hf_policy, with_hf_model
 from nemo_rlsr.models.policy import LossFn, MegatronPolicy, TokenBatch
+from nemo_rlsr.models.precision import gpu_capability, installed_te_version
+from nemo_rlsr.models.reference import build_reference
 from nemo_rlsr.rewards import build_reward_actor
 from nemo_rlsr.rewards.diagnostics import reward_diagnostics
 from nemo_rlsr.trainer.checkpoint import (
@@ -69,7 +67,7 @@ def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
         loss, metrics = grpo_loss(
             logprobs, mb.extras["old_logprobs"], mb.extras["ref_logprobs"], mb.extras["advantages"],
-            mb.loss_mask, cfg, global_valid_tokens=1.0,
+            mb.loss_mask, cfg, global_valid_tokens=1.0, engine_logprobs=mb.extras.get("engine_logprobs"),
         )
         metrics["loss"] = loss.detach()
         metrics["entropy"] = (entropy * mb.loss_mask).sum()
@@ -94,10 +92,14 @@ class RLSRTrainer:
     """Owns the components of a run; `fit()` is the loop."""
 
     def __init__(self, cfg: RLSRConfig, resume: str | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = with_hf_model(cfg)  # model.hf_path: the shape from its config.json
         self.ctx: ParallelContext = init_distributed(
             cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.seed,
             cfg.parallel.collective_timeout_s,
+            ep=cfg.parallel.expert_parallel, etp=cfg.parallel.expert_tensor_parallel,
+            stage_layers=(cfg.parallel.num_layers_in_first_pipeline_stage,
+                          cfg.parallel.num_layers_in_last_pipeline_stage),
+            vpp=cfg.parallel.virtual_pipeline_parallel,
         )
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -108,24 +110,32 @@ class RLSRTrainer:
         self.preemption = PreemptionHandler(cfg.trainer.preemption_signals).install()
         self.guard = NonFiniteGuard(cfg.trainer.max_consecutive_nonfinite)
 
-        examples = load_instructions(cfg.data.path or BUNDLED_DATASET)
-        self.tokenizer = build_word_tokenizer(examples)
-        self.train = self._prompts([e for e in examples if e.split == "train"])
-        self.heldout = self._prompts([e for e in examples if e.split == "heldout"])
-        self.all_references = sorted({e.reference for e in examples})
+        data = load_training_data(cfg.data, self._print)
+        if cfg.trainer.heldout_eval and not data.heldout:
+            raise ValueError(f"trainer.heldout_eval needs held-out prompts and data.format={cfg.data.format!r} "
+                             f"has none: set trainer.heldout_eval=false")
+        self.tokenizer = data.tokenizer
+        self.train = self._prompts(data.train)
+        self.heldout = self._prompts(data.heldout)
+        self.all_references = sorted({t.example.reference for t in data.train + data.heldout})
 
         vocab = self.tokenizer.vocab_size
         self.policy = MegatronPolicy(cfg.model, self._pretrain_optimizer(), vocab, self.ctx,
                                      cfg.rollout.temperature)
-        self.reference = MegatronPolicy(cfg.model, None, vocab, self.ctx, cfg.rollout.temperature)
-        self.engine = TorchRolloutEngine(self.policy.module, self.tokenizer.pad_id, self.tokenizer.eos_id, vocab)
+        self.reference = build_reference(cfg.grpo.reference_placement, self.policy, cfg.model, vocab, self.ctx,
+                                         cfg.rollout.temperature)
+        self.engine = build_engine(cfg, self.policy, self.tokenizer, self.run_dir)
+        self._engine_stale = True  # the engine's weights lag the policy's until the next refit
         self.reward = build_reward_actor(cfg.reward, str(self.ctx.device), self.ctx.world_size)
         per_rank = cfg.grpo.prompts_per_step // self.ctx.dp
         self.sampler = PromptSampler(len(self.train), per_rank, self.ctx.dp_rank, self.ctx.dp,
                                      seed=cfg.data.shuffle_seed)
-        self.loss_fn = grpo_loss_fn(GRPOLossConfig(cfg.grpo.clip_low, cfg.grpo.clip_high, cfg.grpo.kl_coef))
-        self.sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
-                                       cfg.rollout.top_p, cfg.rollout.stop_on_eos)
+        self.loss_fn = grpo_loss_fn(GRPOLossConfig(cfg.grpo.clip_low, cfg.grpo.clip_high, cfg.grpo.kl_coef,
+                                                   cfg.grpo.tis_cap))
+        self.sampling = SamplingParams(cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                       top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                                       stop_on_eos=cfg.rollout.stop_on_eos, stop=tuple(cfg.rollout.stop),
+                                       n=cfg.grpo.num_generations)
         self.logger = MetricsLogger(self.run_dir, self.ctx.is_logging_rank, cfg.logging, to_dict(cfg))
         self.step = 0
         self.base_heldout: dict | None = None
@@ -142,16 +152,9 @@ class RLSRTrainer:
 
     def _validate(self) -> None:
         validate_supported(self.cfg)  # recipe keys this build cannot act on are refused, not ignored
-        cfg, dp = self.cfg, self.ctx.dp
-        if cfg.grpo.prompts_per_step % dp:
-            raise ValueError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} is not divisible by DP={dp}")
-        rows = cfg.grpo.prompts_per_step // dp * cfg.grpo.num_generations
-        if rows % cfg.grpo.mini_batches_per_step or (rows // cfg.grpo.mini_batches_per_step) % cfg.grpo.micro_batch_size:
-            raise ValueError(
-                f"{rows} rollouts per rank must split into grpo.mini_batches_per_step="
-                f"{cfg.grpo.mini_batches_per_step} mini-batches of whole grpo.micro_batch_size="
-                f"{cfg.grpo.micro_batch_size} micro-batches"
-            )
+        validate_run(self.cfg, self.ctx.world_size, installed_te_version(), gpu_capability())
+        check_engine(self.cfg, torch.cuda.is_available(), trtllm_importable())
+        cfg = self.cfg  # the DP batch split is among validate_run's rules (planner/layout.py)
         if cfg.pretrain.init_checkpoint and cfg.pretrain.steps:
             raise ValueError("pretrain.init_checkpoint and pretrain.steps > 0 are exclusive: the base is loaded, "
                              "not pre-trained")
@@ -160,15 +163,15 @@ class RLSRTrainer:
         if cfg.grpo.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2: advantages are relative within a group")
 
-    def _prompts(self, examples: list[InstructionExample]) -> Prompts:
-        ids = [encode_prompt(self.tokenizer, e.prompt) for e in examples]
-        longest = max(len(i) for i in ids) + self.cfg.rollout.max_new_tokens
+    def _prompts(self, examples: list[TrainingExample]) -> Prompts:
+        ids = [t.prompt_ids for t in examples]
+        longest = max(map(len, ids), default=0) + self.cfg.rollout.max_new_tokens
         if longest > self.cfg.model.max_sequence_length:
             raise ValueError(
                 f"prompt + rollout.max_new_tokens = {longest} tokens exceeds "
                 f"model.max_sequence_length={self.cfg.model.max_sequence_length}"
             )
-        return Prompts(examples, ids)
+        return Prompts([t.example for t in examples], ids)
 
     def _pretrain_optimizer(self) -> OptimizerConfig:
         if self.cfg.pretrain.steps == 0:
@@ -186,7 +189,10 @@ class RLSRTrainer:
             path = load_init_checkpoint(cfg.pretrain.init_checkpoint, self.policy, self.tokenizer,
                                         cfg.trainer.checkpoint_checksums)
             self._print(f"initialised policy and reference from {path} "
-                        f"(weights sha256 {parameters_sha256(self.policy.module)})")
+                        f"(weights sha256 {parameters_sha256(self.policy.weights)})")
+        elif cfg.model.hf_path:
+            load_hf_policy(self.policy, cfg.model, self.tokenizer.vocab_size)
+            self._print(f"initialised policy and reference from the HF checkpoint {cfg.model.hf_path}")
         if cfg.pretrain.steps:
             references = sorted({e.reference for e in self.train.examples})
             bar = self._progress(cfg.pretrain.steps, "pretrain base")
@@ -196,7 +202,7 @@ class RLSRTrainer:
             bar.close()
             self._print(f"base pre-training: NLL {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
             self.policy.rebuild_optimizer(cfg.optimizer)
-        self.reference.module.load_state_dict(self.policy.module.state_dict())
+        self.reference.freeze_from(self.policy)
         if cfg.trainer.heldout_eval:
             self.base_heldout = self.evaluate_heldout()
             self._print(f"base policy on held-out prompts: {self._format_eval(self.base_heldout)}")
@@ -228,14 +234,14 @@ class RLSRTrainer:
                 raise FileNotFoundError(f"--resume {path}: not a complete checkpoint: {'; '.join(problems[:3])}")
         if base is None:
             raise FileNotFoundError(f"no complete base checkpoint under {self.base_dir} (the KL reference)")
-        load_checkpoint(base, self.reference, load_optimizer=False)
+        self.reference.load(base)
         self.policy.rebuild_optimizer(self.cfg.optimizer)
         extra = load_checkpoint(path, self.policy)
         self.step = extra["step"]
         self.sampler.load_state_dict(extra["sampler"])
         self.base_heldout = extra["base_heldout"]
         self.guard.load_state_dict(extra.get("guard", {"consecutive": 0, "total": 0}))
-        if WordTokenizer.from_json(extra["tokenizer"]) != self.tokenizer:
+        if extra["tokenizer"] != self.tokenizer.to_json():
             raise ValueError(f"{path}: the checkpoint's tokenizer differs from this run's data")
         self.logger.truncate_after(self.step)
         self._print(f"resumed from {path} at step {self.step}")
@@ -258,13 +264,18 @@ class RLSRTrainer:
         return (self.cfg.parallel.seed * 1_000_003 + step) * 131 + self.ctx.dp_rank
 
     def _rollout(self, prompts: Prompts, rows: list[int], seed: int, timings: dict | None = None):
-        """n samples per prompt, decoded and rewarded. Rows are group-contiguous. Fills
-        `timings["time/generate"]` and `timings["time/reward"]` when given."""
+        """n samples per prompt (the engine shares each prompt's KV prefix among them), decoded and
+        rewarded. Rows are group-contiguous. The engine is refitted first when the policy has changed
+        since its last refit, woken for generation and put back to sleep. Fills `timings` (when
+        given) with time/generate, time/reward and the refit's metrics."""
         group = self.cfg.grpo.num_generations
-        token_ids = [prompts.token_ids[i] for i in rows for _ in range(group)]
         examples = [prompts.examples[i] for i in rows for _ in range(group)]
+        refit = self.engine.update_weights() if self._engine_stale else {}
+        self._engine_stale = False
         start = time.perf_counter()
-        rollouts = self.engine.generate(token_ids, self.sampling, seed)
+        self.engine.wake()
+        rollouts = self.engine.generate([prompts.token_ids[i] for i in rows], self.sampling, seed)
+        self.engine.sleep()
         generated = time.perf_counter()
         texts = [self.tokenizer.decode(r) for r in rollouts.response_ids]
         scores = self.reward.score([e.prompt for e in examples], texts, [e.reference for e in examples])
@@ -272,6 +283,7 @@ class RLSRTrainer:
         if timings is not None:
             timings["time/generate"] = generated - start
             timings["time/reward"] = time.perf_counter() - generated
+            timings.update(refit)
         return rollouts, texts, examples, scores
 
     def train_step(self) -> dict[str, float]:
@@ -287,6 +299,8 @@ class RLSRTrainer:
         t2 = time.perf_counter()
         batch.extras["old_logprobs"] = self.policy.logprobs(batch, cfg.grpo.micro_batch_size)
         batch.extras["ref_logprobs"] = self.reference.logprobs(batch, cfg.grpo.micro_batch_size)
+        if cfg.grpo.tis_cap is not None:
+            batch.extras["engine_logprobs"] = rollouts.engine_logprobs
         t3 = time.perf_counter()
         mini_size = len(batch) // cfg.grpo.mini_batches_per_step
         loss_fn = inject_nan(self.loss_fn) if self.step + 1 in cfg.trainer.debug_inject_nan_steps else self.loss_fn
@@ -295,12 +309,17 @@ class RLSRTrainer:
                    for i in range(0, len(batch), mini_size)]
         t4 = time.perf_counter()
         self.step += 1
+        self._engine_stale = True
         skipped = sum(self.guard.observe(self.step, u) for u in updates)
 
         metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
         metrics["guard/skipped_updates"] = float(skipped)
         metrics["guard/skipped_updates_total"] = float(self.guard.total)
         metrics.update(self._rollout_metrics(rollouts, scores, batch.extras["old_logprobs"]))
+        if cfg.grpo.tis_cap is not None:
+            weights = tis_weights(batch.extras["old_logprobs"], rollouts.engine_logprobs, batch.loss_mask,
+                                  cfg.grpo.tis_cap)
+            metrics.update(tis_metrics(weights, batch.loss_mask, cfg.grpo.tis_cap))
         timings.update({"time/advantages": t2 - t1, "time/logprobs": t3 - t2, "time/train": t4 - t3,
                         "time/step": t4 - t0})
         metrics.update(step_throughput(batch.valid.sum(), self.policy.num_parameters, t4 - t0, self.ctx))
@@ -385,7 +404,7 @@ class RLSRTrainer:
 
     def _summarise(self) -> dict:
         summary: dict = {"steps": self.step, "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
-                         "param_sha256": parameters_sha256(self.policy.module),
+                         "param_sha256": parameters_sha256(self.policy.weights),
                          "skipped_nonfinite_updates": self.guard.total}
         if self.cfg.trainer.heldout_eval:
             summary["heldout_base"] = self.base_heldout

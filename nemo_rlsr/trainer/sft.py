@@ -1,14 +1,15 @@
 """Supervised fine-tuning (`nemo-rlsr sft`): next-token loss on the reference answers only.
 
-Each training row is one example, ``encode_prompt(question) + reference + <eos>`` (the tiny chat
-template, the same prompt tokens the RLSR rollouts start from), right-padded; the loss mask keeps
-only the targets that are response tokens, so the prompt is context, never a target. Same
-MegatronPolicy, same tokenizer (built from the same data as RLSRTrainer's) and the same checkpoint
-`extra` fields as the RLSR trainer, so an SFT checkpoint is what `pretrain.init_checkpoint` of an
-RLSR run loads (starting policy and KL reference), and what `export-hf` / `eval` read.
+Each training row is one example, the rendered prompt + reference + <eos> (data/dataset.py: the tiny
+word template or the tokenizer's chat template, the same prompt tokens the RLSR rollouts start from),
+right-padded; the loss mask keeps only the targets that are response tokens, so the prompt is
+context, never a target. Same MegatronPolicy, same tokenizer (built from the same data as
+RLSRTrainer's) and the same checkpoint `extra` fields as the RLSR trainer, so an SFT checkpoint is
+what `pretrain.init_checkpoint` of an RLSR run loads (starting policy and KL reference), and what
+`export-hf` / `eval` read.
 
-No sequence packing: `TokenBatch.valid` is a per-key mask, which cannot express the block-diagonal
-attention (nor the per-example position reset) that packing several examples into a row needs.
+`sft.pack_sequences: true` packs each step's examples into rows of model.max_sequence_length
+instead (data/packing.py): block-diagonal attention through `TokenBatch.segment_ids`, same loss.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ import torch
 from tqdm import tqdm
 
 from nemo_rlsr.config import ConfigError, RLSRConfig, to_dict, validate_supported
-from nemo_rlsr.data.instructions import BUNDLED_DATASET, build_word_tokenizer, encode_prompt, load_instructions
+from nemo_rlsr.distributed.layout import validate_run
+from nemo_rlsr.models.precision import gpu_capability, installed_te_version
+from nemo_rlsr.data.chat import Tokenizer
+from nemo_rlsr.data.dataset import TrainingExample, load_training_data
+from nemo_rlsr.data.packing import packed_sft_batch
 from nemo_rlsr.data.sampler import PromptSampler
-from nemo_rlsr.data.tokenizer import WordTokenizer
 from nemo_rlsr.distributed.parallel import init_distributed
+from nemo_rlsr.models.hf.start import load_hf_policy, with_hf_model
 from nemo_rlsr.models.policy import MegatronPolicy, TokenBatch
 from nemo_rlsr.trainer.checkpoint import (
     find_resumable_checkpoint,
@@ -50,22 +55,21 @@ def resolve_checkpoint(path: str | Path, checksums: bool = True) -> Path:
     return found
 
 
-def load_init_checkpoint(path: str | Path, policy: MegatronPolicy, tokenizer: WordTokenizer,
+def load_init_checkpoint(path: str | Path, policy: MegatronPolicy, tokenizer: Tokenizer,
                          checksums: bool = True) -> Path:
     """Load the weights (not the optimizer) of `path` into `policy`; the checkpoint's tokenizer
     must be this run's (same ids), else the weights would mean other words. Returns the path."""
     resolved = resolve_checkpoint(path, checksums)
     extra = load_checkpoint(resolved, policy, load_optimizer=False)
-    if "tokenizer" not in extra or WordTokenizer.from_json(extra["tokenizer"]) != tokenizer:
+    if extra.get("tokenizer") != tokenizer.to_json():
         raise ValueError(f"{resolved}: the checkpoint's tokenizer differs from this run's data "
                          f"(pretrain.init_checkpoint must come from a run on the same data.path)")
     return resolved
 
 
-def sft_example_ids(tokenizer: WordTokenizer, prompt: str, reference: str) -> tuple[list[int], int]:
-    """(token ids, prompt length): ``encode_prompt(prompt) + reference + <eos>``."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    return prompt_ids + tokenizer.encode(reference) + [tokenizer.eos_id], len(prompt_ids)
+def sft_row(example: TrainingExample, eos_id: int) -> tuple[list[int], int]:
+    """(token ids, prompt length): the rendered prompt's ids + the reference's + <eos>."""
+    return example.prompt_ids + example.reference_ids + [eos_id], len(example.prompt_ids)
 
 
 def sft_batch(examples: list[tuple[list[int], int]], length: int, pad_id: int) -> TokenBatch:
@@ -93,25 +97,27 @@ def lr_at(step: int, total: int, max_lr: float, warmup: int, min_ratio: float) -
 
 class SFTTrainer:
     def __init__(self, cfg: RLSRConfig, resume: str | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = with_hf_model(cfg)  # model.hf_path: the shape from its config.json
         validate_supported(cfg)
         if cfg.pretrain.steps:
             raise ConfigError("`pretrain.steps` must be 0 for `nemo-rlsr sft` (it starts from random init or "
                               "from `pretrain.init_checkpoint`)")
         self.ctx = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                                    cfg.parallel.seed, cfg.parallel.collective_timeout_s)
+                                    cfg.parallel.seed, cfg.parallel.collective_timeout_s,
+                                    ep=cfg.parallel.expert_parallel, etp=cfg.parallel.expert_tensor_parallel,
+                                    stage_layers=(cfg.parallel.num_layers_in_first_pipeline_stage,
+                                                  cfg.parallel.num_layers_in_last_pipeline_stage),
+                                    vpp=cfg.parallel.virtual_pipeline_parallel)
+        # Layout, batch split, recompute and FP8 rules at this job's world size (distributed/layout.py).
+        validate_run(cfg, self.ctx.world_size, installed_te_version(), gpu_capability(), mode="sft")
         s = cfg.sft
-        if s.global_batch_size % (self.ctx.dp * s.micro_batch_size):
-            raise ConfigError(f"sft.global_batch_size={s.global_batch_size} does not split into DP={self.ctx.dp} "
-                              f"ranks x whole sft.micro_batch_size={s.micro_batch_size} micro-batches")
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
 
-        examples = load_instructions(cfg.data.path or BUNDLED_DATASET)
-        self.tokenizer = build_word_tokenizer(examples)
-        self.train = [sft_example_ids(self.tokenizer, e.prompt, e.reference) for e in examples if e.split == "train"]
-        self.heldout = [sft_example_ids(self.tokenizer, e.prompt, e.reference)
-                        for e in examples if e.split == "heldout"]
+        data = load_training_data(cfg.data, self._print)
+        self.tokenizer = data.tokenizer
+        self.train = [sft_row(t, self.tokenizer.eos_id) for t in data.train]
+        self.heldout = [sft_row(t, self.tokenizer.eos_id) for t in data.heldout]
         self.length = max(len(ids) for ids, _ in self.train + self.heldout)
         if self.length > cfg.model.max_sequence_length:
             raise ValueError(f"longest prompt + reference + eos = {self.length} tokens exceeds "
@@ -131,7 +137,7 @@ class SFTTrainer:
                     if resume == "auto" else resolve_checkpoint(resume, cfg.trainer.checkpoint_checksums))
             if path is not None:
                 extra = load_checkpoint(path, self.policy)
-                if WordTokenizer.from_json(extra["tokenizer"]) != self.tokenizer:
+                if extra["tokenizer"] != self.tokenizer.to_json():
                     raise ValueError(f"{path}: the checkpoint's tokenizer differs from this run's data")
                 self.step = extra["step"]
                 self.sampler.load_state_dict(extra["sampler"])
@@ -146,6 +152,10 @@ class SFTTrainer:
             self.init_from = str(load_init_checkpoint(cfg.pretrain.init_checkpoint, self.policy, self.tokenizer,
                                                       cfg.trainer.checkpoint_checksums))
             self._print(f"initialised from {self.init_from}")
+        elif cfg.model.hf_path:
+            load_hf_policy(self.policy, cfg.model, self.tokenizer.vocab_size)
+            self.init_from = cfg.model.hf_path
+            self._print(f"initialised from the HF checkpoint {self.init_from}")
 
     def _extra(self) -> dict:
         # The fields RLSRTrainer's checkpoints carry, so that export-hf / eval / init_checkpoint read it.
@@ -171,8 +181,9 @@ class SFTTrainer:
                 for group in self.policy.optimizer.param_groups:
                     group["lr"] = lr
                 rows = self.sampler.next_batch()
-                batch = sft_batch([self.train[i] for i in rows], self.length, self.tokenizer.pad_id)
+                batch = self._batch([self.train[i] for i in rows])
                 metrics = self.policy.train_step(batch, s.micro_batch_size, nll_loss)
+                metrics["rows"] = float(len(batch))
                 self.step += 1
                 metrics["lr"] = lr
                 metrics["epoch"] = float(self.sampler.epoch)
@@ -188,6 +199,13 @@ class SFTTrainer:
             self._save()
         return self._summarise(heldout_start)
 
+    def _batch(self, examples: list[tuple[list[int], int]]) -> TokenBatch:
+        s = self.cfg.sft
+        if s.pack_sequences:
+            return packed_sft_batch(examples, self.cfg.model.max_sequence_length, self.tokenizer.pad_id,
+                                    s.micro_batch_size)
+        return sft_batch(examples, self.length, self.tokenizer.pad_id)
+
     def _save(self) -> Path:
         keep = self.cfg.trainer.keep_last_checkpoints or None
         return save_checkpoint(self.checkpoint_dir, self.step, self.policy, self._extra(), keep_last=keep,
@@ -195,7 +213,7 @@ class SFTTrainer:
 
     def _summarise(self, heldout_start: float | None) -> dict:
         summary: dict = {"steps": self.step, "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
-                         "param_sha256": parameters_sha256(self.policy.module), "init_checkpoint": self.init_from}
+                         "param_sha256": parameters_sha256(self.policy.weights), "init_checkpoint": self.init_from}
         if self.heldout:
             summary["heldout_nll_start"] = heldout_start
             summary["heldout_nll_end"] = self.heldout_nll()

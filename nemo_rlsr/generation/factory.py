@@ -1,0 +1,111 @@
+"""`rollout.engine` -> a RolloutEngine; combinations that cannot run are refused at startup.
+
+`check_engine` is pure (config + what this machine has), so the trainer calls it in `_validate`,
+before any model is built, and the tests call it with any machine description.
+"""
+
+from __future__ import annotations
+
+from nemo_rlsr.config import ConfigError, RLSRConfig
+
+ENGINES = ("torch", "megatron", "trtllm")
+
+
+def check_engine(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> None:
+    rollout, parallel = cfg.rollout, cfg.parallel
+    engine = rollout.engine
+    if engine not in ENGINES:
+        raise ConfigError(f"rollout.engine={engine!r}: choose one of {', '.join(ENGINES)}")
+    if rollout.top_k < 0:
+        raise ConfigError(f"rollout.top_k={rollout.top_k} must be >= 0 (0: off)")
+    if rollout.refit_bucket_mb < 1:
+        raise ConfigError(f"rollout.refit_bucket_mb={rollout.refit_bucket_mb} must be >= 1")
+    if engine in ("megatron", "trtllm") and not cuda:
+        raise ConfigError(f"rollout.engine={engine} needs CUDA GPUs and this machine has none: "
+                          f"use rollout.engine=torch (our sampler runs on the CPU)")
+    if engine == "trtllm" and not trtllm_importable:
+        raise ConfigError("rollout.engine=trtllm needs TensorRT-LLM 1.2 (NGC image "
+                          "nvcr.io/nvidia/tensorrt-llm/release:1.2.0); `import tensorrt_llm` fails here")
+    if rollout.fp8 and engine != "trtllm":
+        raise ConfigError(f"rollout.fp8 is a TensorRT-LLM option; rollout.engine={engine} samples in the "
+                          f"trainer's precision")
+    if engine == "trtllm":
+        if rollout.stop:
+            raise ConfigError("rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos "
+                              "or rollout.engine=torch")
+        model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
+        if rollout.tensor_parallel not in (None, model_parallel):
+            # each engine worker reads the refit IPC handles of its own GPU: an engine spans exactly one
+            # model-parallel group of trainer ranks (generation/trtllm_placement.py)
+            raise ConfigError(f"rollout.tensor_parallel={rollout.tensor_parallel}: a TensorRT-LLM engine spans one "
+                              f"trainer model-parallel group, tensor_parallel x pipeline_parallel = {model_parallel}")
+        return
+    # torch / megatron run the trainer's own module: its layout is theirs
+    if rollout.tensor_parallel not in (None, parallel.tensor_parallel):
+        raise ConfigError(f"rollout.tensor_parallel={rollout.tensor_parallel}: rollout.engine={engine} runs on "
+                          f"the trainer's module (tensor_parallel={parallel.tensor_parallel}); only trtllm "
+                          f"has its own layout")
+    if parallel.pipeline_parallel > 1:
+        raise ConfigError(f"rollout.engine={engine} needs the whole model on each rank (pipeline_parallel=1); "
+                          f"with pipeline parallelism use rollout.engine=trtllm (weights resharded PP->TP)")
+    if parallel.expert_parallel > 1:
+        # each MoE layer exchanges tokens among the EP ranks, but every rank samples its own prompts:
+        # different prompt lengths and early stops break those collectives (measured on gloo)
+        raise ConfigError(f"rollout.engine={engine} samples per rank, which expert_parallel="
+                          f"{parallel.expert_parallel} cannot (its MoE layers exchange tokens across ranks): "
+                          f"use expert_parallel=1 (SFT, whose batches have one shape on every rank, runs with it)")
+    if engine == "megatron" and rollout.stop:
+        raise ConfigError("rollout.stop strings are built for rollout.engine=torch only")
+
+
+def trtllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt_llm") is not None
+
+
+def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir):
+    """The configured engine over `policy` (our MegatronPolicy); `run_dir` holds trtllm's config."""
+    rollout = cfg.rollout
+    vocab = tokenizer.vocab_size
+    if rollout.engine == "torch":
+        from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
+
+        return TorchRolloutEngine(policy.module, tokenizer.pad_id, tokenizer.eos_id, vocab,
+                                  detokenize=tokenizer.decode)
+    if rollout.engine == "megatron":
+        from nemo_rlsr.generation.megatron_engine import MegatronRolloutEngine
+
+        return MegatronRolloutEngine(policy.module, tokenizer.pad_id, tokenizer.eos_id, vocab,
+                                     max_batch_size=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
+                                     max_sequence_length=cfg.model.max_sequence_length)
+    return _build_trtllm(cfg, policy, tokenizer, run_dir)
+
+
+def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from nemo_rlsr.generation.trtllm import TRTLLMOptions, TRTLLMRolloutEngine
+    from nemo_rlsr.models.hf import adapter_for
+    from nemo_rlsr.weight_sync.source import hf_named_tensors
+
+    vocab = tokenizer.vocab_size
+    model_dir = Path(run_dir) / "trtllm_model"
+    if dist.get_rank() == 0:  # config.json only: the weights arrive with the first refit
+        model_dir.mkdir(parents=True, exist_ok=True)
+        config = adapter_for("llama").hf_config(dataclasses.replace(cfg.model, vocab_size=vocab))
+        config |= {"pad_token_id": tokenizer.pad_id, "eos_token_id": tokenizer.eos_id}
+        (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    dist.barrier()
+    parallel = cfg.parallel
+    opts = TRTLLMOptions(
+        model_dir=str(model_dir),
+        tensor_parallel=cfg.rollout.tensor_parallel or parallel.tensor_parallel * parallel.pipeline_parallel,
+        max_batch_size=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
+        max_seq_len=cfg.model.max_sequence_length, fp8=cfg.rollout.fp8)
+    return TRTLLMRolloutEngine(opts, lambda: hf_named_tensors(policy.chunks, cfg.model, vocab),
+                               cfg.rollout.refit_bucket_mb * 2**20, tokenizer.eos_id, tokenizer.pad_id)

@@ -1,0 +1,194 @@
+"""FP8 through Transformer Engine: the config rules, checked on every machine, and the
+TransformerConfig fields they turn into.
+
+Megatron-core and TE check most of these themselves, but only once the model is being built on
+the GPUs (after container start, checkpoint reads, process-group setup), and some mistakes never
+raise: an FP8 GEMM on a shape TE cannot quantize fails deep inside a kernel. So the rules are pure
+functions of the config, the installed TE version and the GPU's compute capability (both passed
+in, so that CPU tests and the planner can check a GPU recipe without TE or a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+from nemo_rlsr.config import ConfigError, ModelConfig, RLSRConfig
+
+FP8_FORMATS = ("e4m3", "hybrid")
+# The oldest Transformer Engine whose PyTorch API runs each recipe with megatron-core.
+RECIPE_MIN_TE = {"delayed": (1, 0), "tensorwise": (2, 2), "blockwise": (2, 3), "mxfp8": (2, 1)}
+AMAX_ALGOS = ("max", "most_recent")
+HOPPER_OR_ADA = (8, 9)  # the first compute capability with FP8 tensor cores
+BLACKWELL = (10, 0)  # MX (block-scaled) FP8 formats
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    """"2.3.0.dev0+abc" -> (2, 3)."""
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def installed_te_version() -> str | None:
+    """The Transformer Engine version whose PyTorch extension imports here, else None.
+
+    The distribution's metadata alone is not enough: TE's wheel for another CUDA installs but
+    `transformer_engine.pytorch` fails to import.
+    """
+    try:
+        import transformer_engine
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or an OSError/RuntimeError from a mismatched CUDA build
+        return None
+    return str(transformer_engine.__version__)
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    import torch
+
+    return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+
+
+def gemm_alignment(recipe: str) -> int:
+    """What every FP8 GEMM dimension on a rank must be divisible by: 16 (TE's rule for the inner
+    dimension, which is also a multiple of the 8 it needs on the outer ones) and 32 for MX formats,
+    whose scales cover blocks of 32 values along either dimension."""
+    return 32 if recipe == "mxfp8" else 16
+
+
+def token_multiple(recipe: str) -> int:
+    """The multiple a rank's token count (micro-batch x sequence after CP / sequence-parallel
+    sharding) is padded to: the GEMM alignment, and 128 for blockwise, whose activation scales
+    cover 1 x 128 tiles."""
+    return 128 if recipe == "blockwise" else gemm_alignment(recipe)
+
+
+def sequence_multiple(cfg: ModelConfig, tp: int, cp: int, sequence_parallel: bool) -> int:
+    """The multiple a batch's sequence length must be padded to before the forward pass.
+
+    Context parallelism splits each sequence into 2 x CP chunks (load balancing of the causal
+    mask); sequence parallelism splits it over TP; with FP8 each rank's share must still be a
+    multiple of `token_multiple`.
+    """
+    shards = cp * (tp if sequence_parallel else 1)
+    multiple = math.lcm(2 * cp if cp > 1 else 1, shards)
+    if cfg.fp8:
+        multiple = math.lcm(multiple, shards * token_multiple(cfg.fp8_recipe))
+    return multiple
+
+
+def _gemm_dims(cfg: ModelConfig, tp: int) -> dict[str, int]:
+    """Per-rank output/input sizes of the transformer's GEMMs (the ones TE runs in FP8)."""
+    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+    groups = cfg.num_query_groups or cfg.num_attention_heads
+    return {
+        "model.hidden_size": cfg.hidden_size,
+        "model.ffn_hidden_size / tensor_parallel": cfg.ffn_hidden_size // tp,
+        "model.num_attention_heads x head dim / tensor_parallel": cfg.num_attention_heads * head_dim // tp,
+        "model.num_query_groups x head dim / tensor_parallel": groups * head_dim // tp,
+    }
+
+
+PARAMS_DTYPES = ("float32", "bfloat16")
+
+
+def params_dtype_problems(cfg: RLSRConfig) -> list[str]:
+    """bf16 parameters train with megatron's mixed-precision optimizer (fp32 main weights and Adam
+    state); fp16 would need a loss scaler, which the trainer does not run."""
+    if cfg.model.params_dtype in PARAMS_DTYPES:
+        return []
+    return [f"model.params_dtype={cfg.model.params_dtype!r}: choose one of {', '.join(PARAMS_DTYPES)}"]
+
+
+def fp8_environment_problems(cfg: RLSRConfig, te_version: str | None,
+                             capability: tuple[int, int] | None) -> list[str]:
+    """What FP8 needs from the machine the trainer runs on: an importable Transformer Engine new
+    enough for the recipe, and a GPU."""
+    m, out = cfg.model, []
+    if m.fp8 is None or m.fp8_recipe not in RECIPE_MIN_TE:
+        return out
+    if te_version is None:
+        out.append("model.fp8 needs Transformer Engine, and transformer_engine.pytorch does not import here "
+                   "(run in the NGC container, or set model.fp8=null)")
+    elif _version_tuple(te_version) < RECIPE_MIN_TE[m.fp8_recipe]:
+        need = ".".join(map(str, RECIPE_MIN_TE[m.fp8_recipe]))
+        out.append(f"model.fp8_recipe={m.fp8_recipe} needs Transformer Engine >= {need}; installed: {te_version}")
+    if capability is None:
+        out.append("model.fp8 needs a CUDA GPU (FP8 GEMMs have no CPU kernels)")
+    return out
+
+
+def fp8_config_problems(cfg: RLSRConfig, capability: tuple[int, int] | None = None) -> list[str]:
+    """The FP8 rules of the config itself (and of the target GPU's compute capability when
+    given): what the planner can check on a login node, without TE or a GPU."""
+    m, p = cfg.model, cfg.parallel
+    if m.fp8 is None:
+        return [f"model.{key}=true needs model.fp8 (e4m3 or hybrid)"
+                for key in ("fp8_param_gather", "first_last_layers_bf16") if getattr(m, key)]
+    out: list[str] = []
+    if m.fp8 not in FP8_FORMATS:
+        out.append(f"model.fp8={m.fp8!r} is not an FP8 format: choose one of {', '.join(FP8_FORMATS)}")
+    if m.fp8_recipe not in RECIPE_MIN_TE:
+        out.append(f"model.fp8_recipe={m.fp8_recipe!r} is unknown: choose one of {', '.join(RECIPE_MIN_TE)}")
+        return out
+    if capability is not None and tuple(capability) < HOPPER_OR_ADA:
+        out.append(f"model.fp8 needs FP8 tensor cores (compute capability >= 8.9, Ada/Hopper); "
+                   f"this GPU is sm{capability[0]}{capability[1]}")
+    elif capability is not None and m.fp8_recipe == "mxfp8" and tuple(capability) < BLACKWELL:
+        out.append(f"model.fp8_recipe=mxfp8 needs Blackwell (sm100 or newer); this GPU is "
+                   f"sm{capability[0]}{capability[1]}: use tensorwise or blockwise")
+    if m.params_dtype != "bfloat16":
+        out.append(f"model.fp8 needs model.params_dtype=bfloat16 (got {m.params_dtype}): FP8 GEMMs keep "
+                   f"bf16 weights and activations around them")
+    if m.fp8_param_gather and cfg.optimizer.cpu_offload and m.fp8_recipe != "delayed":
+        out.append(f"model.fp8_param_gather with optimizer.cpu_offload needs model.fp8_recipe=delayed "
+                   f"(got {m.fp8_recipe})")
+    if m.first_last_layers_bf16 and m.fp8_recipe == "delayed":
+        out.append("model.first_last_layers_bf16 does not work with model.fp8_recipe=delayed (the amax "
+                   "reduction spans the whole FP8 region): use tensorwise or blockwise")
+    if m.fp8_amax_compute_algo not in AMAX_ALGOS:
+        out.append(f"model.fp8_amax_compute_algo={m.fp8_amax_compute_algo!r}: choose one of {', '.join(AMAX_ALGOS)}")
+    if m.fp8_amax_history_len < 1 or m.fp8_margin < 0:
+        out.append(f"model.fp8_amax_history_len={m.fp8_amax_history_len} must be >= 1 and "
+                   f"model.fp8_margin={m.fp8_margin} >= 0")
+    tp = p.tensor_parallel
+    align = gemm_alignment(m.fp8_recipe)
+    for name, size in _gemm_dims(m, tp).items():
+        if size % align:
+            out.append(f"{name} = {size} is not divisible by {align}, as FP8 GEMMs with "
+                       f"model.fp8_recipe={m.fp8_recipe} need (tensor_parallel={tp})")
+    shards = p.context_parallel * (tp if p.sequence_parallel else 1)
+    tokens = token_multiple(m.fp8_recipe)
+    if m.max_sequence_length % (shards * tokens):
+        out.append(f"model.max_sequence_length={m.max_sequence_length} is not divisible by "
+                   f"{shards * tokens} = {tokens} (FP8 token alignment for {m.fp8_recipe}) x {shards} "
+                   f"sequence shards (context_parallel x tensor_parallel when sequence_parallel): "
+                   f"batches are padded to that multiple and the longest must still fit")
+    return out
+
+
+def fp8_problems(cfg: RLSRConfig, te_version: str | None, capability: tuple[int, int] | None) -> list[str]:
+    """Every FP8 rule the config breaks on this machine, as sentences naming the keys. Empty when
+    FP8 is off and no FP8-only key is set."""
+    return fp8_config_problems(cfg, capability) + fp8_environment_problems(cfg, te_version, capability)
+
+
+def validate_fp8(cfg: RLSRConfig, te_version: str | None, capability: tuple[int, int] | None) -> None:
+    problems = fp8_problems(cfg, te_version, capability)
+    if problems:
+        raise ConfigError("FP8 settings refused:\n  " + "\n  ".join(problems))
+
+
+def te_kwargs(cfg: ModelConfig) -> dict:
+    """TransformerConfig fields for FP8 (names shared by megatron-core 0.16 and 0.19); empty when
+    FP8 is off, so the bf16/fp32 path passes nothing TE-specific."""
+    if cfg.fp8 is None:
+        return {}
+    return {
+        "fp8": cfg.fp8,
+        "fp8_recipe": cfg.fp8_recipe,
+        "fp8_param": cfg.fp8_param_gather,
+        "fp8_margin": cfg.fp8_margin,
+        "fp8_amax_history_len": cfg.fp8_amax_history_len,
+        "fp8_amax_compute_algo": cfg.fp8_amax_compute_algo,
+        "first_last_layers_bf16": cfg.first_last_layers_bf16,
+    }

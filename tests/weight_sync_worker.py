@@ -1,0 +1,44 @@
+"""One rank of the refit tests: `python weight_sync_worker.py <scenario> <out_dir>` (distributed_helpers).
+
+`refit_tp` / `refit_pp`: stream the HF tensors of the tiny policy at TP=1, save a dist checkpoint,
+re-init at TP=2 (or PP=2), load it (resharding) and stream again; each rank saves both streams.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distributed_helpers import worker_main, VOCAB, tiny_model_config
+from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
+from nemo_rlsr.models.policy import MegatronPolicy
+from nemo_rlsr.trainer.checkpoint import load_checkpoint, save_checkpoint
+from nemo_rlsr.weight_sync.buckets import iter_buckets
+from nemo_rlsr.weight_sync.source import hf_named_tensors
+
+
+def bucketed_stream(policy) -> dict[str, torch.Tensor]:
+    stream = hf_named_tensors(policy.module, tiny_model_config(), VOCAB)
+    return {name: tensor.clone() for bucket in iter_buckets(stream, 16_384) for name, tensor in bucket}
+
+
+def scenario_refit(out: Path, tp: int, pp: int) -> dict:
+    ctx = init_distributed(tp=1, seed=1)
+    policy = MegatronPolicy(tiny_model_config(), None, VOCAB, ctx)
+    tp1 = bucketed_stream(policy)
+    save_checkpoint(out / "ckpt", 0, policy, {})
+    destroy_distributed()
+    ctx = init_distributed(tp=tp, pp=pp, seed=2)  # another seed: the weights must come from the checkpoint
+    policy = MegatronPolicy(tiny_model_config(), None, VOCAB, ctx)
+    load_checkpoint(out / "ckpt" / "step_0000000", policy)
+    return {"tp1": tp1, f"{'tp' if tp > 1 else 'pp'}2": bucketed_stream(policy)}
+
+
+SCENARIOS = {"refit_tp": lambda out: scenario_refit(out, tp=2, pp=1),
+             "refit_pp": lambda out: scenario_refit(out, tp=1, pp=2)}
+
+
+# The guard matters: dist_checkpointing's writer starts a `spawn` multiprocessing Manager.
+if __name__ == "__main__":
+    worker_main(SCENARIOS)
