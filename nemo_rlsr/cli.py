@@ -29,36 +29,27 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _fit(args: argparse.Namespace) -> int:
+    """`train` and `sft`: one path, so both exit 75 on preemption and 3 on non-finite updates."""
     from nemo_rlsr.config import load_config
     from nemo_rlsr.distributed.parallel import destroy_distributed
     from nemo_rlsr.trainer.guards import NonFiniteError
     from nemo_rlsr.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
-    from nemo_rlsr.trainer.rlsr import RLSRTrainer
+
+    if args.command == "sft":
+        from nemo_rlsr.trainer.sft import SFTTrainer as Trainer
+    else:
+        from nemo_rlsr.trainer.rlsr import RLSRTrainer as Trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = RLSRTrainer(cfg, resume=args.resume)
     try:
-        trainer.fit()
+        Trainer(cfg, resume=args.resume).fit()
     except Preempted as exc:
         print(f"{exc}; exiting with {PREEMPTED_EXIT_CODE} (resume with --resume auto)", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    finally:
-        destroy_distributed()
-    return 0
-
-
-def _sft(args: argparse.Namespace) -> int:
-    from nemo_rlsr.config import load_config
-    from nemo_rlsr.distributed.parallel import destroy_distributed
-    from nemo_rlsr.trainer.sft import SFTTrainer
-
-    cfg = load_config(args.config, args.overrides)
-    try:
-        SFTTrainer(cfg, resume=args.resume).fit()
     finally:
         destroy_distributed()
     return 0
@@ -166,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_rlsr.config import ConfigError
 
     try:
-        return _sft(args) if args.command == "sft" else _train(args)
+        return _fit(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -44,10 +44,10 @@ from nemo_rlsr.trainer.fingerprint import parameters_sha256
 from nemo_rlsr.trainer.guards import NonFiniteGuard, inject_nan
 from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.metrics import MetricsLogger, plot_reward, read_metrics
-from nemo_rlsr.trainer.preemption import MARKER, Preempted, PreemptionHandler
+from nemo_rlsr.trainer.loop import debug_stall, guard_metrics, run_steps
+from nemo_rlsr.trainer.preemption import PreemptionHandler
 from nemo_rlsr.trainer.pretrain import pretrain_on_text
 from nemo_rlsr.trainer.throughput import step_throughput
-from nemo_rlsr.trainer.watchdog import StepWatchdog
 
 
 @dataclass
@@ -289,8 +289,7 @@ class RLSRTrainer:
     def train_step(self) -> dict[str, float]:
         cfg, timings = self.cfg, {}
         t0 = time.perf_counter()
-        if cfg.trainer.debug_stall_step == self.step + 1 and self.ctx.rank == self.ctx.world_size - 1:
-            time.sleep(cfg.trainer.debug_stall_s)  # a deliberately slow rank (trainer.debug_stall_*)
+        debug_stall(cfg.trainer, self.step + 1, self.ctx)
         rows = self.sampler.next_batch()
         rollouts, texts, _, scores = self._rollout(self.train, rows, self._sample_seed(self.step), timings)
         t1 = time.perf_counter()
@@ -310,11 +309,9 @@ class RLSRTrainer:
         t4 = time.perf_counter()
         self.step += 1
         self._engine_stale = True
-        skipped = sum(self.guard.observe(self.step, u) for u in updates)
 
         metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-        metrics["guard/skipped_updates"] = float(skipped)
-        metrics["guard/skipped_updates_total"] = float(self.guard.total)
+        metrics.update(guard_metrics(self.guard, self.step, updates))
         metrics.update(self._rollout_metrics(rollouts, scores, batch.extras["old_logprobs"]))
         if cfg.grpo.tis_cap is not None:
             weights = tis_weights(batch.extras["old_logprobs"], rollouts.engine_logprobs, batch.loss_mask,
@@ -373,32 +370,19 @@ class RLSRTrainer:
     def fit(self) -> dict:
         """Run to `trainer.steps`; raises `Preempted` after saving when a preemption signal came."""
         cfg = self.cfg
-        if self.ctx.is_logging_rank:
-            (self.run_dir / MARKER).unlink(missing_ok=True)
-        watchdog = StepWatchdog(cfg.trainer.watchdog_step_s, self.run_dir / "stacks", self.ctx.rank).start()
         bar = self._progress(cfg.trainer.steps, "rlsr", initial=self.step)
+
+        def log(metrics: dict) -> None:
+            self.logger.log(self.step, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+                            step_s=f"{metrics['time/step']:.2f}")
+            bar.update(1)
+
         try:
-            while self.step < cfg.trainer.steps:
-                with watchdog.watch(f"step {self.step + 1}"):
-                    metrics = self.train_step()
-                    stop = self.preemption.should_stop(self.ctx.device)
-                self.logger.log(self.step, metrics)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}",
-                                step_s=f"{metrics['time/step']:.2f}")
-                bar.update(1)
-                self.guard.check()
-                every = cfg.trainer.checkpoint_every
-                if (every and self.step % every == 0) or self.step == cfg.trainer.steps or stop:
-                    with watchdog.watch(f"checkpoint save after step {self.step}"):
-                        path = self._save(self.checkpoint_dir)
-                if stop:
-                    if self.ctx.is_logging_rank:
-                        self.preemption.write_marker(self.run_dir, self.step, path)
-                    raise Preempted(self.step, path, self.preemption.received)
+            run_steps(cfg.trainer, self.ctx, self.run_dir, cfg.trainer.steps, self.preemption, self.guard,
+                      lambda: self.step, self.train_step, log, lambda: self._save(self.checkpoint_dir))
         finally:
             bar.close()
-            watchdog.close()
-            self.preemption.uninstall()
             self.logger.close()
         return self._summarise()
 

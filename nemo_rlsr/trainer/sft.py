@@ -8,6 +8,10 @@ RLSRTrainer's) and the same checkpoint `extra` fields as the RLSR trainer, so an
 what `pretrain.init_checkpoint` of an RLSR run loads (starting policy and KL reference), and what
 `export-hf` / `eval` read.
 
+The same reliability hooks as `nemo-rlsr train` (trainer/loop.py, same `trainer.*` keys): a
+preemption signal saves and exits 75, non-finite updates are skipped and counted (the guard's state
+is in the checkpoint), a hung step dumps stacks.
+
 `sft.pack_sequences: true` packs each step's examples into rows of model.max_sequence_length
 instead (data/packing.py): block-diagonal attention through `TokenBatch.segment_ids`, same loss.
 """
@@ -39,8 +43,11 @@ from nemo_rlsr.trainer.checkpoint import (
     save_checkpoint,
 )
 from nemo_rlsr.trainer.fingerprint import parameters_sha256
+from nemo_rlsr.trainer.guards import NonFiniteGuard, inject_nan
+from nemo_rlsr.trainer.loop import debug_stall, guard_metrics, run_steps
 from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.metrics import MetricsLogger, read_metrics
+from nemo_rlsr.trainer.preemption import PreemptionHandler
 from nemo_rlsr.trainer.pretrain import nll_loss
 
 
@@ -113,6 +120,9 @@ class SFTTrainer:
         s = cfg.sft
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        # Early, as in RLSRTrainer: a signal during setup stops the run after its first step, saved.
+        self.preemption = PreemptionHandler(cfg.trainer.preemption_signals).install()
+        self.guard = NonFiniteGuard(cfg.trainer.max_consecutive_nonfinite)
 
         data = load_training_data(cfg.data, self._print)
         self.tokenizer = data.tokenizer
@@ -141,6 +151,7 @@ class SFTTrainer:
                     raise ValueError(f"{path}: the checkpoint's tokenizer differs from this run's data")
                 self.step = extra["step"]
                 self.sampler.load_state_dict(extra["sampler"])
+                self.guard.load_state_dict(extra["guard"])
                 self.logger.truncate_after(self.step)
                 self._print(f"resumed from {path} at step {self.step}")
                 return
@@ -160,7 +171,7 @@ class SFTTrainer:
     def _extra(self) -> dict:
         # The fields RLSRTrainer's checkpoints carry, so that export-hf / eval / init_checkpoint read it.
         return {"step": self.step, "sampler": self.sampler.state_dict(), "tokenizer": self.tokenizer.to_json(),
-                "config": to_dict(self.cfg), "base_heldout": None, "guard": {"consecutive": 0, "total": 0},
+                "config": to_dict(self.cfg), "base_heldout": None, "guard": self.guard.state_dict(),
                 "stage": "sft"}
 
     def heldout_nll(self) -> float:
@@ -170,34 +181,44 @@ class SFTTrainer:
         return float(-(logprobs * batch.loss_mask).sum() / batch.loss_mask.sum())
 
     def fit(self) -> dict:
-        cfg, s = self.cfg, self.cfg.sft
+        cfg = self.cfg
         interactive = sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="sft", mininterval=0.2 if interactive else 15.0,
                    disable=not (cfg.trainer.progress_bar and self.ctx.is_logging_rank))
         heldout_start = self.heldout_nll() if self.heldout else None
+
+        def log(metrics: dict) -> None:
+            self.logger.log(self.step, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+            bar.update(1)
+
         try:
-            while self.step < self.total_steps:
-                lr = lr_at(self.step + 1, self.total_steps, cfg.optimizer.lr, s.warmup_steps, s.min_lr_ratio)
-                for group in self.policy.optimizer.param_groups:
-                    group["lr"] = lr
-                rows = self.sampler.next_batch()
-                batch = self._batch([self.train[i] for i in rows])
-                metrics = self.policy.train_step(batch, s.micro_batch_size, nll_loss)
-                metrics["rows"] = float(len(batch))
-                self.step += 1
-                metrics["lr"] = lr
-                metrics["epoch"] = float(self.sampler.epoch)
-                self.logger.log(self.step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.2e}")
-                bar.update(1)
-                every = cfg.trainer.checkpoint_every
-                if (every and self.step % every == 0) or self.step == self.total_steps:
-                    self._save()
+            run_steps(cfg.trainer, self.ctx, self.run_dir, self.total_steps, self.preemption, self.guard,
+                      lambda: self.step, self.train_step, log, self._save)
         finally:
             bar.close()
+            self.logger.close()
         if latest_checkpoint(self.checkpoint_dir) is None:  # steps already done on resume
             self._save()
         return self._summarise(heldout_start)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on the next batch; a non-finite update is skipped and counted."""
+        cfg, s = self.cfg, self.cfg.sft
+        debug_stall(cfg.trainer, self.step + 1, self.ctx)
+        lr = lr_at(self.step + 1, self.total_steps, cfg.optimizer.lr, s.warmup_steps, s.min_lr_ratio)
+        for group in self.policy.optimizer.param_groups:
+            group["lr"] = lr
+        rows = self.sampler.next_batch()
+        batch = self._batch([self.train[i] for i in rows])
+        loss_fn = inject_nan(nll_loss) if self.step + 1 in cfg.trainer.debug_inject_nan_steps else nll_loss
+        metrics = self.policy.train_step(batch, s.micro_batch_size, loss_fn, skip_nonfinite=True)
+        self.step += 1
+        metrics.update(guard_metrics(self.guard, self.step, [metrics]))
+        metrics["rows"] = float(len(batch))
+        metrics["lr"] = lr
+        metrics["epoch"] = float(self.sampler.epoch)
+        return metrics
 
     def _batch(self, examples: list[tuple[list[int], int]]) -> TokenBatch:
         s = self.cfg.sft
@@ -213,7 +234,8 @@ class SFTTrainer:
 
     def _summarise(self, heldout_start: float | None) -> dict:
         summary: dict = {"steps": self.step, "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
-                         "param_sha256": parameters_sha256(self.policy.weights), "init_checkpoint": self.init_from}
+                         "param_sha256": parameters_sha256(self.policy.weights), "init_checkpoint": self.init_from,
+                         "skipped_nonfinite_updates": self.guard.total}
         if self.heldout:
             summary["heldout_nll_start"] = heldout_start
             summary["heldout_nll_end"] = self.heldout_nll()

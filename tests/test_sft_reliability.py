@@ -1,0 +1,98 @@
+"""`nemo-rlsr sft` under the reliability hooks it shares with `train` (trainer/loop.py), real CLI:
+SIGTERM mid-step -> checkpoint + exit 75 -> `--resume auto` ends with an uninterrupted run's
+weights; injected NaN losses are skipped, counted, and K in a row stop the run with exit 3."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_runner import cli
+from test_reliability_run import complete_checkpoints, wait_for_step
+
+from nemo_rlsr.trainer.preemption import PREEMPTED_EXIT_CODE
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "conf" / "sft_tiny.yaml")
+# 8 steps, no scheduled checkpoint before the last: a checkpoint at step 3 can only be the preemption's.
+# A NaN at step 2 makes the guard's count part of the state that must survive the resume.
+COMMON = ["sft.steps=8", "trainer.checkpoint_every=0", "trainer.progress_bar=false",
+          "trainer.debug_inject_nan_steps=[2]"]
+
+
+def sft_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    return env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_75_and_resume_auto_matches_an_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    cli("sft", "sft_tiny.yaml", COMMON + [f"trainer.output_dir={reference}"])
+    expected = json.loads((reference / "summary.json").read_text())
+    assert expected["skipped_nonfinite_updates"] == 1
+
+    # The (only) rank stalls 2 s at the start of step 3; SIGTERM arrives mid-stall; the watchdog
+    # (1 s) dumps the stalled step's stacks.
+    run_dir = tmp_path / "run"
+    args = COMMON + ["trainer.debug_stall_step=3", "trainer.debug_stall_s=2", "trainer.watchdog_step_s=1",
+                     f"trainer.output_dir={run_dir}"]
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_rlsr.cli", "sft", "--config", CONFIG, *args], cwd=REPO,
+                            env=sft_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    try:
+        wait_for_step(run_dir, 2, [proc], timeout=120)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = (tmp_path / "run.log").read_text()
+    assert code == PREEMPTED_EXIT_CODE, output[-4000:]
+    assert "preempted by SIGTERM after step 3" in output
+    marker = json.loads((run_dir / "preempted.json").read_text())
+    assert marker == {"step": 3, "checkpoint": str(run_dir / "checkpoints" / "step_0000003"),
+                      "signal": "SIGTERM", "exit_code": PREEMPTED_EXIT_CODE}
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step_0000003"]
+    assert sorted(records(run_dir)) == [1, 2, 3]
+    assert "step 3 running for" in (run_dir / "stacks" / "rank00000.txt").read_text()
+
+    out = cli("sft", "sft_tiny.yaml", COMMON + [f"trainer.output_dir={run_dir}", "--resume", "auto"])
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_0000003'} at step 3" in out
+    assert not (run_dir / "preempted.json").exists()  # a finished run clears the requeue marker
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["param_sha256"] == expected["param_sha256"]
+    assert summary["skipped_nonfinite_updates"] == 1  # the guard's count came back from the checkpoint
+    assert sorted(records(run_dir)) == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_injected_nans_are_skipped_counted_and_k_in_a_row_exit_3(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "nemo_rlsr.cli", "sft", "--config", CONFIG, "sft.steps=8",
+         "trainer.progress_bar=false", "trainer.debug_inject_nan_steps=[2,4,5,6]",
+         "trainer.max_consecutive_nonfinite=3", f"trainer.output_dir={run_dir}"],
+        cwd=REPO, env=sft_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "3 consecutive updates with a non-finite loss" in result.stderr, result.stderr[-4000:]
+    assert "step 6" in result.stderr and "trainer.max_consecutive_nonfinite=3" in result.stderr
+    logged = records(run_dir)
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    assert [logged[s]["guard/skipped_updates"] for s in range(1, 7)] == [0, 1, 0, 1, 1, 1]
+    assert logged[6]["guard/skipped_updates_total"] == 4
+    assert math.isnan(logged[2]["loss"]) and math.isfinite(logged[3]["loss"])
