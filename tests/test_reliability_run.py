@@ -169,13 +169,17 @@ def test_sigterm_mid_step_saves_a_complete_checkpoint_and_exits_75(tmp_path):
 
 
 @pytest.mark.slow
-def test_injected_nans_are_skipped_counted_and_stop_the_run_after_k_in_a_row(tmp_path):
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_injected_nans_are_skipped_counted_and_stop_the_run_after_k_in_a_row(command, tmp_path):
+    """Both trainers run the same step loop (trainer/loop.py) and so the same guard."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    own = {"train": ["rlsr_tiny.yaml", *SMALL, "pretrain.steps=0", "trainer.steps=8"],
+           "sft": ["sft_tiny.yaml", "sft.steps=8", "trainer.progress_bar=false"]}[command]
     result = subprocess.run(
-        [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config", str(REPO / "conf" / "rlsr_tiny.yaml"),
-         *SMALL, "pretrain.steps=0", "trainer.steps=8", "trainer.debug_inject_nan_steps=[2,4,5,6]",
-         "trainer.max_consecutive_nonfinite=3", f"trainer.output_dir={run_dir}"],
+        [sys.executable, "-m", "nemo_rlsr.cli", command, "--config", str(REPO / "conf" / own[0]), *own[1:],
+         "trainer.debug_inject_nan_steps=[2,4,5,6]", "trainer.max_consecutive_nonfinite=3",
+         f"trainer.output_dir={run_dir}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stderr[-4000:]
     assert "3 consecutive updates with a non-finite loss" in result.stderr, result.stderr[-4000:]

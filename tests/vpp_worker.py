@@ -4,12 +4,9 @@ distributed_helpers.run_workers); writes `out_dir/rank{RANK}.pt`."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
-import torch
-
-from distributed_helpers import VOCAB, nll_loss, optimizer_config, tiny_model_config, token_batch
+from distributed_helpers import worker_main, VOCAB, nll_loss, optimizer_config, tiny_model_config, token_batch
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.hf import adapter_for_model
 from nemo_rlsr.models.hf.load import load_hf_weights
@@ -71,14 +68,6 @@ def scenario_interleaved(out: Path) -> dict:
 SCENARIOS = {"interleaved": scenario_interleaved}
 
 
-def main() -> None:
-    scenario, out = sys.argv[1], Path(sys.argv[2])
-    result = SCENARIOS[scenario](out)
-    rank = torch.distributed.get_rank()
-    destroy_distributed()
-    torch.save(result, out / f"rank{rank}.pt")
-
-
 # dist_checkpointing's writer starts a `spawn` multiprocessing Manager, which re-imports this module.
 if __name__ == "__main__":
-    main()
+    worker_main(SCENARIOS)
