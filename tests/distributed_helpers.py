@@ -74,7 +74,7 @@ def nll_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
     return loss, {"loss": loss.detach()}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -104,7 +104,7 @@ def run_workers(
     timeout); the error shows every rank's stderr.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for rank in range(nprocs):
         env = {

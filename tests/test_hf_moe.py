@@ -187,19 +187,11 @@ def test_sft_cli_runs_with_expert_parallelism(tmp_path):
     """The real trainer path: `nemo-rlsr sft` on 2 gloo ranks with an MoE policy at EP=2 (the config
     keys reach init_distributed and the layer builder; SFT batches have one shape on every rank)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from distributed_helpers import REPO_ROOT, _free_port
+    from cli_runner import cli
 
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-            "-m", "nemo_rlsr.cli", "sft", "--config", str(REPO_ROOT / "conf" / "sft_tiny.yaml"), "sft.steps=3",
-            "sft.micro_batch_size=8", f"trainer.output_dir={tmp_path}", "trainer.progress_bar=false",
-            "parallel.expert_parallel=2", *MOE_OVERRIDES]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-6000:]
+    cli("sft", "sft_tiny.yaml", ["sft.steps=3", "sft.micro_batch_size=8", f"trainer.output_dir={tmp_path}",
+                                 "trainer.progress_bar=false", "parallel.expert_parallel=2", *MOE_OVERRIDES], nprocs=2)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and losses[-1] < losses[0]
 

@@ -5,18 +5,15 @@ PP=2 x VPP=2 trains exactly like PP=1 from the same checkpoint, its checkpoint l
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_runner import cli
 from nemo_rlsr.config import load_config
 from nemo_rlsr.distributed.layout import run_problems
 from tests.distributed_helpers import run_workers
-from tests.test_rlsr_run import free_port
 
 WORKER = Path(__file__).resolve().parent / "vpp_worker.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -60,14 +57,10 @@ def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_sft_cli_runs_interleaved_pipeline_on_two_ranks(tmp_path):
     """The real trainer path: `nemo-rlsr sft` under torchrun, 4 layers over PP=2 x VPP=2."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "nemo_rlsr.cli", "sft", "--config", str(REPO / "conf" / "sft_tiny.yaml"), "model.num_layers=4",
-               "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2", "sft.steps=4",
-               "sft.warmup_steps=0", "sft.micro_batch_size=8", "trainer.progress_bar=false",
-               f"trainer.output_dir={tmp_path}"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    cli("sft", "sft_tiny.yaml", ["model.num_layers=4", "parallel.pipeline_parallel=2",
+                                 "parallel.virtual_pipeline_parallel=2", "sft.steps=4", "sft.warmup_steps=0",
+                                 "sft.micro_batch_size=8", "trainer.progress_bar=false",
+                                 f"trainer.output_dir={tmp_path}"], nprocs=2)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000004"

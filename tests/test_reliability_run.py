@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from test_rlsr_run import TINY, free_port, records
+from distributed_helpers import free_port
+from test_rlsr_run import TINY, records
 
 from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.preemption import PREEMPTED_EXIT_CODE

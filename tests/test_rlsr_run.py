@@ -3,12 +3,13 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from distributed_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -34,12 +35,6 @@ def run(args: list[str], launcher: list[str] | None = None, timeout: int = 600) 
 def records(run_dir: Path) -> dict[int, dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,16 +4,13 @@ reshard between the uneven and the even layout."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.distributed_helpers import run_workers
-from tests.test_rlsr_run import free_port
+from cli_runner import cli
 
 WORKER = Path(__file__).resolve().parent / "layout_worker.py"
 ATOL = 1e-5
@@ -35,14 +32,9 @@ def test_uneven_pp2_matches_pp1_and_reshards(tmp_path):
 @pytest.mark.slow
 def test_sft_cli_runs_uneven_stages_on_two_ranks(tmp_path):
     """The real trainer path: `nemo-rlsr sft` under torchrun, 3 layers over 2 stages (1 + 2)."""
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "nemo_rlsr.cli", "sft", "--config", str(repo / "conf" / "sft_tiny.yaml"), "model.num_layers=3",
-               "parallel.pipeline_parallel=2", "parallel.num_layers_in_first_pipeline_stage=1", "sft.steps=2",
-               "sft.micro_batch_size=8", "trainer.heldout_eval=false", "trainer.progress_bar=false",
-               f"trainer.output_dir={tmp_path}"]
-    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "sft loss (response tokens)" in result.stdout + result.stderr
+    out = cli("sft", "sft_tiny.yaml", ["model.num_layers=3", "parallel.pipeline_parallel=2",
+                                       "parallel.num_layers_in_first_pipeline_stage=1", "sft.steps=2",
+                                       "sft.micro_batch_size=8", "trainer.heldout_eval=false",
+                                       "trainer.progress_bar=false", f"trainer.output_dir={tmp_path}"], nprocs=2)
+    assert "sft loss (response tokens)" in out
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000002"
