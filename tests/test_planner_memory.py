@@ -26,6 +26,11 @@ VARIANTS = [
     [],
     ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=2", "model.ffn_hidden_size=256",
      "model.max_sequence_length=40", "grpo.micro_batch_size=16"],
+    # full recompute: groups of 2 layers (2 inputs kept, one group rebuilt) / the first layer only
+    ["model.num_layers=4", "model.recompute_granularity=full", "model.recompute_method=uniform",
+     "model.recompute_num_layers=2"],
+    ["model.num_layers=4", "model.recompute_granularity=full", "model.recompute_method=block",
+     "model.recompute_num_layers=1"],
 ]
 TRAIN_STEP_ITEMS = ("weights", "grads", "optimizer", "activations")
 

@@ -108,15 +108,11 @@ def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageP
     pb, seq = param_bytes(cfg), cfg.model.max_sequence_length
     tokens = micro_batch * seq / lay.cp
     split_seq = lay.tp if lay.sequence_parallel else 1
-    recompute = cfg.model.recompute_granularity == "full"
     per_layer = []
     for i in st.layers:
         replicated, split = layer_elements(shape, i, profile, seq)
         per_layer.append(replicated / split_seq + split / lay.tp)
-    if recompute:  # keep each layer's input; rebuild one layer at a time in the backward pass
-        kept = len(st.layers) * cfg.model.hidden_size / split_seq + max(per_layer, default=0)
-    else:
-        kept = sum(per_layer)
+    kept = recomputed_elements(cfg, per_layer, cfg.model.hidden_size / split_seq)
     in_flight = min(lay.pp - stage, in_flight_batches)
     if lay.vpp > 1:
         in_flight *= 1 + (lay.pp - 1) / (lay.pp * lay.vpp)
@@ -125,6 +121,27 @@ def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageP
         total += final_elements(profile, cfg.model.hidden_size) / split_seq * tokens * pb
         total += tokens * shape.vocab / lay.tp * LOGIT_BYTES[pb]
     return total
+
+
+def recomputed_elements(cfg: RLSRConfig, per_layer: list[float], layer_input: float) -> float:
+    """Elements per token a stage keeps at the backward pass's peak under megatron's full recompute.
+
+    `uniform`: the layers run in groups of `recompute_num_layers`; only each group's input is kept
+    and one group at a time is rebuilt. `block`: the first `recompute_num_layers` layers of the
+    stage keep only their input (rebuilt one at a time, once the backward pass has freed the
+    later layers), the others keep everything. Without full
+    recompute every layer keeps everything (selective recompute is not modelled: it drops only the
+    local spec's attention probabilities)."""
+    m = cfg.model
+    if m.recompute_granularity != "full" or not per_layer:
+        return sum(per_layer)
+    n = m.recompute_num_layers or 1
+    if m.recompute_method == "block":
+        n = min(n, len(per_layer))
+        # the backward pass frees the later layers' activations before it rebuilds the first ones
+        return n * layer_input + max(sum(per_layer[n:]), max(per_layer[:n]))
+    groups = [per_layer[i:i + n] for i in range(0, len(per_layer), n)]
+    return len(groups) * layer_input + max(sum(g) for g in groups)
 
 
 def kv_bytes_per_token(cfg: RLSRConfig, shape: ModelShape, lay: Layout) -> float:

@@ -131,10 +131,22 @@ def _reward(cfg, lay, dev, rollouts: int, n: Lengths) -> float:
     return flops / (gpus * dev.peak_flops * (eff.reward_large if enc.params >= 1e9 else eff.reward_small))
 
 
+def recomputed_layer_fraction(cfg: RLSRConfig, lay: Layout) -> float:
+    """Share of a stage's layers whose forward runs again in the backward pass: all of them under
+    full `uniform` recompute, the first `recompute_num_layers` of each stage under `block`."""
+    m = cfg.model
+    if m.recompute_granularity != "full":
+        return 0.0
+    if m.recompute_method != "block":
+        return 1.0
+    per_stage = m.num_layers / (lay.pp * lay.vpp)
+    return min((m.recompute_num_layers or 1) / per_stage, 1.0)
+
+
 def plan_time(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, memory: Memory, mode: str) -> StepTime:
     eff = EFFICIENCY
     mfu = eff.train_moe if cfg.model.num_moe_experts else eff.train_dense
-    recompute = 4 / 3 if cfg.model.recompute_granularity == "full" else 1.0
+    recompute = 1 + recomputed_layer_fraction(cfg, lay) / 3  # a recomputed layer runs its forward twice
     notes = ["communication is not assumed to overlap with compute"]
     if mode == "sft":
         seq = cfg.model.max_sequence_length
