@@ -52,6 +52,15 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
+    # YaRN RoPE scaling (HF rope_type "yarn": DeepSeek-V3, Kimi-K2, long-context Qwen); null factor: none.
+    # HF's names without the prefix; null mscale / mscale_all_dim: not in config.json (transformers
+    # then derives the cos/sin factor from `factor` alone; models/rope.py).
+    yarn_scaling_factor: float | None = None
+    yarn_original_max_position: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float | None = None
+    yarn_mscale_all_dim: float | None = None
     params_dtype: str = "float32"  # "bfloat16" on GPUs
     recompute_granularity: str | None = None  # "full" (each layer's input kept) | "selective"
     recompute_method: str | None = None  # full recompute: "uniform" | "block" (megatron's names)
@@ -492,9 +501,6 @@ def to_dict(config) -> dict:
 # non-default value is refused by `validate_supported`, so a recipe never runs with a setting
 # silently ignored.
 _NOT_BUILT = {
-    "parallel.context_parallel": "context parallelism is not built (needs TE attention and a per-CP-rank sequence split)",
-    "parallel.sequence_parallel": "sequence parallelism needs the Transformer Engine layer spec, and the torch sampler "
-                                  "decodes one token at a time through the same module",
     "optimizer.cpu_offload": "optimizer CPU offload is not wired into the optimizer builder",
 }
 

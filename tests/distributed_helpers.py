@@ -51,6 +51,30 @@ def random_tiny_gpt(cfg: ModelConfig, vocab: int):
     return module
 
 
+def share_weights(policy, out: Path, first: bool, prepare: Callable | None = None) -> None:
+    """One set of weights for every layout a scenario compares: the first layout (after `prepare`
+    of its module, e.g. `randomize_norms`) saves a dist checkpoint, later layouts (any TP / PP / EP /
+    CP: megatron reshards on load) load it."""
+    from nemo_rlsr.trainer.checkpoint import load_checkpoint, save_checkpoint
+
+    if first:
+        if prepare is not None:
+            prepare(policy.module)
+        save_checkpoint(out / "ckpt", 0, policy, {})
+    else:
+        load_checkpoint(out / "ckpt" / "step_0000000", policy, load_optimizer=False)
+
+
+@torch.no_grad()
+def randomize_norms(module) -> None:
+    """Norm weights away from megatron's all-ones init (one seed and parameter order: the same on
+    every rank), so that a norm's gradient or placement error shows."""
+    generator = torch.Generator().manual_seed(0)
+    for name, param in module.named_parameters():
+        if "layernorm" in name:
+            param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+
+
 def optimizer_config(distributed: bool = False) -> OptimizerConfig:
     # A large lr so that one step visibly moves the weights (and the logprobs after it).
     return OptimizerConfig(lr=1e-2, clip_grad=1.0, use_distributed_optimizer=distributed)

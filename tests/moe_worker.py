@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distributed_helpers import nll_loss, optimizer_config, token_batch, VOCAB
+from distributed_helpers import VOCAB, nll_loss, optimizer_config, share_weights, token_batch
 from nemo_rlsr.config import ModelConfig
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.gpt import build_gpt
@@ -30,7 +30,6 @@ from nemo_rlsr.models.hf import adapter_and_config
 from nemo_rlsr.models.hf.load import load_hf_weights
 from nemo_rlsr.models.hf.save import save_hf_checkpoint
 from nemo_rlsr.models.policy import MegatronPolicy, attention_mask
-from nemo_rlsr.trainer.checkpoint import load_checkpoint, save_checkpoint
 
 # (name, init_distributed kwargs); 2 ranks each. TP=2 with EP=2 puts half the experts on each TP rank.
 LAYOUTS = (
@@ -93,10 +92,7 @@ def scenario_train_ep(out: Path) -> dict:
     for ep in (1, 2):
         ctx = init_distributed(seed=ep, ep=ep)  # another seed per layout: weights come from the checkpoint
         policy = MegatronPolicy(tiny_moe_config(), optimizer_config(), VOCAB, ctx)
-        if ep == 1:
-            save_checkpoint(out / "ckpt", 0, policy, {})
-        else:
-            load_checkpoint(out / "ckpt" / "step_0000000", policy, load_optimizer=False)
+        share_weights(policy, out, first=ep == 1)
         half = token_batch().slice(2 * ctx.dp_rank, 2 * ctx.dp_rank + 2)  # 16 vs 15 loss tokens
         metrics = policy.train_step(half, 1, nll_loss)
         result[f"ep{ep}"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],

@@ -144,8 +144,8 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
         adapter_and_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(
-        {"model_type": "llama", **COMMON, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}))
-    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        {"model_type": "llama", **COMMON, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}}))
+    with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
         adapter_and_config(tmp_path)
 
 

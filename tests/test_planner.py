@@ -140,17 +140,18 @@ def test_plan_cli_exit_codes_and_launch_env(tmp_path, capsys):
 
 
 def test_trainer_refuses_recipe_keys_it_cannot_act_on():
-    validate_supported(load_config(REPO / "conf/rlsr_tiny.yaml"))
-    cfg = load_config(REPO / "conf/rlsr_qwen7b_sb.yaml")
+    for recipe in ("rlsr_tiny", "rlsr_qwen7b_sb", "rlsr_moe_1t"):  # sequence parallel recipes included
+        validate_supported(load_config(REPO / f"conf/{recipe}.yaml"))
+    cfg = load_config(REPO / "conf/rlsr_qwen7b_sb.yaml", ["optimizer.cpu_offload=true"])
     with pytest.raises(ConfigError) as err:
         validate_supported(cfg)
-    assert "parallel.sequence_parallel" in str(err.value)
+    assert "optimizer.cpu_offload" in str(err.value)
     assert "cluster." not in str(err.value)  # where a recipe runs is not the trainer's business
     # RLSRTrainer._validate runs the same check before anything is built.
     from nemo_rlsr.trainer.rlsr import RLSRTrainer
 
-    with pytest.raises(ConfigError, match="parallel.sequence_parallel"):
-        RLSRTrainer._validate(SimpleNamespace(cfg=load_config(REPO / "conf/rlsr_moe_1t.yaml"), ctx=SimpleNamespace(dp=1)))
+    with pytest.raises(ConfigError, match="optimizer.cpu_offload"):
+        RLSRTrainer._validate(SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(dp=1)))
 
 
 def test_docs_recipe_table_is_generated_from_the_planner():

@@ -76,10 +76,13 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaDeviceToCpu(TorchFunctionMode):
-    """Rewrites `device="cuda"` arguments (megatron has such literals) to the CPU."""
+    """Rewrites `device="cuda"` arguments (megatron has such literals) to the CPU, and drops
+    `pin_memory=True` (no pinned allocator without an accelerator; e.g. megatron's RoPE CP slicing)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if kwargs.get("pin_memory"):
+            kwargs = {**kwargs, "pin_memory": False}
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         if args and any(_is_cuda(a) for a in args[1:]):

@@ -17,23 +17,23 @@ from nemo_rlsr.planner.shapes import ModelShape
 
 
 def engine_problems(cfg: RLSRConfig, te_version: str | None) -> list[str]:
-    """Settings that only run on Transformer Engine's layer spec (megatron's local spec has no
-    sequence-parallel layer norms and no context-parallel attention)."""
+    """Settings that only run on Transformer Engine's layer spec (the local spec's sequence-parallel
+    norms are models/norm.py's, its context-parallel attention models/context_parallel.py's, which
+    does not cover multi-latent attention's core attention)."""
     p = cfg.parallel
     if te_version is not None:
         return []
     why = "needs the Transformer Engine layer spec, and transformer_engine.pytorch does not import here"
     out = []
-    if p.sequence_parallel:
-        out.append(f"parallel.sequence_parallel=true {why}")
-    if p.context_parallel > 1:
-        out.append(f"parallel.context_parallel={p.context_parallel} {why}")
+    if p.context_parallel > 1 and cfg.model.multi_latent_attention:
+        out.append(f"parallel.context_parallel={p.context_parallel} with model.multi_latent_attention=true {why} "
+                   f"(the local spec's all-gather-KV context parallelism covers standard and grouped-query attention)")
     return out
 
 
 def moe_problems(cfg: RLSRConfig) -> list[str]:
-    """megatron refuses to train MoE layers at TP>1 without sequence parallelism (which in turn
-    needs Transformer Engine): said here, before any model is built."""
+    """megatron refuses to train MoE layers at TP>1 without sequence parallelism: said here,
+    before any model is built."""
     p = cfg.parallel
     if cfg.model.num_moe_experts and p.tensor_parallel > 1 and not p.sequence_parallel:
         return [f"model.num_moe_experts={cfg.model.num_moe_experts} with parallel.tensor_parallel="

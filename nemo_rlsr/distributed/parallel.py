@@ -33,6 +33,10 @@ class ParallelContext:
     stage_layers: tuple[int | None, int | None] = (None, None)
     # Interleaved pipeline: model chunks per PP rank (None: one chunk, the plain 1F1B schedule).
     vpp: int | None = None
+    # Sequence parallelism: activations outside the TP regions split over TP by sequence (TP>1 only).
+    sequence_parallel: bool = False
+    # Context parallelism: each sequence split over `cp` ranks (models/context_parallel.py); `dp` excludes it.
+    cp: int = 1
 
     @property
     def is_logging_rank(self) -> bool:
@@ -68,11 +72,13 @@ def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -
 def init_distributed(
     tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: int = 1, etp: int = 1,
     stage_layers: tuple[int | None, int | None] = (None, None), vpp: int | None = None,
+    sequence_parallel: bool = False, cp: int = 1,
 ) -> ParallelContext:
     """Create the default process group and megatron's TP/PP/DP (and expert EP/ETP) groups; seed
     every RNG.
 
-    World size must be a multiple of tp*pp; the rest is data parallelism. MoE layers regroup the
+    World size must be a multiple of tp*cp*pp; the rest is data parallelism (CP ranks of one DP
+    rank see the same rows, each its part of every sequence). MoE layers regroup the
     same ranks as etp*ep*(expert DP)*pp, so it must be a multiple of etp*ep*pp too.
     """
     cpu_compat.enable()
@@ -96,10 +102,9 @@ def init_distributed(
             timeout=timeout,
         )
     world_size = dist.get_world_size()
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel = {tp}*{pp}"
-        )
+    if world_size % (tp * cp * pp) != 0:
+        raise ValueError(f"world size {world_size} is not divisible by tensor_parallel*context_parallel*"
+                         f"pipeline_parallel = {tp}*{cp}*{pp}")
     if world_size % (etp * ep * pp) != 0:
         raise ValueError(
             f"world size {world_size} is not divisible by expert_tensor_parallel*expert_parallel*"
@@ -109,6 +114,7 @@ def init_distributed(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
             expert_model_parallel_size=ep,
             expert_tensor_parallel_size=etp,
             # set here, megatron's get_forward_backward_func picks the interleaved schedule
@@ -129,6 +135,8 @@ def init_distributed(
         etp=etp,
         stage_layers=stage_layers,
         vpp=vpp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        cp=cp,
     )
 
 

@@ -29,6 +29,11 @@ def check_engine(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> None:
     if rollout.fp8 and engine != "trtllm":
         raise ConfigError(f"rollout.fp8 is a TensorRT-LLM option; rollout.engine={engine} samples in the "
                           f"trainer's precision")
+    if engine != "torch" and parallel.context_parallel > 1:
+        # the torch sampler runs the trainer's module with CP switched off (models/context_parallel.py), so
+        # every CP rank of a DP rank samples the same rollouts; the other engines have no such path yet
+        raise ConfigError(f"rollout.engine={engine} at parallel.context_parallel={parallel.context_parallel} is not "
+                          f"built: use rollout.engine=torch")
     if engine == "trtllm":
         if rollout.stop:
             raise ConfigError("rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos "
@@ -48,12 +53,11 @@ def check_engine(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> None:
     if parallel.pipeline_parallel > 1:
         raise ConfigError(f"rollout.engine={engine} needs the whole model on each rank (pipeline_parallel=1); "
                           f"with pipeline parallelism use rollout.engine=trtllm (weights resharded PP->TP)")
-    if parallel.expert_parallel > 1:
-        # each MoE layer exchanges tokens among the EP ranks, but every rank samples its own prompts:
-        # different prompt lengths and early stops break those collectives (measured on gloo)
-        raise ConfigError(f"rollout.engine={engine} samples per rank, which expert_parallel="
-                          f"{parallel.expert_parallel} cannot (its MoE layers exchange tokens across ranks): "
-                          f"use expert_parallel=1 (SFT, whose batches have one shape on every rank, runs with it)")
+    if engine == "megatron" and parallel.expert_parallel > 1:
+        # its MoE layers exchange tokens across ranks that sample different prompts; only our torch
+        # sampler steps those ranks in lockstep (generation/lockstep.py)
+        raise ConfigError(f"rollout.engine=megatron at expert_parallel={parallel.expert_parallel} is not built: "
+                          f"use rollout.engine=torch")
     if engine == "megatron" and rollout.stop:
         raise ConfigError("rollout.stop strings are built for rollout.engine=torch only")
 

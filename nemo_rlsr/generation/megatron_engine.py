@@ -28,6 +28,7 @@ import torch
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 from nemo_rlsr.generation.layout import rollout_batch
 from nemo_rlsr.generation.sampling import request_seeds
+from nemo_rlsr.models.sequence_parallel import sequence_parallel_off
 
 
 def mcore_version() -> tuple[int, int]:
@@ -118,7 +119,8 @@ class MegatronRolloutEngine:
         was_training = self.module.training
         self.module.eval()
         try:
-            results = self._engine(call_seed).generate(inference_requests=requests)
+            with sequence_parallel_off(self.module):  # its static batching refuses SP (models/sequence_parallel.py)
+                results = self._engine(call_seed).generate(inference_requests=requests)
         finally:
             self.module.train(was_training)
         by_id = {r.request_id: r for r in results}

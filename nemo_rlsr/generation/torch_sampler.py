@@ -15,6 +15,11 @@ tokens from the (gathered) full-vocabulary logits.
   is in `response_ids`, `response_mask` and `valid`, like an EOS token; `truncated` is False).
 * Finished rows (EOS, stop string) leave the batch: their cache rows are dropped and later steps
   run only the live rows (GRPO responses end at very different lengths).
+* Expert parallelism: MoE layers exchange tokens between ranks that sample different prompts, so
+  the ranks of `lockstep_group()` run the same prefill and decode steps, with the same shapes (the
+  largest prompt length and row counts of the group), until none has a row left; missing rows are
+  filler copies of cache row 0 whose outputs are never read (generation/lockstep.py). One rank (or
+  no MoE collective across prompts) runs no collective at all.
 * Not built: continuous refill (a waiting request taking a finished row's slot). The static
   context keeps one sequence offset for the whole batch, so a new request cannot join mid-way.
 """
@@ -26,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
+from nemo_rlsr.generation.lockstep import group_max, lockstep_group, pad_rows
 from nemo_rlsr.generation.sampling import (
     request_seeds,
     row_seed,
@@ -35,6 +41,7 @@ from nemo_rlsr.generation.sampling import (
     top_p_filter,
 )
 from nemo_rlsr.models.gpt import mask_padded_vocab
+from nemo_rlsr.models.sequence_parallel import sequence_parallel_off
 
 
 def select_kv_rows(context, rows: torch.Tensor) -> None:
@@ -71,6 +78,7 @@ class TorchRolloutEngine:
         """See `sleep`."""
 
     def _forward(self, ids, valid_keys, context) -> torch.Tensor:
+        from nemo_rlsr.models.context_parallel import context_parallel_off  # imports megatron
         from nemo_rlsr.models.policy import attention_mask
 
         start = context.sequence_len_offset
@@ -80,9 +88,10 @@ class TorchRolloutEngine:
             mask = attention_mask(valid_keys)
         else:
             mask = ~valid_keys[:, None, None, :].bool()
-        logits = self.module(
-            ids, positions, mask, inference_context=context, runtime_gather_output=True
-        )
+        # one token per step cannot split over TP or CP (models/sequence_parallel.py, models/context_parallel.py):
+        # every CP rank of a DP rank then samples the same rollouts
+        with sequence_parallel_off(self.module), context_parallel_off(self.module):
+            logits = self.module(ids, positions, mask, inference_context=context, runtime_gather_output=True)
         context.sequence_len_offset += length
         return logits[:, -1].float()
 
@@ -110,7 +119,12 @@ class TorchRolloutEngine:
         seeds = request_seeds(seed, len(prompts))
         n_samples = params.n
         rows = [p for p in prompts for _ in range(n_samples)]
+        share = self.share_prompt_kv and n_samples > 1
         n, prompt_len = len(rows), max(len(p) for p in prompts)
+        width, prefill_width = n, len(prompts) if share else n  # cache rows: all live, no fillers
+        group = lockstep_group()
+        if group is not None:  # every rank of the group runs the same shapes (generation/lockstep.py)
+            width, prefill_width, prompt_len = group_max([width, prefill_width, prompt_len], group, device)
         total = prompt_len + params.max_new_tokens
         ids = torch.full((n, total), self.pad_id, dtype=torch.long, device=device)
         valid = torch.zeros(n, total, dtype=torch.bool, device=device)
@@ -126,37 +140,43 @@ class TorchRolloutEngine:
 
         was_training = self.module.training
         self.module.eval()
-        share = self.share_prompt_kv and n_samples > 1
-        context = StaticInferenceContext(max_batch_size=len(prompts) if share else n, max_sequence_length=total)
+        context = StaticInferenceContext(max_batch_size=prefill_width, max_sequence_length=total)
         try:
-            if share:  # prefill each distinct prompt once, then give its n samples copies of its cache
-                logits = self._forward(ids[::n_samples, :prompt_len], valid[::n_samples, :prompt_len], context)
-                select_kv_rows(context, torch.arange(len(prompts), device=device).repeat_interleave(n_samples))
-                logits = logits.repeat_interleave(n_samples, dim=0)
-            else:
-                logits = self._forward(ids[:, :prompt_len], valid[:, :prompt_len], context)
-            live = torch.arange(n, device=device)  # rows whose cache is in the context, all unfinished
+            # share: prefill each distinct prompt once, then give its n samples copies of its cache.
+            # Filler rows (lockstep only) repeat row 0; their outputs are never read.
+            first = pad_rows(torch.arange(0, n, n_samples if share else 1, device=device), prefill_width)
+            logits = self._forward(ids[first, :prompt_len], valid[first, :prompt_len], context)
+            cache_rows = pad_rows(torch.arange(n, device=device), width)  # the row whose sequence each cache row runs
+            if share:
+                select_kv_rows(context, cache_rows // n_samples)
+                logits = logits[cache_rows // n_samples]
+            live = torch.arange(n, device=device)  # unfinished rows: the first len(live) cache rows
             for step in range(params.max_new_tokens):
                 column = prompt_len + step
-                rows = live.tolist()
-                token, token_logprob = self._next_tokens(logits, params, [generators[r] for r in rows])
-                ids[live, column] = token
-                valid[live, column] = True
-                response_mask[live, column - 1] = 1.0
-                engine_logprobs[live, column - 1] = token_logprob
-                for row, value in zip(rows, token.tolist()):
-                    responses[row].append(value)
-                done = token == self.eos_id if params.stop_on_eos else torch.zeros_like(token, dtype=torch.bool)
-                if params.stop:
-                    done |= self._stopped([responses[r] for r in rows], params.stop)
-                finished[live] = done
-                if bool(done.all()) or step + 1 == params.max_new_tokens:
+                done = torch.zeros(0, dtype=torch.bool, device=device)
+                if len(live):  # in lockstep a rank with no rows left still steps, with fillers only
+                    rows = live.tolist()
+                    token, token_logprob = self._next_tokens(logits[: len(rows)], params, [generators[r] for r in rows])
+                    ids[live, column] = token
+                    valid[live, column] = True
+                    response_mask[live, column - 1] = 1.0
+                    engine_logprobs[live, column - 1] = token_logprob
+                    for row, value in zip(rows, token.tolist()):
+                        responses[row].append(value)
+                    done = token == self.eos_id if params.stop_on_eos else torch.zeros_like(token, dtype=torch.bool)
+                    if params.stop:
+                        done |= self._stopped([responses[r] for r in rows], params.stop)
+                    finished[live] = done
+                keep = (~done).nonzero().flatten()
+                # lockstep: one all-reduce per step; the group goes on while any rank has rows left
+                width = len(keep) if group is None else group_max([len(keep)], group, device)[0]
+                if width == 0 or step + 1 == params.max_new_tokens:
                     break
-                if bool(done.any()):
-                    keep = (~done).nonzero().flatten()
-                    select_kv_rows(context, keep)
-                    live = live[keep]
-                logits = self._forward(ids[live, column : column + 1], valid[live, : column + 1], context)
+                if len(keep) < len(live) or width < len(cache_rows):  # drop finished rows (and fillers)
+                    kept = pad_rows(keep, width)
+                    select_kv_rows(context, kept)
+                    cache_rows, live = cache_rows[kept], live[keep]
+                logits = self._forward(ids[cache_rows, column : column + 1], valid[cache_rows, : column + 1], context)
         finally:
             self.module.train(was_training)
         return RolloutBatch(ids, valid, response_mask, engine_logprobs, responses, ~finished)

@@ -13,9 +13,10 @@ import math
 import torch
 
 from nemo_rlsr.config import ModelConfig
-from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs
+from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs, reduce_expert_grads_over_expert_dp
+from nemo_rlsr.models.norm import with_sequence_parallel_norms
 from nemo_rlsr.models.precision import te_kwargs
-from nemo_rlsr.models.rope import llama3_inv_freq
+from nemo_rlsr.models.rope import gpt_yarn_attributes, llama3_inv_freq
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -32,6 +33,7 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
 def transformer_config(
     cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = torch.float32, ep: int = 1, etp: int = 1,
     stage_layers: tuple[int | None, int | None] = (None, None), vpp: int | None = None,
+    sequence_parallel: bool = False, cp: int = 1,
 ):
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
@@ -56,6 +58,10 @@ def transformer_config(
         qk_layernorm=cfg.qk_layernorm,
         layernorm_epsilon=cfg.layernorm_epsilon,
         tensor_model_parallel_size=tp,
+        # Sequence parallelism splits the sequence over TP: nothing to split at TP=1 (a no-op, as in
+        # megatron's linears, which switch it off there with a warning).
+        sequence_parallel=sequence_parallel and tp > 1,
+        context_parallel_size=cp,
         pipeline_model_parallel_size=pp,
         num_layers_in_first_pipeline_stage=stage_layers[0],
         num_layers_in_last_pipeline_stage=stage_layers[1],
@@ -87,6 +93,8 @@ def transformer_config(
         **moe_transformer_kwargs(cfg, ep, etp),  # models/moe.py; empty for a dense model
         **mla_transformer_kwargs(cfg),  # models/mla.py; empty without multi-latent attention
     )
+    for name, value in gpt_yarn_attributes(cfg).items():  # YaRN: not TransformerConfig fields (models/rope.py)
+        setattr(config, name, value)
     return config
 
 
@@ -112,20 +120,29 @@ def dense_layer_spec(cfg: ModelConfig, te: bool):
 
 def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1,
               stage_layers: tuple[int | None, int | None] = (None, None), vpp: int | None = None,
-              vp_stage: int | None = None):
+              vp_stage: int | None = None, sequence_parallel: bool = False, cp: int = 1):
     """The GPTModel chunk for this rank's pipeline stage (vocab padded for TP); with `vpp` chunks per
     rank (interleaved pipeline), chunk `vp_stage` of them: its layers, and the embedding / output
-    layer only on the first chunk of the first rank / the last chunk of the last rank."""
+    layer only on the first chunk of the first rank / the last chunk of the last rank.
+    `sequence_parallel`: megatron's sequence parallelism over the TP group (models/norm.py makes the
+    local spec's norms support it). `cp`: context parallelism (models/context_parallel.py)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from nemo_rlsr.models.context_parallel import with_context_parallel_attention  # imports megatron
+    from nemo_rlsr.models.mla import average_latent_norm_grads
+
     config = transformer_config(cfg, tp, pp, getattr(torch, cfg.params_dtype), ep=ep, etp=etp,
-                                stage_layers=stage_layers, vpp=vpp)
+                                stage_layers=stage_layers, vpp=vpp, sequence_parallel=sequence_parallel, cp=cp)
     te = use_transformer_engine()
     if cfg.num_moe_experts or cfg.multi_latent_attention:
         spec = decoder_block_spec(config, te, vp_stage)  # per-layer dense/MoE MLPs, MLA (models/moe.py)
     else:
         spec = dense_layer_spec(cfg, te)
+    if not te:  # norms that support sequence parallelism (models/norm.py); TE's do already
+        spec = with_sequence_parallel_norms(spec, config, vp_stage)
+        # all-gather-KV context parallelism (models/context_parallel.py); TE's attention does CP itself
+        spec = with_context_parallel_attention(spec)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -136,11 +153,13 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1, ep: i
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if hasattr(config, "yarn_rotary_scaling_factor") else "rope",
         rotary_base=cfg.rotary_base,
         rotary_percent=cfg.rotary_percent,
         vp_stage=vp_stage,
     )
+    reduce_expert_grads_over_expert_dp(model)  # megatron-core 0.16 at EP=1, ETP != TP (models/moe.py)
+    average_latent_norm_grads(model)  # MLA's q latent norm at TP>1 without SP (models/mla.py)
     if cfg.rope_scaling_factor is not None:  # before the first forward: megatron caches the frequencies
         rotary = model.rotary_pos_emb
         rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,

@@ -92,3 +92,24 @@ def patch_missing_te_gemm() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def reduce_expert_grads_over_expert_dp(model: torch.nn.Module) -> None:
+    """Mark the expert weights for megatron's expert-data-parallel gradient reduction when
+    expert_tensor_parallel != tensor_parallel at EP=1, as megatron-core 0.19 does itself.
+
+    megatron-core 0.16 marks them (`allreduce=False`) only at EP>1. At EP=1 with, e.g., TP=2 and
+    ETP=1, each TP rank holds every expert whole and (under sequence parallelism) routes its own
+    half of the tokens, so each rank's expert gradient is a partial sum; unmarked, DDP reduces it
+    over the dense data-parallel group, which excludes the TP peers, and the ranks' experts drift
+    apart. Marked, DDP and the optimizer use the expert-data-parallel group, which includes them.
+    Call before DDP wraps the model (it sorts parameters into its buffers by this flag)."""
+    config = model.config
+    if not config.num_moe_experts or config.expert_model_parallel_size > 1:
+        return
+    if config.expert_tensor_parallel_size == config.tensor_model_parallel_size:
+        return
+    for module in model.modules():
+        if getattr(module, "is_expert", False):
+            for param in module.parameters(recurse=False):
+                param.allreduce = False

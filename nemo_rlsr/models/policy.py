@@ -36,6 +36,8 @@ class TokenBatch:
     input positions; pads are excluded as attention keys so left-padded prompts see only themselves.
     `segment_ids` (packed rows, e.g. SFT's `sft.pack_sequences`): which example of the row each
     position belongs to; a token then attends only within its own example, whose positions restart at 0.
+    `target_ids`: the targets when they cannot be read off `input_ids` (a context-parallel rank's
+    part of the rows, `split_for_context_parallel`).
     """
 
     input_ids: torch.Tensor
@@ -43,9 +45,12 @@ class TokenBatch:
     loss_mask: torch.Tensor
     extras: dict[str, torch.Tensor]
     segment_ids: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
 
     @property
     def targets(self) -> torch.Tensor:
+        if self.target_ids is not None:
+            return self.target_ids
         pad = torch.zeros_like(self.input_ids[:, :1])
         return torch.cat([self.input_ids[:, 1:], pad], dim=1)
 
@@ -59,6 +64,7 @@ class TokenBatch:
             self.loss_mask[start:end],
             {k: v[start:end] for k, v in self.extras.items()},
             None if self.segment_ids is None else self.segment_ids[start:end],
+            None if self.target_ids is None else self.target_ids[start:end],
         )
 
     def micro_batches(self, size: int) -> list["TokenBatch"]:
@@ -85,6 +91,22 @@ def position_ids(input_ids: torch.Tensor, segment_ids: torch.Tensor | None = Non
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     return positions - torch.where(starts, positions, 0).cummax(dim=1).values
+
+
+def split_for_context_parallel(batch: TokenBatch) -> TokenBatch:
+    """This context-parallel rank's positions of every row (models/context_parallel.py): ids,
+    validity, loss mask, segment ids, targets (taken from the whole rows first) and per-token extras;
+    per-row extras (e.g. advantages [B]) stay whole. Loss sums over it are this rank's share of the
+    row's; megatron sums them and the token counts over DP x CP."""
+    from nemo_rlsr.models.context_parallel import split_for_cp
+
+    length = batch.input_ids.shape[1]
+    return TokenBatch(
+        split_for_cp(batch.input_ids), split_for_cp(batch.valid), split_for_cp(batch.loss_mask),
+        {k: split_for_cp(v) if v.dim() >= 2 and v.shape[1] == length else v for k, v in batch.extras.items()},
+        None if batch.segment_ids is None else split_for_cp(batch.segment_ids),
+        split_for_cp(batch.targets),
+    )
 
 
 def pad_sequence_length(batch: TokenBatch, multiple: int) -> TokenBatch:
@@ -153,11 +175,14 @@ class MegatronPolicy:
         # One GPTModel per virtual pipeline stage of this rank (interleaved schedule), else just one.
         self.chunks = [
             build_gpt(model_cfg, vocab_size, ctx.tp, ctx.pp, ctx.ep, ctx.etp, ctx.stage_layers,
-                      vpp=ctx.vpp, vp_stage=stage if ctx.vpp else None)
+                      vpp=ctx.vpp, vp_stage=stage if ctx.vpp else None, sequence_parallel=ctx.sequence_parallel,
+                      cp=ctx.cp)
             for stage in range(ctx.vpp or 1)
         ]
-        # Batches are padded to this length multiple (1 unless FP8; CP / sequence parallel are not built).
-        self.sequence_multiple = sequence_multiple(model_cfg, ctx.tp, cp=1, sequence_parallel=False)
+        # Batches are padded to this length multiple (FP8 GEMM alignment; TP under sequence parallelism;
+        # 2 x CP chunks under context parallelism).
+        self.sequence_multiple = sequence_multiple(model_cfg, ctx.tp, cp=ctx.cp,
+                                                   sequence_parallel=ctx.sequence_parallel)
         self.config = self.chunks[0].config
         self.optimizer = None
         self.models = list(self.chunks)  # what the schedule runs: the chunks, each under DDP when training
@@ -215,7 +240,12 @@ class MegatronPolicy:
         def forward_step(data_iterator: Iterator[TokenBatch], model):
             mb = next(data_iterator)
             positions = position_ids(mb.input_ids, mb.segment_ids)
-            output = model(mb.input_ids, positions, attention_mask(mb.valid, mb.segment_ids))
+            mask = attention_mask(mb.valid, mb.segment_ids)
+            if self.ctx.cp > 1:  # this CP rank's positions, and the mask rows of its queries (all keys)
+                from nemo_rlsr.models.context_parallel import split_for_cp
+
+                mb, positions, mask = split_for_context_parallel(mb), split_for_cp(positions), split_for_cp(mask, dim=2)
+            output = model(mb.input_ids, positions, mask)
 
             def loss_func(logits: torch.Tensor):
                 logits = mask_padded_vocab(logits.float() / self.temperature, self.vocab_size)
@@ -244,7 +274,8 @@ class MegatronPolicy:
         )
 
     def logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
-        """Per-token logprobs of `batch.targets` [B, T] on every rank (broadcast from the last PP stage)."""
+        """Per-token logprobs of `batch.targets` [B, T] on every rank (gathered over CP, broadcast from
+        the last PP stage)."""
 
         def keep_logprobs(logprobs, entropy, mb):
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
@@ -258,7 +289,10 @@ class MegatronPolicy:
 
         result = torch.empty((rows, batch.input_ids.shape[1]), dtype=torch.float32, device=batch.input_ids.device)
         if parallel_state.is_pipeline_last_stage():
-            result = torch.cat([out["logprobs"] for out in outputs])[:rows, : batch.input_ids.shape[1]].contiguous()
+            from nemo_rlsr.models.context_parallel import gather_from_cp
+
+            result = gather_from_cp(torch.cat([out["logprobs"] for out in outputs]))
+            result = result[:rows, : batch.input_ids.shape[1]].contiguous()
         if self.ctx.pp > 1:
             dist.broadcast(
                 result,
@@ -373,7 +407,8 @@ def _build_optimizer(cfg: OptimizerConfig, models: list):
 
 
 def reduce_metric_sums(outputs: list[dict[str, torch.Tensor]], ctx: ParallelContext) -> dict[str, float]:
-    """Sum per-micro-batch metric sums, all-reduce over DP, divide by the global token count, and
+    """Sum per-micro-batch metric sums, all-reduce over DP x CP (each CP rank summed its part of the
+    rows), divide by the global token count, and
     broadcast from the last PP stage so that every rank returns the same numbers."""
     from megatron.core import parallel_state
 
@@ -381,7 +416,7 @@ def reduce_metric_sums(outputs: list[dict[str, torch.Tensor]], ctx: ParallelCont
     if parallel_state.is_pipeline_last_stage():
         names = sorted(outputs[0])
         sums = torch.stack([sum(out[k].float().sum() for out in outputs) for k in names])
-        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         tokens = float(sums[names.index("num_tokens")])
         result = {k: float(v) / max(tokens, 1.0) for k, v in zip(names, sums) if k != "num_tokens"}
         result["num_tokens"] = tokens

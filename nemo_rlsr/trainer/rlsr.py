@@ -100,6 +100,8 @@ class RLSRTrainer:
             stage_layers=(cfg.parallel.num_layers_in_first_pipeline_stage,
                           cfg.parallel.num_layers_in_last_pipeline_stage),
             vpp=cfg.parallel.virtual_pipeline_parallel,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            cp=cfg.parallel.context_parallel,
         )
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"

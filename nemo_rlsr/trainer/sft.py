@@ -114,7 +114,9 @@ class SFTTrainer:
                                     ep=cfg.parallel.expert_parallel, etp=cfg.parallel.expert_tensor_parallel,
                                     stage_layers=(cfg.parallel.num_layers_in_first_pipeline_stage,
                                                   cfg.parallel.num_layers_in_last_pipeline_stage),
-                                    vpp=cfg.parallel.virtual_pipeline_parallel)
+                                    vpp=cfg.parallel.virtual_pipeline_parallel,
+                                    sequence_parallel=cfg.parallel.sequence_parallel,
+                                    cp=cfg.parallel.context_parallel)
         # Layout, batch split, recompute and FP8 rules at this job's world size (distributed/layout.py).
         validate_run(cfg, self.ctx.world_size, installed_te_version(), gpu_capability(), mode="sft")
         s = cfg.sft

@@ -50,7 +50,7 @@ def head_shape(cfg: ModelConfig) -> tuple[int, int, int]:
 
 def rope_fields(hf_config: dict) -> dict:
     """ModelConfig RoPE fields from transformers 5 `rope_parameters` or the older `rope_theta` +
-    `rope_scaling` keys. Only the plain and the Llama-3 ("llama3") rotary embeddings are built."""
+    `rope_scaling` keys. The plain, Llama-3 ("llama3") and YaRN ("yarn") rotary embeddings are built."""
     params = dict(hf_config.get("rope_parameters") or {})
     legacy = hf_config.get("rope_scaling") or {}
     params = {**legacy, **params}
@@ -64,9 +64,30 @@ def rope_fields(hf_config: dict) -> dict:
                    "rope_low_freq_factor": float(params["low_freq_factor"]),
                    "rope_high_freq_factor": float(params["high_freq_factor"]),
                    "rope_original_max_position": int(params["original_max_position_embeddings"])}
+    elif rope_type == "yarn":
+        fields |= yarn_fields(params, hf_config)
     elif rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3, yarn)")
     return fields
+
+
+def yarn_fields(params: dict, hf_config: dict) -> dict:
+    """ModelConfig YaRN fields with transformers' defaults: the original context is a top-level
+    `original_max_position_embeddings` (Phi-3 style), else the rope parameters', else
+    `max_position_embeddings`; a missing factor is max_position_embeddings / original context;
+    beta_fast / beta_slow 32 / 1. A given `attention_factor` and `truncate: false` are refused
+    (megatron derives the cos/sin factor itself and always rounds the ramp bounds)."""
+    if params.get("attention_factor") is not None:
+        raise ValueError(f"YaRN attention_factor={params['attention_factor']} is not supported (megatron derives "
+                         "it from factor, mscale and mscale_all_dim)")
+    require(params, "truncate", (True,), True)
+    original = (hf_config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                or hf_config["max_position_embeddings"])
+    factor = params.get("factor") or hf_config["max_position_embeddings"] / original
+    optional = {key: None if params.get(key) is None else float(params[key]) for key in ("mscale", "mscale_all_dim")}
+    return {"yarn_scaling_factor": float(factor), "yarn_original_max_position": int(original),
+            "yarn_beta_fast": float(params.get("beta_fast") or 32), "yarn_beta_slow": float(params.get("beta_slow") or 1),
+            "yarn_mscale": optional["mscale"], "yarn_mscale_all_dim": optional["mscale_all_dim"]}
 
 
 def rope_config(cfg: ModelConfig) -> dict:
@@ -76,6 +97,12 @@ def rope_config(cfg: ModelConfig) -> dict:
         params |= {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
                    "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
                    "original_max_position_embeddings": cfg.rope_original_max_position}
+    if cfg.yarn_scaling_factor is not None:
+        params |= {"rope_type": "yarn", "factor": cfg.yarn_scaling_factor,
+                   "original_max_position_embeddings": cfg.yarn_original_max_position,
+                   "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}
+        params |= {key: value for key, value in (("mscale", cfg.yarn_mscale), ("mscale_all_dim", cfg.yarn_mscale_all_dim))
+                   if value is not None}
     out = {"rope_parameters": params}
     if cfg.rotary_percent != 1.0:
         out["partial_rotary_factor"] = cfg.rotary_percent

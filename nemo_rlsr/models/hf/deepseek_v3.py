@@ -17,7 +17,7 @@ Same row layouts on both sides, so every tensor is a renaming. What megatron com
 only under conditions, refused otherwise: `rope_interleave` (megatron's MLA always de-interleaves
 the rope dims, models/mla.py), `norm_topk_prob` (megatron always renormalizes sigmoid top-k scores),
 HF's group score (sum of the top 2 scores of a group) = megatron's (sum of the top
-topk/topk_group), and plain RoPE (no YaRN scaling yet).
+topk/topk_group), and YaRN's `mscale_all_dim` only together with `mscale` (models/rope.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import dataclasses
 
 from nemo_rlsr.models.hf.adapter import DenseAdapter, require
 from nemo_rlsr.models.hf.moe_mlp import MoEMixin
+from nemo_rlsr.models.rope import mla_yarn_mscales
 
 _MLA_RENAMES = {
     "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
@@ -55,8 +56,10 @@ class DeepseekV3Adapter(MoEMixin, DenseAdapter):
             raise ValueError(f"config.json num_experts_per_tok={topk} / topk_group={group_topk}: megatron scores "
                              f"a group by its top {topk // group_topk} experts, transformers by its top 2")
         moe_size = hf_config["moe_intermediate_size"]
+        dense = super().model_config(hf_config)
+        mla_yarn_mscales(dense.yarn_mscale, dense.yarn_mscale_all_dim)  # raises when config.json is read, not at build
         return dataclasses.replace(
-            super().model_config(hf_config),
+            dense,
             num_query_groups=None, kv_channels=None,  # MLA has its own head dims
             multi_latent_attention=True, qk_layernorm=True,  # the q / kv latent RMSNorms
             q_lora_rank=hf_config.get("q_lora_rank"), kv_lora_rank=hf_config["kv_lora_rank"],
