@@ -13,7 +13,7 @@ import torch
 from cli_runner import cli
 from nemo_rlsr.config import load_config
 from nemo_rlsr.distributed.layout import run_problems
-from tests.distributed_helpers import run_workers
+from tests.distributed_helpers import run_workers, token_batch
 
 WORKER = Path(__file__).resolve().parent / "vpp_worker.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +46,18 @@ def test_pp2_vpp2_matches_pp1_and_reshards(tmp_path):
     assert sorted(vpp) == sorted(pp1) and any(".layers.3." in name for name in vpp)
     for name in pp1:
         assert torch.equal(vpp[name], pp1[name]), name
+
+
+@pytest.mark.slow
+def test_pp2_vpp2_with_data_parallel_matches_pp1(tmp_path):
+    results = run_workers("interleaved_dp2", tmp_path, nprocs=4, worker=WORKER, timeout_s=240)
+    for rank in results:
+        pp1, vpp = rank["pp1"], rank["vpp"]
+        assert (pp1["dp"], vpp["dp"]) == (4, 2)
+        assert vpp["metrics"]["loss"] == pytest.approx(pp1["metrics"]["loss"], rel=1e-6)
+        assert vpp["metrics"]["num_tokens"] == pp1["metrics"]["num_tokens"] == float(token_batch().loss_mask.sum())
+        assert vpp["metrics"]["grad_norm"] == pytest.approx(pp1["metrics"]["grad_norm"], rel=1e-5)
+        torch.testing.assert_close(vpp["logprobs"], pp1["logprobs"], atol=ATOL, rtol=0)
 
 
 def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from distributed_helpers import worker_main, VOCAB, nll_loss, optimizer_config, tiny_model_config, token_batch
+from distributed_helpers import (VOCAB, nll_loss, optimizer_config, share_weights, tiny_model_config, token_batch,
+                                 worker_main)
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.hf import adapter_for_model
 from nemo_rlsr.models.hf.load import load_hf_weights
@@ -65,7 +66,26 @@ def scenario_interleaved(out: Path) -> dict:
             "logprobs_reloaded": policy.logprobs(batch, MICRO_BATCH)}
 
 
-SCENARIOS = {"interleaved": scenario_interleaved}
+def scenario_interleaved_dp2(out: Path) -> dict:
+    """4 ranks, distributed optimizer: PP=1 x DP=4 (one row per rank) against PP=2 x VPP=2 x DP=2
+    (two rows per DP rank, one micro-batch each: one group of PP) from the same checkpoint. The same
+    global batch, so the same step: the interleaved schedule's grads reduced over DP like plain ones."""
+    batch = token_batch()
+    result = {}
+    for name, layout in (("pp1", {"pp": 1}), ("vpp", {"pp": 2, "vpp": 2})):
+        if result:
+            destroy_distributed()
+        ctx = init_distributed(seed=1 + len(result), **layout)
+        policy = MegatronPolicy(FOUR_LAYERS, optimizer_config(distributed=True), VOCAB, ctx)
+        share_weights(policy, out, first=name == "pp1")
+        rows = len(batch) // ctx.dp
+        mine = batch.slice(ctx.dp_rank * rows, (ctx.dp_rank + 1) * rows)
+        result[name] = {"dp": ctx.dp, "metrics": policy.train_step(mine, 1, nll_loss),
+                        "logprobs": policy.logprobs(batch, MICRO_BATCH)}
+    return result
+
+
+SCENARIOS = {"interleaved": scenario_interleaved, "interleaved_dp2": scenario_interleaved_dp2}
 
 
 # dist_checkpointing's writer starts a `spawn` multiprocessing Manager, which re-imports this module.

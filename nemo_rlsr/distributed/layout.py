@@ -17,18 +17,21 @@ from nemo_rlsr.planner.shapes import ModelShape
 
 
 def engine_problems(cfg: RLSRConfig, te_version: str | None) -> list[str]:
-    """Settings that only run on Transformer Engine's layer spec (the local spec's sequence-parallel
-    norms are models/norm.py's, its context-parallel attention models/context_parallel.py's, which
-    does not cover multi-latent attention's core attention)."""
+    """Context parallelism runs on the local spec only (models/context_parallel.py: all-gather-KV,
+    standard and grouped-query attention, not multi-latent attention's core attention). On the TE
+    spec attention gets an explicit `arbitrary` mask (models/spec.py), which TE's context-parallel
+    attention does not take (causal / padding-causal only)."""
     p = cfg.parallel
-    if te_version is not None:
+    if p.context_parallel <= 1:
         return []
-    why = "needs the Transformer Engine layer spec, and transformer_engine.pytorch does not import here"
-    out = []
-    if p.context_parallel > 1 and cfg.model.multi_latent_attention:
-        out.append(f"parallel.context_parallel={p.context_parallel} with model.multi_latent_attention=true {why} "
-                   f"(the local spec's all-gather-KV context parallelism covers standard and grouped-query attention)")
-    return out
+    if te_version is not None:
+        return [f"parallel.context_parallel={p.context_parallel} is built on megatron's local layer spec only, and "
+                f"transformer_engine {te_version} imports here (its context-parallel attention takes causal / "
+                f"padding-causal masks, not the explicit mask of left-padded and packed rows)"]
+    if cfg.model.multi_latent_attention:
+        return [f"parallel.context_parallel={p.context_parallel} with model.multi_latent_attention=true is not built "
+                f"(the local spec's all-gather-KV context parallelism covers standard and grouped-query attention)"]
+    return []
 
 
 def moe_problems(cfg: RLSRConfig) -> list[str]:

@@ -17,6 +17,7 @@ from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs, red
 from nemo_rlsr.models.norm import with_sequence_parallel_norms
 from nemo_rlsr.models.precision import te_kwargs
 from nemo_rlsr.models.rope import gpt_yarn_attributes, llama3_inv_freq
+from nemo_rlsr.models.spec import with_attention_mask_type
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -129,6 +130,8 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1, ep: i
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from megatron.core.transformer.enums import AttnMaskType
+
     from nemo_rlsr.models.context_parallel import with_context_parallel_attention  # imports megatron
     from nemo_rlsr.models.mla import average_latent_norm_grads
 
@@ -139,9 +142,11 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1, ep: i
         spec = decoder_block_spec(config, te, vp_stage)  # per-layer dense/MoE MLPs, MLA (models/moe.py)
     else:
         spec = dense_layer_spec(cfg, te)
-    if not te:  # norms that support sequence parallelism (models/norm.py); TE's do already
+    if te:  # TE's attention would ignore the batch's own mask under `causal` (models/spec.py)
+        spec = with_attention_mask_type(spec, AttnMaskType.arbitrary)
+    else:  # norms that support sequence parallelism (models/norm.py); TE's do already
         spec = with_sequence_parallel_norms(spec, config, vp_stage)
-        # all-gather-KV context parallelism (models/context_parallel.py); TE's attention does CP itself
+        # all-gather-KV context parallelism (models/context_parallel.py); refused on the TE spec (distributed/layout.py)
         spec = with_context_parallel_attention(spec)
     model = GPTModel(
         config=config,

@@ -16,3 +16,23 @@ def replace_module(spec, old: type, new: type):
         return dataclasses.replace(spec, **{f.name: replace_module(getattr(spec, f.name), old, new)
                                             for f in dataclasses.fields(spec) if f.init})
     return spec
+
+
+def with_attention_mask_type(spec, mask_type):
+    """A copy of `spec` whose attention modules get `attn_mask_type=mask_type`.
+
+    Why: the policy's batches carry their own mask (left-padded prompts, packed segments). The
+    local spec's attention applies a given mask whatever its mask type says; Transformer Engine's
+    does not: with `causal` it ignores the mask, and its `padding*` types assume right padding. So
+    the TE spec gets `arbitrary` (TE's unfused attention then applies our mask exactly)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(spec, list):
+        return [with_attention_mask_type(item, mask_type) for item in spec]
+    if not dataclasses.is_dataclass(spec) or isinstance(spec, type):
+        return spec
+    fields = {f.name: with_attention_mask_type(getattr(spec, f.name), mask_type)
+              for f in dataclasses.fields(spec) if f.init and f.name != "params"}
+    if isinstance(spec, ModuleSpec) and "attn_mask_type" in spec.params:
+        fields["params"] = {**spec.params, "attn_mask_type": mask_type}
+    return dataclasses.replace(spec, **fields)
