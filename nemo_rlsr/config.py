@@ -65,6 +65,9 @@ class ModelConfig:
     recompute_granularity: str | None = None  # "full" (each layer's input kept) | "selective"
     recompute_method: str | None = None  # full recompute: "uniform" | "block" (megatron's names)
     recompute_num_layers: int | None = None  # full recompute: layers per group (uniform) / per stage (block)
+    # Layer spec: "auto" = Transformer Engine's where it imports and a GPU is there, else megatron's
+    # local spec; "local" / "transformer_engine" force one (context parallel runs on the local spec only).
+    transformer_impl: str = "auto"
     # Transformer Engine FP8 (models/precision.py validates these on every machine): `fp8` "e4m3" |
     # "hybrid" (null: off); `fp8_recipe` "delayed" | "tensorwise" | "blockwise" | "mxfp8";
     # `fp8_param_gather`: keep weights in FP8 and all-gather them in FP8.

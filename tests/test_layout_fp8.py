@@ -163,11 +163,32 @@ def test_context_parallel_runs_on_the_local_spec_only_and_not_under_mla():
     layout = ("parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.context_parallel=2")
     assert run_problems(cfg(*layout), 8, None, None) == []
     problems = run_problems(cfg(*layout), 8, "2.5", HOPPER)
-    assert any(p.startswith("parallel.context_parallel=2 is built on megatron's local layer spec only, and "
-                            "transformer_engine 2.5 imports here") for p in problems), problems
+    assert any(p.startswith("parallel.context_parallel=2 runs on megatron's local layer spec only, and this job "
+                            "builds Transformer Engine's (model.transformer_impl=auto, TE 2.5)") for p in problems), problems
+    # with TE installed, the local spec can be asked for
+    assert run_problems(cfg(*layout, "model.transformer_impl=local"), 8, "2.5", HOPPER) == []
     problems = run_problems(cfg("parallel.context_parallel=2", "model.multi_latent_attention=true"), 2, None, None)
     assert any(p.startswith("parallel.context_parallel=2 with model.multi_latent_attention=true is not built")
                for p in problems), problems
+
+
+@pytest.mark.parametrize("overrides,te,capability,expected", [
+    (["model.transformer_impl=te"], "2.5", HOPPER, "model.transformer_impl='te': choose one of auto, local, transformer_engine"),
+    (["model.transformer_impl=transformer_engine"], None, HOPPER, "transformer_engine.pytorch does not import here"),
+    (["model.transformer_impl=transformer_engine"], "2.5", None, "needs a CUDA GPU"),
+    (["model.transformer_impl=local", "model.fp8=hybrid", "model.params_dtype=bfloat16"], "2.5", HOPPER,
+     "model.fp8 runs on Transformer Engine's layer spec, and model.transformer_impl=local"),
+])
+def test_transformer_impl_refused_where_it_cannot_build(overrides, te, capability, expected):
+    assert any(expected in p for p in run_problems(cfg(*overrides), 1, te, capability)), expected
+
+
+def test_layer_spec_choice():
+    from nemo_rlsr.models.precision import uses_te_spec
+
+    assert [uses_te_spec("auto", te, cap) for te, cap in ((None, None), ("2.5", None), (None, HOPPER), ("2.5", HOPPER))] \
+        == [False, False, False, True]
+    assert not uses_te_spec("local", "2.5", HOPPER) and uses_te_spec("transformer_engine", None, None)
 
 
 def test_every_problem_reported_at_once():

@@ -10,25 +10,26 @@ built.
 from __future__ import annotations
 
 from nemo_rlsr.config import ConfigError, RLSRConfig
-from nemo_rlsr.models.precision import fp8_problems, params_dtype_problems
+from nemo_rlsr.models.precision import fp8_problems, params_dtype_problems, transformer_impl_problems, uses_te_spec
 from nemo_rlsr.models.recompute import recompute_problems
 from nemo_rlsr.planner.layout import Layout, layout_problems
 from nemo_rlsr.planner.shapes import ModelShape
 
 
-def engine_problems(cfg: RLSRConfig, te_version: str | None) -> list[str]:
+def engine_problems(cfg: RLSRConfig, te_version: str | None, capability: tuple[int, int] | None) -> list[str]:
     """Context parallelism runs on the local spec only (models/context_parallel.py: all-gather-KV,
     standard and grouped-query attention, not multi-latent attention's core attention). On the TE
     spec attention gets an explicit `arbitrary` mask (models/spec.py), which TE's context-parallel
     attention does not take (causal / padding-causal only)."""
-    p = cfg.parallel
+    p, m = cfg.parallel, cfg.model
     if p.context_parallel <= 1:
         return []
-    if te_version is not None:
-        return [f"parallel.context_parallel={p.context_parallel} is built on megatron's local layer spec only, and "
-                f"transformer_engine {te_version} imports here (its context-parallel attention takes causal / "
-                f"padding-causal masks, not the explicit mask of left-padded and packed rows)"]
-    if cfg.model.multi_latent_attention:
+    if uses_te_spec(m.transformer_impl, te_version, capability):
+        return [f"parallel.context_parallel={p.context_parallel} runs on megatron's local layer spec only, and this job "
+                f"builds Transformer Engine's (model.transformer_impl={m.transformer_impl}, TE {te_version}): TE's "
+                f"context-parallel attention takes causal / padding-causal masks, not the explicit mask of "
+                f"left-padded and packed rows; set model.transformer_impl=local"]
+    if m.multi_latent_attention:
         return [f"parallel.context_parallel={p.context_parallel} with model.multi_latent_attention=true is not built "
                 f"(the local spec's all-gather-KV context parallelism covers standard and grouped-query attention)"]
     return []
@@ -75,7 +76,8 @@ def run_problems(cfg: RLSRConfig, world_size: int, te_version: str | None,
     problems = layout_problems(cfg, ModelShape.build(cfg.model, vocab_size=1), lay, mode)
     if not problems:  # batch splits are only meaningful on a layout that divides
         problems = interleaved_problems(cfg, lay.dp, mode)
-    return (problems + moe_problems(cfg) + recompute_problems(cfg) + engine_problems(cfg, te_version) + params_dtype_problems(cfg)
+    return (problems + moe_problems(cfg) + recompute_problems(cfg) + engine_problems(cfg, te_version, capability)
+            + transformer_impl_problems(cfg, te_version, capability) + params_dtype_problems(cfg)
             + fp8_problems(cfg, te_version, capability))
 
 

@@ -15,7 +15,7 @@ import torch
 from nemo_rlsr.config import ModelConfig
 from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs, reduce_expert_grads_over_expert_dp
 from nemo_rlsr.models.norm import with_sequence_parallel_norms
-from nemo_rlsr.models.precision import te_kwargs
+from nemo_rlsr.models.precision import gpu_capability, installed_te_version, te_kwargs, uses_te_spec
 from nemo_rlsr.models.rope import gpt_yarn_attributes, llama3_inv_freq
 from nemo_rlsr.models.spec import with_attention_mask_type
 
@@ -99,16 +99,10 @@ def transformer_config(
     return config
 
 
-def use_transformer_engine() -> bool:
-    """The Transformer Engine layer spec where TE imports and a GPU is there (TE kernels are
-    CUDA-only); the local spec otherwise. Parameter names differ (the HF adapters map both)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def use_transformer_engine(cfg: ModelConfig) -> bool:
+    """Transformer Engine's layer spec or megatron's local one, per `model.transformer_impl`
+    (models/precision.uses_te_spec). Parameter names differ (the HF adapters map both)."""
+    return uses_te_spec(cfg.transformer_impl, installed_te_version(), gpu_capability())
 
 
 def dense_layer_spec(cfg: ModelConfig, te: bool):
@@ -137,7 +131,7 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1, ep: i
 
     config = transformer_config(cfg, tp, pp, getattr(torch, cfg.params_dtype), ep=ep, etp=etp,
                                 stage_layers=stage_layers, vpp=vpp, sequence_parallel=sequence_parallel, cp=cp)
-    te = use_transformer_engine()
+    te = use_transformer_engine(cfg)
     if cfg.num_moe_experts or cfg.multi_latent_attention:
         spec = decoder_block_spec(config, te, vp_stage)  # per-layer dense/MoE MLPs, MLA (models/moe.py)
     else:

@@ -48,6 +48,34 @@ def gpu_capability() -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
 
 
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+def uses_te_spec(impl: str, te_version: str | None, capability: tuple[int, int] | None) -> bool:
+    """Whether the model is built with Transformer Engine's layer spec: where `model.transformer_impl`
+    asks for it, or under `auto` where TE imports and a GPU is there (TE's kernels are CUDA-only)."""
+    if impl == "auto":
+        return te_version is not None and capability is not None
+    return impl == "transformer_engine"
+
+
+def transformer_impl_problems(cfg: RLSRConfig, te_version: str | None,
+                              capability: tuple[int, int] | None) -> list[str]:
+    m = cfg.model
+    if m.transformer_impl not in TRANSFORMER_IMPLS:
+        return [f"model.transformer_impl={m.transformer_impl!r}: choose one of {', '.join(TRANSFORMER_IMPLS)}"]
+    out = []
+    if m.transformer_impl == "transformer_engine":
+        if te_version is None:
+            out.append("model.transformer_impl=transformer_engine, and transformer_engine.pytorch does not import here")
+        if capability is None:
+            out.append("model.transformer_impl=transformer_engine needs a CUDA GPU (TE's kernels are CUDA-only)")
+    if m.transformer_impl == "local" and m.fp8:
+        out.append("model.fp8 runs on Transformer Engine's layer spec, and model.transformer_impl=local builds "
+                   "megatron's local spec")
+    return out
+
+
 def gemm_alignment(recipe: str) -> int:
     """What every FP8 GEMM dimension on a rank must be divisible by: 16 (TE's rule for the inner
     dimension, which is also a multiple of the 8 it needs on the outer ones) and 32 for MX formats,
