@@ -26,7 +26,8 @@ tokens from the (gathered) full-vocabulary logits.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -42,6 +43,22 @@ from nemo_rlsr.generation.sampling import (
 )
 from nemo_rlsr.models.gpt import mask_padded_vocab
 from nemo_rlsr.models.sequence_parallel import sequence_parallel_off
+
+
+@contextmanager
+def generation_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode, with sequence and context parallelism switched off: one token per step cannot be
+    split over TP or CP (models/sequence_parallel.py, models/context_parallel.py), so every CP rank
+    of a DP rank samples the same rollouts. Everything is restored on exit."""
+    from nemo_rlsr.models.context_parallel import context_parallel_off  # imports megatron
+
+    was_training = module.training
+    module.eval()
+    try:
+        with sequence_parallel_off(module), context_parallel_off(module):
+            yield
+    finally:
+        module.train(was_training)
 
 
 def select_kv_rows(context, rows: torch.Tensor) -> None:
@@ -78,7 +95,6 @@ class TorchRolloutEngine:
         """See `sleep`."""
 
     def _forward(self, ids, valid_keys, context) -> torch.Tensor:
-        from nemo_rlsr.models.context_parallel import context_parallel_off  # imports megatron
         from nemo_rlsr.models.policy import attention_mask
 
         start = context.sequence_len_offset
@@ -88,10 +104,7 @@ class TorchRolloutEngine:
             mask = attention_mask(valid_keys)
         else:
             mask = ~valid_keys[:, None, None, :].bool()
-        # one token per step cannot split over TP or CP (models/sequence_parallel.py, models/context_parallel.py):
-        # every CP rank of a DP rank then samples the same rollouts
-        with sequence_parallel_off(self.module), context_parallel_off(self.module):
-            logits = self.module(ids, positions, mask, inference_context=context, runtime_gather_output=True)
+        logits = self.module(ids, positions, mask, inference_context=context, runtime_gather_output=True)
         context.sequence_len_offset += length
         return logits[:, -1].float()
 
@@ -138,10 +151,8 @@ class TorchRolloutEngine:
                       for s in seeds for j in range(n_samples)]
         responses: list[list[int]] = [[] for _ in range(n)]
 
-        was_training = self.module.training
-        self.module.eval()
         context = StaticInferenceContext(max_batch_size=prefill_width, max_sequence_length=total)
-        try:
+        with generation_mode(self.module):
             # share: prefill each distinct prompt once, then give its n samples copies of its cache.
             # Filler rows (lockstep only) repeat row 0; their outputs are never read.
             first = pad_rows(torch.arange(0, n, n_samples if share else 1, device=device), prefill_width)
@@ -177,8 +188,6 @@ class TorchRolloutEngine:
                     select_kv_rows(context, kept)
                     cache_rows, live = cache_rows[kept], live[keep]
                 logits = self._forward(ids[cache_rows, column : column + 1], valid[cache_rows, : column + 1], context)
-        finally:
-            self.module.train(was_training)
         return RolloutBatch(ids, valid, response_mask, engine_logprobs, responses, ~finished)
 
     def _stopped(self, responses: list[list[int]], stops) -> torch.Tensor:
