@@ -80,8 +80,9 @@ def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir):
     if rollout.engine == "megatron":
         from nemo_rlsr.generation.megatron_engine import MegatronRolloutEngine
 
-        return MegatronRolloutEngine(policy.module, tokenizer.pad_id, tokenizer.eos_id, vocab,
-                                     max_batch_size=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
+        # KV-cache rows: the rows this data-parallel rank samples per step, not the global batch
+        rows = cfg.grpo.prompts_per_step // policy.ctx.dp * cfg.grpo.num_generations
+        return MegatronRolloutEngine(policy.module, tokenizer.pad_id, tokenizer.eos_id, vocab, max_batch_size=rows,
                                      max_sequence_length=cfg.model.max_sequence_length)
     return _build_trtllm(cfg, policy, tokenizer, run_dir)
 

@@ -1,34 +1,53 @@
-"""megatron-core's own inference engine over the trainer's module (GPU only; no refit copy).
+"""megatron-core's own inference engine over the trainer's module (no refit copy).
 
 Same weights as the trainer: the engine wraps `policy.module`, so `update_weights` has nothing to
-do. The API moved between releases (DESIGN.md), hence one small switch:
+do. It runs megatron-core's static batching path: `TextGenerationController(wrapper, tokenizer)` +
+`StaticInferenceEngine(controller, max_batch_size, legacy=True)` on pre-tokenised `InferenceRequest`s.
+The API moved between releases, hence one switch (`mcore_version`), read in each tag's
+megatron/core/inference/ (core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0):
 
-* 0.16 (`megatron.core.__version__` 0.16.x, read in the installed source):
-  `GPTInferenceWrapper(model, InferenceWrapperConfig(hidden_size, params_dtype,
+* 0.16: `GPTInferenceWrapper(model, InferenceWrapperConfig(hidden_size, params_dtype,
   inference_batch_times_seqlen_threshold, padded_vocab_size, inference_max_requests,
   inference_max_seq_length))`.
-* 0.17+ (read in Megatron-LM's main-line source of the 0.19 series): `InferenceWrapperConfig` is
-  gone and the wrapper takes the KV-cache context directly:
+* 0.17, 0.18, 0.19: `InferenceWrapperConfig` is gone; the wrapper takes the KV-cache context:
   `GPTInferenceWrapper(model, StaticInferenceContext(max_batch_size, max_sequence_length))`.
 
-Both then run `TextGenerationController(wrapper, tokenizer)` + `StaticInferenceEngine(controller,
-max_batch_size, random_seed, legacy=True)` on pre-tokenised `InferenceRequest`s with
-`SamplingParams(return_log_probs=True, termination_id=eos)`. The tokenizer below only supplies ids
-(`eod`, `detokenize` for the engine's text fields); responses are returned as ids. Not exercised
-on the CPU machines (megatron-core's engine needs CUDA): tests/test_rollout_engines.py compares it
-with the torch sampler on a GPU.
+What megatron's static path does on its own, and what this adapter does about it (the same in all
+four releases, text_generation_controllers/text_generation_controller.py and engines/static_engine.py):
+
+* It stops a row at `tokenizer.eod` and leaves that token out of `generated_tokens`, and it reads
+  `SamplingParams.termination_id` nowhere on this path (only the attribute `no_early_termination`).
+  We set `no_early_termination` when `stop_on_eos` is off, and rebuild each response from the tokens
+  we sampled ourselves (`response_from_samples`): EOS is kept, the row counts as finished.
+* It samples in `TextGenerationController.sample_from_logits` with one generator seeded from
+  `inference_sampling_seed` (42 unless configured), samples padded-vocabulary ids (it clamps to the
+  padded size only), asserts on top-k together with top-p, and returns logprobs of the raw logits.
+  `_RowSamplingController` overrides that one method with our own rule (sampling.next_tokens: the
+  torch sampler's, so the same seeds give the same tokens): per-sample generators from the request
+  seeds, padded ids masked, top-k then top-p, and the logprob of the temperature-scaled distribution
+  the trainer recomputes. The engine's own logprobs are not requested (that also spares it the prompt
+  logits).
+* `generate_using_legacy_static_engine` reseeds the global torch RNG (`torch.random.manual_seed`), and
+  from 0.18 `StaticInferenceEngine.__init__` sets the process-wide `InferenceMode` flag that
+  GPTModel.forward reads and nothing clears: both are restored after each call (`_restored_state`).
+* The KV cache (`StaticInferenceContext`) holds at most `max_batch_size` rows, which build_engine sets
+  to this rank's rows per step; a call with more rows runs in turns (megatron's scheduler).
+
+tests/test_megatron_engine.py runs all of this on the CPU (cpu_compat) against megatron-core 0.16.1;
+check_engine still refuses the engine without CUDA, for which it is built.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 from nemo_rlsr.generation.layout import rollout_batch
-from nemo_rlsr.generation.sampling import request_seeds
-from nemo_rlsr.models.sequence_parallel import sequence_parallel_off
+from nemo_rlsr.generation.sampling import next_tokens, request_seeds, row_generators
+from nemo_rlsr.generation.torch_sampler import generation_mode
 
 
 def mcore_version() -> tuple[int, int]:
@@ -53,12 +72,91 @@ class _IdTokenizer:
         raise NotImplementedError("prompts are given as token ids")
 
 
+class RowSampler:
+    """Our sampling for megatron's static loop, one generator per request id, and a record of what
+    each request sampled. Each step the loop hands us the last-position logits of every row of the
+    static batch; rows whose prompt is longer than the step's position have not started, and their
+    sample is thrown away by the loop, so they are not sampled (no uniform drawn): a request's
+    tokens depend on its seed only, not on the other prompts' lengths."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, generators: dict[str, torch.Generator]) -> None:
+        self.params, self.vocab_size, self.generators = params, vocab_size, generators
+        self.tokens: dict[str, list[int]] = {key: [] for key in generators}
+        self.logprobs: dict[str, list[float]] = {key: [] for key in generators}
+
+    def step(self, request_ids: Sequence[str], logits: torch.Tensor, started: torch.Tensor | None) -> torch.Tensor:
+        tokens = torch.zeros(len(request_ids), dtype=torch.long, device=logits.device)
+        rows = torch.arange(len(request_ids), device=logits.device)
+        if started is not None:
+            rows = rows[started.bool()]
+        if len(rows) == 0:
+            return tokens
+        keys = [request_ids[i] for i in rows.tolist()]
+        token, logprob = next_tokens(logits[rows], self.params, self.vocab_size, [self.generators[k] for k in keys])
+        tokens[rows] = token
+        for key, value, lp in zip(keys, token.tolist(), logprob.tolist()):
+            self.tokens[key].append(value)
+            self.logprobs[key].append(lp)
+        return tokens
+
+
+def _row_sampling_controller(wrapper, tokenizer, sampler: RowSampler):
+    """megatron's TextGenerationController with `sample_from_logits` (same signature in 0.16-0.19:
+    last-position logits [batch, padded vocab], then `generation_started` [batch]) routed to `sampler`."""
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController,
+    )
+
+    class _RowSamplingController(TextGenerationController):
+        def generate_all_output_tokens_static_batch(self, active_requests, active_streams=None):
+            self.batch_ids = [str(key) for key in active_requests]  # the static batch's row order
+            return super().generate_all_output_tokens_static_batch(active_requests, active_streams)
+
+        def sample_from_logits(self, last_token_logits, sampling_params=None, vocab_size=None,
+                               generation_started=None, **kwargs):
+            return sampler.step(self.batch_ids, last_token_logits, generation_started)
+
+    return _RowSamplingController(wrapper, tokenizer)
+
+
+def response_from_samples(sampled: list[int], logprobs: list[float], engine_tokens: list[int], eos_id: int,
+                          stop_on_eos: bool, max_new_tokens: int) -> tuple[list[int], list[float], bool]:
+    """(response, its logprobs, finished) from what a request sampled, cut at max_new_tokens and, when
+    stop_on_eos, just after the first EOS (kept: it is trained, and marks the row finished). The
+    engine's `generated_tokens` (EOS dropped) must be the response or the response less its EOS;
+    anything else means the engine and our record disagree, which is refused rather than trained on."""
+    response = sampled[:max_new_tokens]
+    finished = stop_on_eos and eos_id in response
+    if finished:
+        response = response[: response.index(eos_id) + 1]
+    expected = response[:-1] if finished else response
+    if engine_tokens not in (response, expected):
+        raise RuntimeError(f"megatron's engine returned {engine_tokens}, but the sampled tokens give {response}")
+    return response, logprobs[: len(response)], finished
+
+
+@contextmanager
+def _restored_state() -> Iterator[None]:
+    """The global torch RNG (CPU and this GPU) and megatron's InferenceMode flag (0.18+) as they were."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:  # megatron-core < 0.18 has no such flag
+        InferenceMode = None
+    active = InferenceMode is not None and InferenceMode.is_active()
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            if InferenceMode is not None and not active:
+                InferenceMode.unset_active()
+
+
 class MegatronRolloutEngine:
     def __init__(self, module, pad_id: int, eos_id: int, vocab_size: int, max_batch_size: int,
                  max_sequence_length: int) -> None:
-        if not torch.cuda.is_available():
-            raise RuntimeError("rollout.engine=megatron needs CUDA: megatron-core's inference engine has no CPU "
-                               "path; use rollout.engine=torch")
+        """`max_batch_size`: KV-cache rows (this rank's rows per step); `vocab_size`: the tokenizer's,
+        below the model's padded vocabulary."""
         self.module, self.pad_id, self.eos_id, self.vocab_size = module, pad_id, eos_id, vocab_size
         self.max_batch_size, self.max_sequence_length = max_batch_size, max_sequence_length
 
@@ -72,13 +170,11 @@ class MegatronRolloutEngine:
     def wake(self) -> None:
         """See `sleep`."""
 
-    def _engine(self, seed: int):
+    def _engine(self, rows: int, sampler: RowSampler):
         from megatron.core.inference.engines import StaticInferenceEngine
         from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-        from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-            TextGenerationController,
-        )
 
+        cache_rows = min(rows, self.max_batch_size)
         if mcore_version() < (0, 17):
             from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
                 InferenceWrapperConfig,
@@ -87,15 +183,14 @@ class MegatronRolloutEngine:
             config = InferenceWrapperConfig(
                 hidden_size=self.module.config.hidden_size, params_dtype=self.module.config.params_dtype,
                 inference_batch_times_seqlen_threshold=-1, padded_vocab_size=self.module.vocab_size,
-                inference_max_requests=self.max_batch_size, inference_max_seq_length=self.max_sequence_length)
+                inference_max_requests=cache_rows, inference_max_seq_length=self.max_sequence_length)
             wrapper = GPTInferenceWrapper(self.module, config)
         else:
             from megatron.core.inference.contexts import StaticInferenceContext
 
-            wrapper = GPTInferenceWrapper(self.module, StaticInferenceContext(self.max_batch_size,
-                                                                              self.max_sequence_length))
-        controller = TextGenerationController(wrapper, _IdTokenizer(self.eos_id, self.pad_id))
-        return StaticInferenceEngine(controller, max_batch_size=self.max_batch_size, random_seed=seed, legacy=True)
+            wrapper = GPTInferenceWrapper(self.module, StaticInferenceContext(cache_rows, self.max_sequence_length))
+        controller = _row_sampling_controller(wrapper, _IdTokenizer(self.eos_id, self.pad_id), sampler)
+        return StaticInferenceEngine(controller, max_batch_size=cache_rows, legacy=True)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -105,31 +200,23 @@ class MegatronRolloutEngine:
 
         if params.stop:
             raise ValueError("stop strings are built for the torch engine only")
-        # megatron's engine seeds one generator per call, not per request: per-request seeds are not
-        # honoured (documented limitation); the first prompt's derived seed seeds the call.
-        call_seed = request_seeds(seed, len(prompts))[0] % (2**31)
-        sampling = MCoreSamplingParams(
-            temperature=params.temperature, top_k=1 if params.greedy else params.top_k,
-            top_p=0.0 if params.greedy or params.top_p >= 1.0 else params.top_p,
-            return_log_probs=True, num_tokens_to_generate=params.max_new_tokens,
-            termination_id=self.eos_id if params.stop_on_eos else -1)
+        device = next(self.module.parameters()).device
         rows = [p for p in prompts for _ in range(params.n)]
-        requests = [InferenceRequest(request_id=str(i), prompt="", prompt_tokens=list(p), sampling_params=sampling)
-                    for i, p in enumerate(rows)]
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with sequence_parallel_off(self.module):  # its static batching refuses SP (models/sequence_parallel.py)
-                results = self._engine(call_seed).generate(inference_requests=requests)
-        finally:
-            self.module.train(was_training)
-        by_id = {r.request_id: r for r in results}
-        responses, logprobs, finished = [], [], []
-        for i in range(len(rows)):
-            result = by_id[str(i)]
-            tokens = [int(t) for t in result.generated_tokens][: params.max_new_tokens]
-            responses.append(tokens)
-            logprobs.append([float(x) for x in result.generated_log_probs][: len(tokens)])
-            finished.append(params.stop_on_eos and bool(tokens) and tokens[-1] == self.eos_id)
-        return rollout_batch(rows, responses, logprobs, finished, self.pad_id, params.max_new_tokens,
-                             torch.cuda.current_device())
+        keys = [str(i) for i in range(len(rows))]
+        generators = row_generators(request_seeds(seed, len(prompts)), params.n, device)
+        sampler = RowSampler(params, self.vocab_size, dict(zip(keys, generators)))
+        # sampling happens in RowSampler; megatron's own temperature/top-k/top-p/logprobs stay unused
+        mcore_params = MCoreSamplingParams(num_tokens_to_generate=params.max_new_tokens, return_log_probs=False)
+        if not params.stop_on_eos:
+            mcore_params.add_attributes({"no_early_termination": True})
+        requests = [InferenceRequest(request_id=key, prompt="", prompt_tokens=list(p), sampling_params=mcore_params)
+                    for key, p in zip(keys, rows)]
+        with _restored_state(), generation_mode(self.module):  # static batching refuses SP
+            results = {str(r.request_id): r for r in self._engine(len(rows), sampler).generate(
+                inference_requests=requests)}
+        responses, logprobs, finished = zip(*(
+            response_from_samples(sampler.tokens[key], sampler.logprobs[key],
+                                  [int(t) for t in results[key].generated_tokens], self.eos_id,
+                                  params.stop_on_eos, params.max_new_tokens) for key in keys))
+        return rollout_batch(rows, list(responses), list(logprobs), list(finished), self.pad_id,
+                             params.max_new_tokens, device)

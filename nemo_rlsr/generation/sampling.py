@@ -7,9 +7,12 @@ by any engine that samples from full-vocabulary logits.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from nemo_rlsr.generation.interface import SamplingParams
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -41,6 +44,12 @@ def row_seed(seed: int, *keys: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def row_generators(seeds: Sequence[int], n: int, device) -> list[torch.Generator]:
+    """One generator per sample, group-contiguous (request i's n samples are rows i*n .. i*n+n-1),
+    seeded from its request's seed and its index within the request."""
+    return [torch.Generator(device=device).manual_seed(row_seed(s, j)) for s in seeds for j in range(n)]
+
+
 def sample_rows(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One token per row by inverse-CDF sampling with that row's own generator.
 
@@ -53,6 +62,27 @@ def sample_rows(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> t
     cdf = probs.cumsum(dim=-1)
     targets = (uniforms * cdf[:, -1]).unsqueeze(1)
     return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def next_tokens(logits: torch.Tensor, params: "SamplingParams", vocab_size: int,
+                generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of full-vocabulary logits [rows, padded vocab], and its logprob.
+
+    The rule every engine that samples from our logits follows (the torch sampler, and megatron-core's
+    engine through generation/megatron_engine.py), so that the same seeds give the same tokens:
+    padded vocabulary ids get probability 0; the logprob is of the temperature-scaled distribution
+    before top-k/top-p, which is what the trainer recomputes (models/policy.py divides its logits by
+    the same temperature); top-k then top-p filter what is sampled; greedy takes the argmax."""
+    from nemo_rlsr.models.gpt import mask_padded_vocab
+
+    logits = mask_padded_vocab(logits.float(), vocab_size, gathered=True) / params.temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if params.greedy:
+        token = logits.argmax(dim=-1)
+    else:
+        filtered = top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
+        token = sample_rows(torch.softmax(filtered, dim=-1), generators)
+    return token, logprobs.gather(1, token[:, None]).squeeze(1)
 
 
 def stop_string_end(text: str, stops: Sequence[str]) -> int | None:

@@ -33,15 +33,7 @@ import torch
 
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 from nemo_rlsr.generation.lockstep import group_max, lockstep_group, pad_rows
-from nemo_rlsr.generation.sampling import (
-    request_seeds,
-    row_seed,
-    sample_rows,
-    stop_string_end,
-    top_k_filter,
-    top_p_filter,
-)
-from nemo_rlsr.models.gpt import mask_padded_vocab
+from nemo_rlsr.generation.sampling import next_tokens, request_seeds, row_generators, stop_string_end
 from nemo_rlsr.models.sequence_parallel import sequence_parallel_off
 
 
@@ -108,17 +100,6 @@ class TorchRolloutEngine:
         context.sequence_len_offset += length
         return logits[:, -1].float()
 
-    def _next_tokens(self, logits, params: SamplingParams, generators) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampled token and its logprob (temperature-scaled, before top-k/top-p) for each row."""
-        logits = mask_padded_vocab(logits, self.vocab_size, gathered=True) / params.temperature
-        logprobs = torch.log_softmax(logits, dim=-1)
-        if params.greedy:
-            token = logits.argmax(dim=-1)
-        else:
-            filtered = top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
-            token = sample_rows(torch.softmax(filtered, dim=-1), generators)
-        return token, logprobs.gather(1, token[:, None]).squeeze(1)
-
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seed: int | Sequence[int]) -> RolloutBatch:
@@ -147,8 +128,7 @@ class TorchRolloutEngine:
         response_mask = torch.zeros(n, total, dtype=torch.float32, device=device)
         engine_logprobs = torch.zeros(n, total, dtype=torch.float32, device=device)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
-        generators = [torch.Generator(device=device).manual_seed(row_seed(s, j))
-                      for s in seeds for j in range(n_samples)]
+        generators = row_generators(seeds, n_samples, device)
         responses: list[list[int]] = [[] for _ in range(n)]
 
         context = StaticInferenceContext(max_batch_size=prefill_width, max_sequence_length=total)
@@ -167,7 +147,8 @@ class TorchRolloutEngine:
                 done = torch.zeros(0, dtype=torch.bool, device=device)
                 if len(live):  # in lockstep a rank with no rows left still steps, with fillers only
                     rows = live.tolist()
-                    token, token_logprob = self._next_tokens(logits[: len(rows)], params, [generators[r] for r in rows])
+                    token, token_logprob = next_tokens(logits[: len(rows)], params, self.vocab_size,
+                                                       [generators[r] for r in rows])
                     ids[live, column] = token
                     valid[live, column] = True
                     response_mask[live, column - 1] = 1.0
