@@ -172,3 +172,33 @@ def test_response_from_samples_keeps_eos_and_checks_the_engines_tokens():
     assert response_from_samples([4, 5, 6], [-1.0] * 3, [4, 5, 6], EOS, True, 3) == ([4, 5, 6], [-1.0] * 3, False)
     with pytest.raises(RuntimeError, match="engine returned"):
         response_from_samples([4, 5, EOS], [-1.0] * 3, [4, 7], EOS, True, 8)
+
+
+# ---------------------------------------------------------------- the pin
+
+
+def test_megatron_core_pin_names_the_tested_releases():
+    """pyproject pins one megatron-core per Python: 0.16.1 below 3.12 (the newest that installs there;
+    this CI), 0.19.2 from 3.12 (the NGC image's Python; its engine path was run against 0.19.2's
+    source, see the module docstring of generation/megatron_engine.py). The container installs the
+    3.12 pin (containers/requirements.txt)."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    repo = Path(__file__).resolve().parents[1]
+    deps = [Requirement(d) for d in tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]]
+    pins = {}
+    for python in ("3.11", "3.12", "3.13"):
+        chosen = [r for r in deps if r.name == "megatron-core"
+                  and (r.marker is None or r.marker.evaluate({"python_version": python}))]
+        assert len(chosen) == 1, (python, chosen)
+        (spec,) = chosen[0].specifier
+        assert spec.operator == "==", f"Python {python}: {chosen[0]} is not a pin"
+        pins[python] = spec.version
+    assert pins == {"3.11": "0.16.1", "3.12": "0.19.2", "3.13": "0.19.2"}
+    assert version("megatron-core") == pins["3.11"]  # what this CI runs
+    container = [line.split("#")[0].strip() for line in (repo / "containers" / "requirements.txt").read_text().splitlines()]
+    assert f"megatron-core=={pins['3.12']}" in container  # the image is Python 3.12
