@@ -186,8 +186,8 @@ class RolloutConfig:
     an MoE engine spreads its experts over them. `top_k: 0` keeps every token; `stop`: strings that end a response (it keeps
     the token that completed one). Sampling seeds derive from parallel.seed, the step and the
     DP rank. `refit_bucket_mb`: size of the buckets of HF-named tensors a refit streams to an engine
-    holding its own copy of the weights (trtllm). `fp8`: FP8 rollout (trtllm: weights quantised on
-    load, trainer stays in its own precision).
+    holding its own copy of the weights (trtllm). `fp8`: FP8 rollout, refused for now (no test shows
+    TensorRT-LLM quantizing the bf16 weights a refit sends).
     """
 
     engine: str = "torch"

@@ -29,6 +29,9 @@ def check_engine(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> None:
     if rollout.fp8 and engine != "trtllm":
         raise ConfigError(f"rollout.fp8 is a TensorRT-LLM option; rollout.engine={engine} samples in the "
                           f"trainer's precision")
+    if rollout.fp8:
+        raise ConfigError("rollout.fp8=true is refused: a refit sends bf16 weights, and nothing yet shows "
+                          "TensorRT-LLM's loader quantizing them to FP8 (generation/trtllm.py); use rollout.fp8=false")
     if engine != "torch" and parallel.context_parallel > 1:
         # the torch sampler runs the trainer's module with CP switched off (models/context_parallel.py), so
         # every CP rank of a DP rank samples the same rollouts; the other engines have no such path yet
@@ -111,6 +114,7 @@ def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
         model_dir=str(model_dir),
         tensor_parallel=cfg.rollout.tensor_parallel or parallel.tensor_parallel * parallel.pipeline_parallel,
         max_batch_size=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
-        max_seq_len=cfg.model.max_sequence_length, fp8=cfg.rollout.fp8)
+        max_seq_len=cfg.model.max_sequence_length,
+        max_input_len=cfg.model.max_sequence_length - cfg.rollout.max_new_tokens)  # the trainer's prompt limit
     return TRTLLMRolloutEngine(opts, lambda: hf_named_tensors(policy.chunks, cfg.model, vocab),
                                cfg.rollout.refit_bucket_mb * 2**20, tokenizer.eos_id, tokenizer.pad_id)

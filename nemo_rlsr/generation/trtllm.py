@@ -5,8 +5,8 @@ on our CPU machines, so every name below was checked by reading NVIDIA/TensorRT-
 running it). The v1.2.0 tag itself could not be checked out here (the repository snapshot is too large to
 fetch); the files read are the stored versions of the 1.2 line and the commit that introduced the RL
 placement API, 89dabf5aa1 "[TRTLLM-9736][feat] AsyncLLM and verl integ (#9353)", 2025-12-11, before the
-1.2.0rc6 / 1.2.0 release branch. `_build_llm` checks the installed AsyncLLM's signature, so a 1.2.0 without
-that API fails with a clear error instead of silently placing workers elsewhere.
+1.2.0rc6 / 1.2.0 release branch. `TRTLLMLeader` checks the installed AsyncLLM's signature, so a 1.2.0
+without that API fails with a clear error instead of silently placing workers elsewhere.
 
 * tensorrt_llm/_torch/async_llm.py: `AsyncLLM(placement_groups, placement_bundle_indices,
   per_worker_gpu_share, **llm_args)` wraps them in `RayPlacementConfig(defer_workers_init=True, ...)`,
@@ -14,20 +14,31 @@ that API fails with a clear error instead of silently placing workers elsewhere.
   rlhf_utils.WorkerExtension; `await llm` runs `setup_async` (workers + engines). `release(tags)` /
   `resume(tags)` call the workers' sleep / wakeup; `update_weights(dict | None)`.
 * tensorrt_llm/llmapi/llm_args.py: `RayPlacementConfig` (above), `enable_sleep`, `load_format`
-  ("dummy", upper-cased into LoadFormat), `KvCacheConfig(enable_block_reuse, free_gpu_memory_fraction)`.
-* tensorrt_llm/executor/ray_executor.py: with `placement_groups` set, worker i is created with
-  num_gpus=per_worker_gpu_share in bundle `placement_bundle_indices` (flattened) of its group; the
-  placement groups passed in are not removed at shutdown.
+  ("dummy", upper-cased into LoadFormat), `KvCacheConfig(enable_block_reuse, free_gpu_memory_fraction)`,
+  `max_input_len` (default 1024: longer prompts are refused, so it is always set from our options).
+* tensorrt_llm/_utils.py: `from mpi4py import MPI` and `pkl5.Intracomm(MPI.COMM_WORLD)` at module level,
+  i.e. MPI_Init on import, which `TLLM_DISABLE_MPI` does not govern (it only switches functions such as
+  mpi_rank). Under srun/PMIx an MPI_Init in one rank would try to join the step's PMIx job. Hence: only
+  the engine leaders import TensorRT-LLM (`TRTLLMLeader`, built on leaders only), and they import it with
+  the launcher's variables hidden (`import_tensorrt_llm`), so MPI comes up as a singleton.
+* tensorrt_llm/executor/ray_executor.py: `create_workers` gives every worker `os.environ.copy()` (plus
+  TLLM_DISABLE_MPI, MASTER_ADDR/PORT): the leader's SLURM_*, PMI*/PMIX*, OMPI_*, torchrun variables and
+  CUDA_VISIBLE_DEVICES would reach workers on other GPUs. The leader builds its AsyncLLM inside
+  `launcher_hidden()`; each worker's GPU comes from its placement bundle (trtllm_placement.py). With
+  `placement_groups` set, worker i is created with num_gpus=per_worker_gpu_share in bundle
+  `placement_bundle_indices` (flattened) of its group; the placement groups passed in are not removed at
+  shutdown. llmapi/llm.py sets TLLM_DISABLE_MPI=1 for the Ray orchestrator and executor/result.py reads
+  it at run time, so it stays set in the leader's process.
 * tensorrt_llm/executor/ray_gpu_worker.py: a worker uses `ray.get_gpu_ids()[0]` as its GPU.
 * tensorrt_llm/llmapi/rlhf_utils.py: `WorkerExtension.update_weights({device_uuid:
   base64(pickle([(hf_name, (rebuild_fn, args)), ...]))})` keeps only its own device's entry, rebuilds each
   tensor with args[6] = its device and reloads it (partial loading); `update_weights(None)` finalises
-  (post-load hooks, prefix-cache reset).
-* tensorrt_llm/_torch/virtual_memory.py: the ExecutorMemoryType tags of WEIGHT_TAGS / KV_CACHE_TAGS.
-* `llm.generate_async(prompt_ids, SamplingParams(max_tokens, temperature, top_p, top_k, n, seed,
-  logprobs=1, end_id, pad_id, ignore_eos, detokenize=False))` (tensorrt_llm/sampling_params.py); each
-  output's `token_ids` and `logprobs` (one {token: Logprob} dict per token), as verl's TensorRT-LLM
-  rollout (verl/workers/rollout/trtllm_rollout/trtllm_async_server.py) reads them.
+  (post-load hooks, prefix-cache reset). The key is tensorrt_llm/_torch/utils.py `get_device_uuid`:
+  "GPU-" + torch's device uuid, which every rank computes with torch alone (`refit_device_key`).
+* tensorrt_llm/_torch/virtual_memory.py: `ExecutorMemoryType`, the tags release/resume accept (its
+  values moved between versions, e.g. "model_weights" was added): `memory_tags` derives ours from the
+  installed enum.
+* Requests and outputs: trtllm_requests.py (EOS kept as a stop token, greedy n > 1 split into requests).
 
 Placement (trtllm_placement.py): one engine per model-parallel group (TP x PP trainer ranks), with
 tensor_parallel_size = TP x PP; its Ray workers sit on exactly the GPUs of that group's ranks, because a
@@ -37,33 +48,84 @@ rank of a group sends every full HF tensor (PP->TP: the engine's loader shards t
 handles of tensors on its own GPU; the leader gathers them and makes the call.
 
 Only the pure parts (options, placement plan, sampling arguments, handle serialisation, output
-conversion) run without TensorRT-LLM; tests/test_rollout_engines.py and tests/test_trtllm_placement.py
-check them (the placement's Ray calls against a local Ray with logical GPUs). Not verified anywhere:
-FP8 (`quant_config` with weights refitted in BF16 and quantised by the engine's loader).
+conversion, memory tags, the import and worker environment) run without TensorRT-LLM;
+tests/test_rollout_engines.py and tests/test_trtllm_placement.py check them (the placement's Ray calls
+against a local Ray with logical GPUs). FP8 rollout is refused (generation/factory.check_engine): nothing
+shows TensorRT-LLM's loader quantizing the bf16 weights a refit sends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
-from nemo_rlsr.generation.layout import rollout_batch
 from nemo_rlsr.generation.sampling import request_seeds
 from nemo_rlsr.generation.trtllm_placement import EnginePlacement, connect_ray, device_key, reserve_and_plan
+from nemo_rlsr.generation.trtllm_requests import completions, completions_to_rollout, request_plan
 from nemo_rlsr.weight_sync.buckets import Bucket, refit
 
 PINNED_VERSION = "1.2"
-# ExecutorMemoryType tags of TensorRT-LLM 1.2: everything but the KV cache holds weights or buffers
-# that must be back before a refit writes into them.
-WEIGHT_TAGS = ("sampler", "drafter", "guided_decoder", "spec_resource_manager", "model_extra",
-               "executor_extra", "model", "draft_model")
-KV_CACHE_TAGS = ("kv_cache",)
+# What srun/PMIx, Open MPI and torchrun put in a trainer rank's environment: an MPI_Init that sees
+# them joins the launcher's job, and a Ray worker that inherits them believes it is that rank.
+LAUNCHER_PREFIXES = ("SLURM_", "PMI", "OMPI_", "PRTE_", "TORCHELASTIC_")
+LAUNCHER_NAMES = ("CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def is_launcher_variable(name: str) -> bool:
+    return name.startswith(LAUNCHER_PREFIXES) or name in LAUNCHER_NAMES
+
+
+@contextmanager
+def launcher_hidden() -> Iterator[None]:
+    """os.environ without the launcher's variables for the duration (they are put back after)."""
+    hidden = {k: v for k, v in os.environ.items() if is_launcher_variable(k)}
+    for key in hidden:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
+def import_tensorrt_llm():
+    """Import TensorRT-LLM (engine leaders only) as a singleton MPI process, and refuse any version but
+    the pinned one (its RL APIs move quickly)."""
+    os.environ["TLLM_DISABLE_MPI"] = "1"  # the Ray orchestrator's mode; TensorRT-LLM reads it at run time
+    with launcher_hidden():
+        try:
+            import tensorrt_llm
+        except ImportError as exc:
+            raise RuntimeError("rollout.engine=trtllm needs TensorRT-LLM (the NGC image "
+                               "nvcr.io/nvidia/tensorrt-llm/release:1.2.0); it is not importable here") from exc
+    version = getattr(tensorrt_llm, "__version__", "?")
+    if not version.startswith(PINNED_VERSION + "."):
+        raise RuntimeError(f"TensorRT-LLM {version} found; the adapter is written against {PINNED_VERSION}.x")
+    return tensorrt_llm
+
+
+def memory_tags(values: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(weight tags, KV-cache tags) from the values of the installed ExecutorMemoryType. Everything but
+    the KV cache holds weights or buffers that must be back before a refit writes into them; the
+    `_no_capture_*` values tag memory of the start-up KV-cache estimate, which sleep does not hold."""
+    values = [v for v in values if not v.startswith("_no_capture")]
+    if "kv_cache" not in values:
+        raise RuntimeError(f"ExecutorMemoryType has no kv_cache tag ({values}): not the TensorRT-LLM this "
+                           f"adapter was written for")
+    return tuple(v for v in values if v != "kv_cache"), ("kv_cache",)
+
+
+def refit_device_key(index: int) -> str:
+    """The key of `cuda:index` in a refit's {device_uuid: handles} dict: TensorRT-LLM's get_device_uuid."""
+    return "GPU-" + device_key(index)
 
 
 @dataclass(frozen=True)
@@ -72,32 +134,30 @@ class TRTLLMOptions:
     tensor_parallel: int
     max_batch_size: int
     max_seq_len: int
-    fp8: bool = False
+    max_input_len: int | None = None  # longest prompt; None: any that leaves room for one new token
     kv_cache_fraction: float = 0.5  # of the GPU memory left free once the weights are loaded
 
     def __post_init__(self) -> None:
         if self.tensor_parallel < 1 or self.max_batch_size < 1 or self.max_seq_len < 2:
             raise ValueError(f"bad TensorRT-LLM options: {self}")
+        if self.max_input_len is not None and not 1 <= self.max_input_len < self.max_seq_len:
+            raise ValueError(f"max_input_len={self.max_input_len} must be in [1, max_seq_len={self.max_seq_len})")
         if not 0 < self.kv_cache_fraction < 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1), got {self.kv_cache_fraction}")
 
 
 def llm_kwargs(opts: TRTLLMOptions) -> dict:
-    """Keyword arguments of `AsyncLLM`, with TensorRT-LLM config objects as plain specs
-    ("kv_cache_config", "quant_config") that `_build_llm` instantiates."""
-    kwargs = {
+    """Keyword arguments of `AsyncLLM`, with its KvCacheConfig as a plain dict that TRTLLMLeader builds."""
+    return {
         "model": opts.model_dir, "backend": "pytorch", "orchestrator_type": "ray",
         "ray_worker_extension_cls": "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension",
         "tensor_parallel_size": opts.tensor_parallel, "max_batch_size": opts.max_batch_size,
-        "max_seq_len": opts.max_seq_len, "enable_sleep": True, "load_format": "dummy",
-        "skip_tokenizer_init": True,
+        "max_seq_len": opts.max_seq_len,
+        "max_input_len": opts.max_seq_len - 1 if opts.max_input_len is None else opts.max_input_len,
+        "enable_sleep": True, "load_format": "dummy", "skip_tokenizer_init": True,
         # prefix reuse is what shares a prompt's KV cache among its n samples
         "kv_cache_config": {"enable_block_reuse": True, "free_gpu_memory_fraction": opts.kv_cache_fraction},
     }
-    if opts.fp8:
-        # weights quantised to FP8 (per-tensor scales) when loaded; the trainer keeps its precision
-        kwargs["quant_config"] = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
-    return kwargs
 
 
 # The trainer is outside Ray, so an engine worker is the only Ray user of its bundle's GPU.
@@ -112,23 +172,6 @@ def placement_kwargs(placement: EnginePlacement, node_groups: dict) -> dict:
             "per_worker_gpu_share": WORKER_GPU_SHARE}
 
 
-def sampling_kwargs(params: SamplingParams, seed: int, eos_id: int, pad_id: int) -> dict:
-    """`tensorrt_llm.SamplingParams` arguments of one request (its n samples share the prompt)."""
-    kwargs = {
-        "max_tokens": params.max_new_tokens, "n": params.n, "seed": seed, "logprobs": 1,
-        "pad_id": pad_id, "detokenize": False,
-        "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-        # ids only: stop strings need the engine's tokenizer, and ours is not an HF one
-        "end_id": eos_id, "ignore_eos": not params.stop_on_eos,
-    }
-    if params.greedy:
-        kwargs |= {"top_k": 1, "top_p": 1.0}
-    if params.stop:
-        raise ValueError("rollout.stop strings are not supported by the trtllm engine (word-level tokenizer); "
-                         "use stop_on_eos")
-    return kwargs
-
-
 def serialize_handles(bucket: Bucket, device_uuid: str) -> dict[str, str]:
     """{device_uuid: base64(pickle([(hf_name, (rebuild_fn, args)), ...]))}: one bucket as the
     WorkerExtension's `update_weights` reads it. The tensors must stay alive until the call returns."""
@@ -138,34 +181,61 @@ def serialize_handles(bucket: Bucket, device_uuid: str) -> dict[str, str]:
     return {device_uuid: base64.b64encode(pickle.dumps(handles)).decode("ascii")}
 
 
-Completion = tuple[list[int], list[float], bool]  # token ids, their logprobs, ended on EOS/stop
+class TRTLLMLeader:
+    """The TensorRT-LLM side of one engine: its AsyncLLM and memory state, on the group's leader rank
+    only (no other rank imports TensorRT-LLM). Every call runs on the engine's own event loop."""
 
+    def __init__(self, opts: TRTLLMOptions, placement: dict) -> None:
+        self.trtllm = import_tensorrt_llm()
+        from tensorrt_llm._torch.virtual_memory import ExecutorMemoryType
 
-def completions(results, n: int) -> list[list[Completion]]:
-    """Per prompt, its n completions from TensorRT-LLM `RequestOutput`s (`outputs[j].token_ids`,
-    `.logprobs` as one {token_id: Logprob} dict per token, `.finish_reason` "stop" / "length")."""
-    out = []
-    for result in results:
-        if len(result.outputs) != n:
-            raise ValueError(f"expected {n} completions per prompt, got {len(result.outputs)}")
-        out.append([(list(c.token_ids), [_token_logprob(e, t) for e, t in zip(c.logprobs, c.token_ids)],
-                     c.finish_reason == "stop") for c in result.outputs])
-    return out
+        self.weight_tags, self.kv_tags = memory_tags(tag.value for tag in ExecutorMemoryType)
+        self.loop = asyncio.new_event_loop()
+        with launcher_hidden():  # RayExecutor copies os.environ into every worker it creates
+            self.llm = self._run(self._build(opts, placement))
+        self.released: set[str] = set()  # tags whose memory is given back now
 
+    def _run(self, coroutine):
+        return self.loop.run_until_complete(coroutine)
 
-def completions_to_rollout(prompts: list[list[int]], per_prompt: list[list[Completion]], pad_id: int,
-                           max_new_tokens: int, device) -> RolloutBatch:
-    rows = [prompt for prompt, group in zip(prompts, per_prompt) for _ in group]
-    flat = [c for group in per_prompt for c in group]
-    return rollout_batch(rows, [c[0] for c in flat], [c[1] for c in flat], [c[2] for c in flat],
-                         pad_id, max_new_tokens, device)
+    async def _build(self, opts: TRTLLMOptions, placement: dict):
+        import inspect
 
+        from tensorrt_llm.llmapi import KvCacheConfig
 
-def _token_logprob(entry, token: int) -> float:
-    if isinstance(entry, dict):  # {token_id: Logprob(logprob=..., rank=...)}
-        value = entry[token]
-        return float(getattr(value, "logprob", value))
-    return float(entry)
+        AsyncLLM = self.trtllm.AsyncLLM
+        if "placement_groups" not in inspect.signature(AsyncLLM.__init__).parameters:
+            raise RuntimeError("this TensorRT-LLM's AsyncLLM takes no placement_groups (added by #9353 for "
+                               "1.2): its workers could not be colocated with the trainer")
+        kwargs = llm_kwargs(opts) | placement
+        kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
+        return await AsyncLLM(**kwargs)
+
+    def update_weights(self, handles: dict | None) -> None:
+        """One bucket of {device_uuid: handles}, or None to finalise the refit."""
+        self._run(self.llm.update_weights(handles))
+
+    def release(self, tags: tuple[str, ...]) -> None:
+        todo = [t for t in tags if t not in self.released]
+        if todo:
+            self._run(self.llm.release(todo))
+        self.released |= set(todo)
+
+    def resume(self, tags: tuple[str, ...]) -> None:
+        todo = [t for t in tags if t in self.released]
+        if todo:
+            self._run(self.llm.resume(todo))
+        self.released -= set(todo)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], eos_id: int,
+                 pad_id: int):
+        plan = request_plan(params, seeds, eos_id, pad_id)
+
+        async def run_all():
+            return await asyncio.gather(*[self.llm.generate_async(prompts[prompt], self.trtllm.SamplingParams(**kwargs))
+                                          for prompt, kwargs in plan])
+
+        return completions(self._run(run_all()), [prompt for prompt, _ in plan], len(prompts), params.n, eos_id)
 
 
 class TRTLLMRolloutEngine:
@@ -176,19 +246,15 @@ class TRTLLMRolloutEngine:
         import torch.distributed as dist
         from megatron.core import parallel_state
 
-        require_tensorrt_llm()
         self.opts, self.weights, self.bucket_bytes = opts, weights, bucket_bytes
         self.eos_id, self.pad_id = eos_id, pad_id
         self.group = parallel_state.get_model_parallel_group()
-        self.leader = dist.get_process_group_ranks(self.group)[0]
-        self.is_leader = dist.get_rank() == self.leader
-        self.loop = asyncio.new_event_loop()
+        self.leader_rank = dist.get_process_group_ranks(self.group)[0]
+        self.is_leader = dist.get_rank() == self.leader_rank
         placement, node_groups = self._place()
-        self.llm = self._run(self._build_llm(placement_kwargs(placement, node_groups))) if self.is_leader else None
-        self.released: set[str] = set()  # tags whose memory is given back now
-
-    def _run(self, coroutine):
-        return self.loop.run_until_complete(coroutine)
+        self.leader = None
+        if self.is_leader:
+            self.leader = TRTLLMLeader(opts, placement_kwargs(placement, node_groups))
 
     def _place(self) -> tuple[EnginePlacement, dict]:
         """Collective over all ranks: every rank reports its GPU, rank 0 reserves the trainer nodes'
@@ -216,89 +282,48 @@ class TRTLLMRolloutEngine:
             connect_ray(local_ok=world == 1)
         return next(p for p in plan if dist.get_rank() in p.ranks), node_groups
 
-    async def _build_llm(self, placement: dict):
-        import inspect
-
-        from tensorrt_llm import AsyncLLM
-        from tensorrt_llm.llmapi import KvCacheConfig, QuantAlgo, QuantConfig
-
-        if "placement_groups" not in inspect.signature(AsyncLLM.__init__).parameters:
-            raise RuntimeError("this TensorRT-LLM's AsyncLLM takes no placement_groups (added by #9353 for "
-                               "1.2): its workers could not be colocated with the trainer")
-        kwargs = llm_kwargs(self.opts) | placement
-        kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
-        if "quant_config" in kwargs:
-            kwargs["quant_config"] = QuantConfig(**{k: QuantAlgo[v] for k, v in kwargs["quant_config"].items()})
-        return await AsyncLLM(**kwargs)
-
     def _gather_to_leader(self, obj):
         import torch.distributed as dist
 
         parts = [None] * dist.get_world_size(self.group) if self.is_leader else None
-        dist.gather_object(obj, parts, dst=self.leader, group=self.group)
+        dist.gather_object(obj, parts, dst=self.leader_rank, group=self.group)
         return parts
 
     def update_weights(self) -> dict[str, float]:
         import torch.distributed as dist
-        from tensorrt_llm._torch.utils import get_device_uuid
 
-        self._resume(WEIGHT_TAGS)  # the refit writes into the weights: they must be resident
-        uuid = get_device_uuid(torch.cuda.current_device())
+        if self.is_leader:  # the refit writes into the weights: they must be resident
+            self.leader.resume(self.leader.weight_tags)
+        key = refit_device_key(torch.cuda.current_device())
 
         def push(bucket: Bucket) -> None:
-            parts = self._gather_to_leader(serialize_handles(bucket, uuid))
+            parts = self._gather_to_leader(serialize_handles(bucket, key))
             if self.is_leader:
-                self._run(self.llm.update_weights({k: v for part in parts for k, v in part.items()}))
+                self.leader.update_weights({k: v for part in parts for k, v in part.items()})
             dist.barrier(group=self.group)  # the bucket's tensors may be freed only after this
 
         metrics = refit(self.weights(), self.bucket_bytes, push)
         if self.is_leader:
-            self._run(self.llm.update_weights(None))
+            self.leader.update_weights(None)
         dist.barrier(group=self.group)
         return metrics
 
-    def _resume(self, tags: tuple[str, ...]) -> None:
-        todo = [t for t in tags if t in self.released]
-        if todo and self.is_leader:
-            self._run(self.llm.resume(todo))
-        self.released -= set(todo)
-
     def sleep(self) -> None:
         """Release weights and KV cache while the trainer runs (the next refit rewrites the weights)."""
-        todo = [t for t in WEIGHT_TAGS + KV_CACHE_TAGS if t not in self.released]
-        if todo and self.is_leader:
-            self._run(self.llm.release(todo))
-        self.released |= set(todo)
+        if self.is_leader:
+            self.leader.release(self.leader.weight_tags + self.leader.kv_tags)
 
     def wake(self) -> None:
-        self._resume(WEIGHT_TAGS + KV_CACHE_TAGS)
+        if self.is_leader:
+            self.leader.resume(self.leader.weight_tags + self.leader.kv_tags)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seed: int | Sequence[int]) -> RolloutBatch:
         import torch.distributed as dist
-        from tensorrt_llm import SamplingParams as TRTSamplingParams
 
-        seeds = request_seeds(seed, len(prompts))
         box = [None]
         if self.is_leader:
-            async def run_all():
-                requests = [self.llm.generate_async(prompt, TRTSamplingParams(
-                    **sampling_kwargs(params, s, self.eos_id, self.pad_id))) for prompt, s in zip(prompts, seeds)]
-                return await asyncio.gather(*requests)
-
-            box = [completions(self._run(run_all()), params.n)]
-        dist.broadcast_object_list(box, src=self.leader, group=self.group)
+            box = [self.leader.generate(prompts, params, request_seeds(seed, len(prompts)), self.eos_id, self.pad_id)]
+        dist.broadcast_object_list(box, src=self.leader_rank, group=self.group)
         return completions_to_rollout(prompts, box[0], self.pad_id, params.max_new_tokens,
                                       torch.cuda.current_device())
-
-
-def require_tensorrt_llm() -> None:
-    """Import TensorRT-LLM and refuse any version but the pinned one (its RL APIs move quickly)."""
-    try:
-        import tensorrt_llm
-    except ImportError as exc:
-        raise RuntimeError("rollout.engine=trtllm needs TensorRT-LLM (the NGC image "
-                           "nvcr.io/nvidia/tensorrt-llm/release:1.2.0); it is not importable here") from exc
-    version = getattr(tensorrt_llm, "__version__", "?")
-    if not version.startswith(PINNED_VERSION + "."):
-        raise RuntimeError(f"TensorRT-LLM {version} found; the adapter is written against {PINNED_VERSION}.x")
