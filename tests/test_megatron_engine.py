@@ -4,8 +4,9 @@ megatron-core's static engine (StaticInferenceEngine + TextGenerationController,
 batching path) runs over gloo on the CPU once nemo_rlsr.distributed.cpu_compat points torch.cuda at
 the CPU, so its defects show here against the installed megatron-core (0.16.1 on Python 3.11): the
 references are our torch sampler (tests/test_torch_sampler.py checks it against the trainer's
-teacher-forced forward) and the trainer's own logprobs at the sampling temperature. The engine is
-still refused for users without CUDA (generation/factory.check_engine): it is built and timed for GPUs.
+teacher-forced forward) and the trainer's own logprobs at the sampling temperature. On a machine with
+CUDA the same tests run megatron's CUDA path (cpu_compat is inactive there). The engine is still
+refused for users without CUDA (generation/factory.check_engine): it is built and timed for GPUs.
 """
 
 import dataclasses

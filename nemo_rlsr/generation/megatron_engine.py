@@ -33,8 +33,10 @@ four releases, text_generation_controllers/text_generation_controller.py and eng
 * The KV cache (`StaticInferenceContext`) holds at most `max_batch_size` rows, which build_engine sets
   to this rank's rows per step; a call with more rows runs in turns (megatron's scheduler).
 
-tests/test_megatron_engine.py runs all of this on the CPU (cpu_compat) against megatron-core 0.16.1;
-check_engine still refuses the engine without CUDA, for which it is built.
+tests/test_megatron_engine.py runs all of this on the CPU (cpu_compat) against megatron-core 0.16.1,
+and on CUDA where there is a GPU; check_engine still refuses the engine without CUDA, for which it is
+built. Not run: the Transformer Engine layer spec (its attention takes our explicit masks,
+models/spec.py, while megatron's static engine passes none during generation).
 """
 
 from __future__ import annotations
