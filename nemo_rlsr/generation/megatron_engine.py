@@ -4,7 +4,8 @@ Same weights as the trainer: the engine wraps `policy.module`, so `update_weight
 do. It runs megatron-core's static batching path: `TextGenerationController(wrapper, tokenizer)` +
 `StaticInferenceEngine(controller, max_batch_size, legacy=True)` on pre-tokenised `InferenceRequest`s.
 The API moved between releases, hence one switch (`mcore_version`), read in each tag's
-megatron/core/inference/ (core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0):
+megatron/core/inference/ (core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0; the 0.19.2 wheel's
+engine and controller files are the same as core_v0.19.0's):
 
 * 0.16: `GPTInferenceWrapper(model, InferenceWrapperConfig(hidden_size, params_dtype,
   inference_batch_times_seqlen_threshold, padded_vocab_size, inference_max_requests,
@@ -34,7 +35,9 @@ four releases, text_generation_controllers/text_generation_controller.py and eng
   to this rank's rows per step; a call with more rows runs in turns (megatron's scheduler).
 
 tests/test_megatron_engine.py runs all of this on the CPU (cpu_compat) against megatron-core 0.16.1,
-and on CUDA where there is a GPU; check_engine still refuses the engine without CUDA, for which it is
+and on CUDA where there is a GPU. It also passed, by hand and not in CI, with the 0.17.1, 0.18.2 and
+0.19.2 wheels' `megatron` first on PYTHONPATH (Python 3.11; the two MoE paged-stash modules that
+import triton at import time replaced by empty modules, nothing here uses them); check_engine still refuses the engine without CUDA, for which it is
 built. Not run: the Transformer Engine layer spec (its attention takes our explicit masks,
 models/spec.py, while megatron's static engine passes none during generation).
 """
