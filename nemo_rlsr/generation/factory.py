@@ -86,23 +86,30 @@ def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir):
     return _build_trtllm(cfg, policy, tokenizer, run_dir)
 
 
-def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
+def trtllm_model_config(model, vocab_size: int, pad_id: int, eos_id: int) -> dict:
+    """The config.json of the TensorRT-LLM engine's model folder."""
     import dataclasses
+
+    from nemo_rlsr.models.hf import adapter_for
+
+    config = adapter_for("llama").hf_config(dataclasses.replace(model, vocab_size=vocab_size))
+    return config | {"pad_token_id": pad_id, "eos_token_id": eos_id}
+
+
+def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
     import json
     from pathlib import Path
 
     import torch.distributed as dist
 
     from nemo_rlsr.generation.trtllm import TRTLLMOptions, TRTLLMRolloutEngine
-    from nemo_rlsr.models.hf import adapter_for
     from nemo_rlsr.weight_sync.source import hf_named_tensors
 
     vocab = tokenizer.vocab_size
     model_dir = Path(run_dir) / "trtllm_model"
     if dist.get_rank() == 0:  # config.json only: the weights arrive with the first refit
         model_dir.mkdir(parents=True, exist_ok=True)
-        config = adapter_for("llama").hf_config(dataclasses.replace(cfg.model, vocab_size=vocab))
-        config |= {"pad_token_id": tokenizer.pad_id, "eos_token_id": tokenizer.eos_id}
+        config = trtllm_model_config(cfg.model, vocab, tokenizer.pad_id, tokenizer.eos_id)
         (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     dist.barrier()
     parallel = cfg.parallel
