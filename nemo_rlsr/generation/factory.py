@@ -86,13 +86,13 @@ def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir):
     return _build_trtllm(cfg, policy, tokenizer, run_dir)
 
 
-def trtllm_model_config(model, vocab_size: int, pad_id: int, eos_id: int) -> dict:
-    """The config.json of the TensorRT-LLM engine's model folder."""
+def trtllm_model_config(adapter, model, vocab_size: int, pad_id: int, eos_id: int) -> dict:
+    """The config.json of the TensorRT-LLM engine's model folder: the policy's own architecture
+    (`adapter`, MegatronPolicy.hf_adapter: its `architectures` entry picks the engine's model class),
+    with the vocabulary the refit stream sends (`vocab_size`, weight_sync.source.hf_named_tensors)."""
     import dataclasses
 
-    from nemo_rlsr.models.hf import adapter_for
-
-    config = adapter_for("llama").hf_config(dataclasses.replace(model, vocab_size=vocab_size))
+    config = adapter.hf_config(dataclasses.replace(model, vocab_size=vocab_size))
     return config | {"pad_token_id": pad_id, "eos_token_id": eos_id}
 
 
@@ -106,10 +106,11 @@ def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
     from nemo_rlsr.weight_sync.source import hf_named_tensors
 
     vocab = tokenizer.vocab_size
+    adapter = policy.hf_adapter  # one architecture for the engine's config.json and every refit
     model_dir = Path(run_dir) / "trtllm_model"
     if dist.get_rank() == 0:  # config.json only: the weights arrive with the first refit
         model_dir.mkdir(parents=True, exist_ok=True)
-        config = trtllm_model_config(cfg.model, vocab, tokenizer.pad_id, tokenizer.eos_id)
+        config = trtllm_model_config(adapter, cfg.model, vocab, tokenizer.pad_id, tokenizer.eos_id)
         (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     dist.barrier()
     parallel = cfg.parallel
@@ -118,5 +119,5 @@ def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
         tensor_parallel=cfg.rollout.tensor_parallel or parallel.tensor_parallel * parallel.pipeline_parallel,
         max_batch_size=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
         max_seq_len=cfg.model.max_sequence_length, fp8=cfg.rollout.fp8)
-    return TRTLLMRolloutEngine(opts, lambda: hf_named_tensors(policy.chunks, cfg.model, vocab),
+    return TRTLLMRolloutEngine(opts, lambda: hf_named_tensors(policy.chunks, adapter, cfg.model, vocab),
                                cfg.rollout.refit_bucket_mb * 2**20, tokenizer.eos_id, tokenizer.pad_id)
