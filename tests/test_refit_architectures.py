@@ -24,9 +24,10 @@ from nemo_rlsr.models.policy import attention_mask
 PAD, EOS = 0, 1
 # name -> (writer of the HF checkpoint, transformers class it is, ids the tokenizer lacks)
 CASES = {
+    "llama3": (make_hf_checkpoint, "LlamaForCausalLM", 0),  # RoPE base 500000, "llama3" scaling
     "qwen2": (make_hf_checkpoint, "Qwen2ForCausalLM", 0),
-    # Qwen's tokenizers have fewer ids than embedding rows (151665 of 151936): the refit and the
-    # engine's config.json carry the tokenizer's rows only
+    # RoPE base 1e6; Qwen's tokenizers have fewer ids than embedding rows (151665 of 151936): the
+    # refit and the engine's config.json carry the tokenizer's rows only
     "qwen2_tied": (make_hf_checkpoint, "Qwen2ForCausalLM", 11),
     "qwen3": (make_hf_checkpoint, "Qwen3ForCausalLM", 0),
     "qwen3_moe": (lambda name, root: save_hf(name, root)[1], "Qwen3MoeForCausalLM", 0),
@@ -98,7 +99,13 @@ def test_refit_stream_and_engine_config_load_into_the_matching_transformers_clas
         refitted = load_into_transformers(config, stream, tmp_path / "engine_model")
         assert type(refitted).__name__ == expected_class
         refitted_logits = refitted(input_ids=ids).logits
+        # TensorRT-LLM 1.2 reads config.json with transformers 4.57 (its requirements.txt pins 4.57.1), whose
+        # configs know `rope_theta` + `rope_scaling` and ignore transformers 5's `rope_parameters`
+        # (transformers 4.57.1 models/*/configuration_*.py): that reading must build the same model
+        legacy = {key: value for key, value in config.items() if key != "rope_parameters"}
+        legacy_logits = load_into_transformers(legacy, stream, tmp_path / "legacy_model")(input_ids=ids).logits
         original = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(input_ids=ids).logits
     assert ours.std() > 0.1  # something to compare
     torch.testing.assert_close(refitted_logits, ours, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(legacy_logits, ours, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ours, original[..., :vocab], atol=2e-5, rtol=1e-5)
