@@ -1,16 +1,19 @@
 """Refit of policies started from HF checkpoints: what a rollout engine is given is the policy's own
 architecture.
 
-For Qwen2 (qkv bias), Qwen3 (qk-norm), Qwen3-MoE and DeepSeek-V3 (MLA, sigmoid router, shared expert)
-checkpoints written by transformers (random weights, tests/test_hf_architectures.py and
-tests/test_hf_moe.py build them): the policy is built and loaded the trainer's way (`with_hf_model`,
-`MegatronPolicy`, `load_hf_policy`), its refit stream and the config.json the TensorRT-LLM engine gets
-(`generation.factory.trtllm_model_config`, the function the engine path writes it with) are loaded
-into the transformers class that config.json names, with nothing missing or left over, and that
-model's logits equal our megatron logits (and the original checkpoint's).
+Checkpoints written by transformers (random weights; tests/test_hf_architectures.py and
+tests/test_hf_moe.py build them): Llama-3 (RoPE scaling), Qwen2 (qkv bias), Qwen3 (qk-norm),
+Qwen3-MoE, DeepSeek-V3 (MLA, sigmoid router, shared expert) and a DeepSeek-V3 one labelled
+`kimi_k2` as Kimi-K2's are. The policy is built and loaded the trainer's way (`with_hf_model`,
+`MegatronPolicy`, `load_hf_policy`); its refit stream and the config.json the TensorRT-LLM engine
+gets (`generation.factory.trtllm_model_config`, the function the engine path writes it with) are
+loaded into the transformers class that config.json names, nothing missing or left over, and that
+model's logits equal our megatron logits and the original checkpoint's.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -22,16 +25,40 @@ from nemo_rlsr.config import RLSRConfig
 from nemo_rlsr.models.policy import attention_mask
 
 PAD, EOS = 0, 1
-# name -> (writer of the HF checkpoint, transformers class it is, ids the tokenizer lacks)
+
+
+def dense(name, root):
+    """(checkpoint directory, the transformers model it holds)."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = make_hf_checkpoint(name, root)
+    return hf_dir, AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+
+
+def moe(name, root):
+    model, hf_dir = save_hf(name, root)
+    return hf_dir, model
+
+
+def kimi_k2(name, root):
+    """A DeepSeek-V3 checkpoint labelled `model_type: kimi_k2` in config.json, as Kimi-K2's are."""
+    model, hf_dir = save_hf("deepseek_v3", root)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "kimi_k2"}))
+    return hf_dir, model
+
+
+# name -> (writer of the HF checkpoint, transformers class the engine must get, ids the tokenizer lacks)
 CASES = {
-    "llama3": (make_hf_checkpoint, "LlamaForCausalLM", 0),  # RoPE base 500000, "llama3" scaling
-    "qwen2": (make_hf_checkpoint, "Qwen2ForCausalLM", 0),
+    "llama3": (dense, "LlamaForCausalLM", 0),  # RoPE base 500000, "llama3" scaling
+    "qwen2": (dense, "Qwen2ForCausalLM", 0),
     # RoPE base 1e6; Qwen's tokenizers have fewer ids than embedding rows (151665 of 151936): the
     # refit and the engine's config.json carry the tokenizer's rows only
-    "qwen2_tied": (make_hf_checkpoint, "Qwen2ForCausalLM", 11),
-    "qwen3": (make_hf_checkpoint, "Qwen3ForCausalLM", 0),
-    "qwen3_moe": (lambda name, root: save_hf(name, root)[1], "Qwen3MoeForCausalLM", 0),
-    "deepseek_v3": (lambda name, root: save_hf(name, root)[1], "DeepseekV3ForCausalLM", 0),
+    "qwen2_tied": (dense, "Qwen2ForCausalLM", 11),
+    "qwen3": (dense, "Qwen3ForCausalLM", 0),
+    "qwen3_moe": (moe, "Qwen3MoeForCausalLM", 0),
+    "deepseek_v3": (moe, "DeepseekV3ForCausalLM", 0),
+    "kimi_k2": (kimi_k2, "DeepseekV3ForCausalLM", 0),
 }
 
 
@@ -65,8 +92,6 @@ def load_into_transformers(config: dict, stream: dict[str, torch.Tensor], folder
     class `architectures` names, loaded by transformers (which maps checkpoint names onto its modules,
     e.g. per-expert tensors into its fused MoE parameters, as for a hub checkpoint). Every tensor
     must be used and every parameter filled."""
-    import json
-
     import transformers
     from safetensors.torch import save_file
 
@@ -81,10 +106,8 @@ def load_into_transformers(config: dict, stream: dict[str, torch.Tensor], folder
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_refit_stream_and_engine_config_load_into_the_matching_transformers_class(name, single_rank, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     write, expected_class, short = CASES[name]
-    hf_dir = write(name, tmp_path)
+    hf_dir, original_model = write(name, tmp_path)
     model_cfg, policy = trainer_policy(hf_dir, single_rank)
     vocab = model_cfg.vocab_size - short
     config, stream = engine_view(policy, model_cfg, vocab)
@@ -104,8 +127,22 @@ def test_refit_stream_and_engine_config_load_into_the_matching_transformers_clas
         # (transformers 4.57.1 models/*/configuration_*.py): that reading must build the same model
         legacy = {key: value for key, value in config.items() if key != "rope_parameters"}
         legacy_logits = load_into_transformers(legacy, stream, tmp_path / "legacy_model")(input_ids=ids).logits
-        original = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        original = original_model.eval()(input_ids=ids).logits
     assert ours.std() > 0.1  # something to compare
     torch.testing.assert_close(refitted_logits, ours, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(legacy_logits, ours, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ours, original[..., :vocab], atol=2e-5, rtol=1e-5)
+
+
+def test_quantized_checkpoints_are_refused(tmp_path):
+    """A block-FP8 release (DeepSeek-V3, Kimi-K2) would be copied into the policy without its scales."""
+    from nemo_rlsr.models.hf import adapter_and_config
+
+    hf_dir, _ = kimi_k2("kimi_k2", tmp_path)
+    adapter, _ = adapter_and_config(hf_dir)
+    assert adapter.model_type == "deepseek_v3"
+    config = json.loads((hf_dir / "config.json").read_text())
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (hf_dir / "config.json").write_text(json.dumps({**config, "quantization_config": fp8}))
+    with pytest.raises(ValueError, match="quantization_config"):
+        adapter_and_config(hf_dir)

@@ -144,6 +144,9 @@ class DenseAdapter(HFAdapter):
     """Llama-style decoder: RMSNorm, RoPE (rotate-half), GQA, SwiGLU; optional qkv bias, qk-norm."""
 
     def model_config(self, hf_config: dict) -> ModelConfig:
+        # quantized weights (e.g. the block-FP8 DeepSeek-V3 / Kimi-K2 releases) would be copied into the
+        # policy without their scales: a bf16 / fp32 copy of the checkpoint is needed
+        require(hf_config, "quantization_config", (None,), None)
         require(hf_config, "hidden_act", ("silu",), "silu")
         require(hf_config, "mlp_bias", (False,), False)
         heads = hf_config["num_attention_heads"]
