@@ -62,6 +62,16 @@ def check_engine(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> None:
         raise ConfigError("rollout.stop strings are built for rollout.engine=torch only")
 
 
+def engine_gpus(cfg: RLSRConfig) -> int:
+    """GPUs per rollout engine instance: rollout.tensor_parallel, else the trainer's module layout
+    (trtllm: one model-parallel group, tensor_parallel x pipeline_parallel; torch and megatron run
+    the trainer's module itself: its tensor_parallel). The planner sizes engines by this too."""
+    p = cfg.parallel
+    if cfg.rollout.tensor_parallel:
+        return cfg.rollout.tensor_parallel
+    return p.tensor_parallel * p.pipeline_parallel if cfg.rollout.engine == "trtllm" else p.tensor_parallel
+
+
 def trtllm_importable() -> bool:
     import importlib.util
 
@@ -113,10 +123,9 @@ def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
         config = trtllm_model_config(adapter, cfg.model, vocab, tokenizer.pad_id, tokenizer.eos_id)
         (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     dist.barrier()
-    parallel = cfg.parallel
     opts = TRTLLMOptions(
         model_dir=str(model_dir),
-        tensor_parallel=cfg.rollout.tensor_parallel or parallel.tensor_parallel * parallel.pipeline_parallel,
+        tensor_parallel=engine_gpus(cfg),
         max_batch_size=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
         max_seq_len=cfg.model.max_sequence_length, fp8=cfg.rollout.fp8)
     return TRTLLMRolloutEngine(opts, lambda: hf_named_tensors(policy.chunks, adapter, cfg.model, vocab),
