@@ -44,8 +44,8 @@ from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.metrics import MetricsLogger, plot_reward, read_metrics
 from nemo_rlsr.trainer.loop import debug_stall, guard_metrics, run_steps
 from nemo_rlsr.trainer.preemption import PreemptionHandler
-from nemo_rlsr.trainer.startup import Machine, check_startup
 from nemo_rlsr.trainer.pretrain import pretrain_on_text
+from nemo_rlsr.trainer.startup import Machine, check_startup
 from nemo_rlsr.trainer.throughput import step_throughput
 
 

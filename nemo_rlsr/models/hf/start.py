@@ -1,4 +1,4 @@
-"""Starting a run from a local HF checkpoint (`model.hf_path`): its shape, its tokenizer check, its weights.
+"""Starting a run from a local HF checkpoint (`model.hf_path`): its shape and its weights.
 
 The model's shape comes from config.json (through the architecture's adapter); the fields a
 config.json does not describe (precision, recompute, FP8, ...) stay the run's. A run field that
