@@ -44,9 +44,10 @@ def build_pair(cfg: ModelConfig, vocab: int, dtype: torch.dtype):
 
     torch.manual_seed(0)
     module = build_gpt(cfg, vocab).eval()
-    hf_config = LlamaConfig(**adapter_for("llama").hf_config(dataclasses.replace(cfg, vocab_size=vocab)))
+    llama = adapter_for("llama")
+    hf_config = LlamaConfig(**llama.hf_config(dataclasses.replace(cfg, vocab_size=vocab)))
     hf = LlamaForCausalLM(hf_config).to(dtype)
-    hf.load_state_dict(dict(hf_named_tensors(module, cfg, vocab)), strict=False)
+    hf.load_state_dict(dict(hf_named_tensors(module, llama, cfg, vocab)), strict=False)
     hf.tie_weights()
     device = next(module.parameters()).device
     return module.to(dtype), hf.to(device).eval()

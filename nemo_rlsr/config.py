@@ -514,17 +514,22 @@ def _get(config, dotted: str):
     return config
 
 
-def validate_supported(cfg: RLSRConfig) -> None:
-    """Raise ConfigError naming every key set to a value this build's trainer cannot act on.
+def unsupported_problems(cfg: RLSRConfig) -> list[str]:
+    """Every key set to a value this build's trainer cannot act on, with what is missing.
 
     `cluster.*` is not checked: it describes where a recipe is meant to run (planner, launcher).
     """
     default = type(cfg)()
-    problems = [
+    return [
         f"`{key}`={_get(cfg, key)!r} (default {_get(default, key)!r}): {why}"
         for key, why in _NOT_BUILT.items()
         if _get(cfg, key) != _get(default, key)
     ]
+
+
+def validate_supported(cfg: RLSRConfig) -> None:
+    """Raise ConfigError naming every key of `unsupported_problems`."""
+    problems = unsupported_problems(cfg)
     if problems:
         raise ConfigError(
             "this build cannot run these settings (the planner and launcher read them; the trainer "

@@ -12,8 +12,7 @@
 # SFT baseline (the paper's LR 3e-5), conf/sft_{qwen7b,llama8b,qwen32b}.yaml:
 #   sbatch slurm/sft.sh [qwen7b|llama8b] [--dry-run] [key=value ...]
 #   sbatch --nodes=4 slurm/sft.sh qwen32b
-# Runs `nemo-rlsr sft` (trainer/sft.py). The recipes' bf16 / HF-model keys are still refused by the trainer
-# (validate_supported), so the preflight plans them and the trainer step exits 2 until those are built.
+# Runs `nemo-rlsr sft` (trainer/sft.py).
 set -euo pipefail
 model=qwen7b
 case ${1:-} in qwen7b | llama8b | qwen32b) model=$1; shift ;; esac

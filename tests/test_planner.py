@@ -151,7 +151,7 @@ def test_trainer_refuses_recipe_keys_it_cannot_act_on():
     from nemo_rlsr.trainer.rlsr import RLSRTrainer
 
     with pytest.raises(ConfigError, match="optimizer.cpu_offload"):
-        RLSRTrainer._validate(SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(dp=1)))
+        RLSRTrainer._validate(SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(world_size=32)))
 
 
 def test_docs_recipe_table_is_generated_from_the_planner():

@@ -309,19 +309,19 @@ def test_only_the_engine_leader_touches_tensorrt_llm():
 @pytest.mark.gpu
 def test_trtllm_engine_after_refit_greedy_equals_torch_sampler(module, tmp_path):
     pytest.importorskip("tensorrt_llm")
-    import dataclasses
     import json
 
+    from nemo_rlsr.generation.factory import trtllm_model_config
     from nemo_rlsr.generation.trtllm import TRTLLMRolloutEngine
-    from nemo_rlsr.models.hf import adapter_for
+    from nemo_rlsr.models.hf import adapter_for_model
     from nemo_rlsr.weight_sync.source import hf_named_tensors
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                       max_sequence_length=32)
-    (tmp_path / "config.json").write_text(json.dumps(adapter_for("llama").hf_config(
-        dataclasses.replace(cfg, vocab_size=VOCAB))))
+    adapter = adapter_for_model(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(trtllm_model_config(adapter, cfg, VOCAB, PAD, EOS)))
     engine = TRTLLMRolloutEngine(TRTLLMOptions(str(tmp_path), 1, 8, 32),
-                                 lambda: hf_named_tensors(module, cfg, VOCAB), 2**20, EOS, PAD)
+                                 lambda: hf_named_tensors(module, adapter, cfg, VOCAB), 2**20, EOS, PAD)
     metrics = engine.update_weights()
     assert metrics["refit/buckets"] >= 1
     engine.wake()

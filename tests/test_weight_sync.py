@@ -7,6 +7,7 @@ import torch
 
 from distributed_helpers import random_tiny_gpt
 from nemo_rlsr.config import ModelConfig
+from nemo_rlsr.models.hf import adapter_for_model
 from nemo_rlsr.models.policy import attention_mask
 from nemo_rlsr.weight_sync.buckets import iter_buckets, refit, tensor_bytes
 from nemo_rlsr.weight_sync.source import hf_named_tensors, pipeline_refit_available
@@ -46,7 +47,7 @@ def test_bucketed_refit_reproduces_megatron_logits_in_hf_llama(model):
             assert name not in received
             received[name] = tensor.clone()
 
-    metrics = refit(hf_named_tensors(model, CFG, VOCAB), bucket_bytes, push)
+    metrics = refit(hf_named_tensors(model, adapter_for_model(CFG), CFG, VOCAB), bucket_bytes, push)
     assert metrics["refit/buckets"] == len(sizes) > 2
     assert all(nbytes <= bucket_bytes or count == 1 for count, nbytes in sizes)
     assert any(nbytes > bucket_bytes for _, nbytes in sizes) and any(count > 1 for count, _ in sizes)

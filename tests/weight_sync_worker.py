@@ -19,7 +19,7 @@ from nemo_rlsr.weight_sync.source import hf_named_tensors
 
 
 def bucketed_stream(policy) -> dict[str, torch.Tensor]:
-    stream = hf_named_tensors(policy.module, tiny_model_config(), VOCAB)
+    stream = hf_named_tensors(policy.module, policy.hf_adapter, tiny_model_config(), VOCAB)
     return {name: tensor.clone() for bucket in iter_buckets(stream, 16_384) for name, tensor in bucket}
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,19 @@ from nemo_rlsr.data.chat import Tokenizer
 from nemo_rlsr.data.tokenizer import WordTokenizer
 from nemo_rlsr.eval.formats import alpaca_eval_outputs, arena_hard_answers, write_answer_files
 
+if TYPE_CHECKING:
+    from nemo_rlsr.models.policy import MegatronPolicy
+
 
 @dataclass
 class LoadedPolicy:
     cfg: RLSRConfig
     tokenizer: Tokenizer
-    module: torch.nn.Module
+    policy: MegatronPolicy  # its hf_adapter is the architecture export-hf writes
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.policy.module
 
 
 def run_tokenizer(cfg: RLSRConfig, saved: str) -> Tokenizer:
@@ -57,26 +65,26 @@ def load_policy(checkpoint: str | Path) -> LoadedPolicy:
     ctx = init_distributed(1, 1, cfg.parallel.seed)
     policy = MegatronPolicy(cfg.model, None, tokenizer.vocab_size, ctx)
     load_checkpoint(checkpoint, policy, load_optimizer=False)
-    return LoadedPolicy(cfg, tokenizer, policy.module.eval())
+    policy.module.eval()
+    return LoadedPolicy(cfg, tokenizer, policy)
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int | None = None) -> Path:
     """Write an HF checkpoint (config.json, safetensors files + index; models/hf/save.py) and the
     tokenizer: an HF tokenizer as its own files, the word tokenizer as `word_vocab.json`. The
-    architecture is the policy's (models.hf.adapter_for_model): Llama for the tiny policy.
+    architecture is the policy's (MegatronPolicy.hf_adapter): Llama for the tiny policy.
 
     The tiny word tokenizer has no Hugging Face tokenizer class: its id -> token table is saved as
     `word_vocab.json` (WordTokenizer.load reads it) and prompts must be encoded with it
     (`render_prompt` + `<bos>`); HF tools that need an AutoTokenizer cannot read this folder alone.
     """
-    from nemo_rlsr.models.hf import adapter_for_model
     from nemo_rlsr.models.hf.save import DEFAULT_MAX_SHARD_BYTES, save_hf_checkpoint
 
     loaded = load_policy(checkpoint)
     tok = loaded.tokenizer
     cfg = dataclasses.replace(loaded.cfg.model, vocab_size=loaded.cfg.model.vocab_size or tok.vocab_size)
     special = {"pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
-    out = save_hf_checkpoint(loaded.module, adapter_for_model(cfg), cfg, out,
+    out = save_hf_checkpoint(loaded.module, loaded.policy.hf_adapter, cfg, out,
                              max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, extra_config=special)
     if isinstance(tok, WordTokenizer):
         tok.save(out / "word_vocab.json")

@@ -65,6 +65,16 @@ def check_engine(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> None:
         raise ConfigError("rollout.stop strings are built for rollout.engine=torch only")
 
 
+def engine_gpus(cfg: RLSRConfig) -> int:
+    """GPUs per rollout engine instance: rollout.tensor_parallel, else the trainer's module layout
+    (trtllm: one model-parallel group, tensor_parallel x pipeline_parallel; torch and megatron run
+    the trainer's module itself: its tensor_parallel). The planner sizes engines by this too."""
+    p = cfg.parallel
+    if cfg.rollout.tensor_parallel:
+        return cfg.rollout.tensor_parallel
+    return p.tensor_parallel * p.pipeline_parallel if cfg.rollout.engine == "trtllm" else p.tensor_parallel
+
+
 def trtllm_importable() -> bool:
     import importlib.util
 
@@ -90,31 +100,38 @@ def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir):
     return _build_trtllm(cfg, policy, tokenizer, run_dir)
 
 
-def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
+def trtllm_model_config(adapter, model, vocab_size: int, pad_id: int, eos_id: int) -> dict:
+    """The config.json of the TensorRT-LLM engine's model folder: the policy's own architecture
+    (`adapter`, MegatronPolicy.hf_adapter: its `architectures` entry picks the engine's model class),
+    with the vocabulary the refit stream sends (`vocab_size`, weight_sync.source.hf_named_tensors)."""
     import dataclasses
+
+    config = adapter.hf_config(dataclasses.replace(model, vocab_size=vocab_size))
+    return config | {"pad_token_id": pad_id, "eos_token_id": eos_id}
+
+
+def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
     import json
     from pathlib import Path
 
     import torch.distributed as dist
 
     from nemo_rlsr.generation.trtllm import TRTLLMOptions, TRTLLMRolloutEngine
-    from nemo_rlsr.models.hf import adapter_for
     from nemo_rlsr.weight_sync.source import hf_named_tensors
 
     vocab = tokenizer.vocab_size
+    adapter = policy.hf_adapter  # one architecture for the engine's config.json and every refit
     model_dir = Path(run_dir) / "trtllm_model"
     if dist.get_rank() == 0:  # config.json only: the weights arrive with the first refit
         model_dir.mkdir(parents=True, exist_ok=True)
-        config = adapter_for("llama").hf_config(dataclasses.replace(cfg.model, vocab_size=vocab))
-        config |= {"pad_token_id": tokenizer.pad_id, "eos_token_id": tokenizer.eos_id}
+        config = trtllm_model_config(adapter, cfg.model, vocab, tokenizer.pad_id, tokenizer.eos_id)
         (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     dist.barrier()
-    parallel = cfg.parallel
     opts = TRTLLMOptions(
         model_dir=str(model_dir),
-        tensor_parallel=cfg.rollout.tensor_parallel or parallel.tensor_parallel * parallel.pipeline_parallel,
-        max_batch_size=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
+        tensor_parallel=engine_gpus(cfg),
+        max_batch_size=cfg.grpo.prompts_per_step // policy.ctx.dp * cfg.grpo.num_generations,  # this DP rank's rows
         max_seq_len=cfg.model.max_sequence_length,
         max_input_len=cfg.model.max_sequence_length - cfg.rollout.max_new_tokens)  # the trainer's prompt limit
-    return TRTLLMRolloutEngine(opts, lambda: hf_named_tensors(policy.chunks, cfg.model, vocab),
+    return TRTLLMRolloutEngine(opts, lambda: hf_named_tensors(policy.chunks, adapter, cfg.model, vocab),
                                cfg.rollout.refit_bucket_mb * 2**20, tokenizer.eos_id, tokenizer.pad_id)

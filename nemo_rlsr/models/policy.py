@@ -14,6 +14,7 @@ whole step's batch, independent of how it is split into micro-batches and ranks.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -170,6 +171,7 @@ class MegatronPolicy:
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
         self.ctx = ctx
+        self.model_cfg = model_cfg
         self.vocab_size = vocab_size
         self.temperature = temperature
         # One GPTModel per virtual pipeline stage of this rank (interleaved schedule), else just one.
@@ -212,6 +214,18 @@ class MegatronPolicy:
             raise ValueError(f"parallel.virtual_pipeline_parallel={len(self.chunks)} splits this rank's model "
                              f"into chunks: use `policy.chunks` (this code path needs one module)")
         return self.chunks[0]
+
+    @functools.cached_property
+    def hf_adapter(self):
+        """The Hugging Face architecture (a models/hf adapter) this policy's weights are named and
+        announced in wherever they leave the trainer: the refit stream and the rollout engine's
+        config.json (generation/factory.py), `export-hf`. Resolved once and kept: model.hf_path's
+        config.json `model_type`, else the dense family of the shape (Llama for the tiny policy;
+        models.hf.adapter_for_model). On first use, so that a policy nothing exports (a tiny MoE
+        built without hf_path) needs none; an engine that holds its own weights asks at build time."""
+        from nemo_rlsr.models.hf import adapter_for_model
+
+        return adapter_for_model(self.model_cfg)
 
     @property
     def weights(self) -> torch.nn.Module:

@@ -28,6 +28,7 @@ class Device:
     inter_node_bytes_per_s: float  # InfiniBand NIC bytes per device
     runtime_reserve_bytes: int  # CUDA context, cuBLAS/NCCL workspaces: never available to tensors
     source: str
+    compute_capability: tuple[int, int] | None = None  # what the trainer's start-up checks see; None: no GPU
 
 
 DEVICES: dict[str, Device] = {
@@ -40,6 +41,7 @@ DEVICES: dict[str, Device] = {
         inter_node_bytes_per_s=50e9,  # DGX H100: one 400 Gb/s ConnectX-7 (NDR) per GPU
         runtime_reserve_bytes=3 * GiB,  # ASSUMED: ~0.5 GiB context + NCCL/cuBLAS workspaces
         source=f"{H100_DATASHEET}; {DGX_H100_GUIDE}",
+        compute_capability=(9, 0),  # Hopper (CUDA's compute capability table: H100 and H200 are 9.0)
     ),
     "h200-141gb": Device(
         name="h200-141gb",
@@ -50,6 +52,7 @@ DEVICES: dict[str, Device] = {
         inter_node_bytes_per_s=50e9,  # ASSUMED: DGX H200 keeps DGX H100's 8x 400 Gb/s NICs
         runtime_reserve_bytes=3 * GiB,
         source=f"{H200_DATASHEET}; {DGX_H100_GUIDE}",
+        compute_capability=(9, 0),
     ),
     # The development machine: memory is not a constraint there and times are only nominal
     # (2 cores x AVX2 fp32 FMA at ~3 GHz; one DDR4 channel). The trainer logs real times.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nemo_rlsr.config import RLSRConfig
+from nemo_rlsr.generation.factory import engine_gpus
 from nemo_rlsr.planner.shapes import ModelShape
 
 
@@ -65,7 +66,7 @@ class Layout:
             pp=p.pipeline_parallel, cp=p.context_parallel, ep=p.expert_parallel,
             etp=p.expert_tensor_parallel, vpp=p.virtual_pipeline_parallel or 1,
             sequence_parallel=p.sequence_parallel,
-            engine_tp=cfg.rollout.tensor_parallel or p.tensor_parallel,
+            engine_tp=engine_gpus(cfg),
             first_layers=p.num_layers_in_first_pipeline_stage, last_layers=p.num_layers_in_last_pipeline_stage,
         )
 

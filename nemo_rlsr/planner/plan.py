@@ -1,7 +1,9 @@
 """`make_plan`: does a config fit a cluster, how much memory per GPU, how long per step.
 
 The Slurm launcher runs this as a preflight (`nemo-rlsr plan ... --launch-env FILE`) and refuses
-to start a job that does not fit; docs/make_recipe_table.py runs it over every recipe.
+to start a job that does not fit or that the trainer's start-up checks would refuse on that cluster
+(trainer/startup.py, the same function the trainers call); docs/make_recipe_table.py runs it over
+every recipe.
 """
 
 from __future__ import annotations
@@ -10,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemo_rlsr.config import RLSRConfig
-from nemo_rlsr.models.precision import fp8_config_problems, params_dtype_problems
-from nemo_rlsr.models.recompute import recompute_problems
 from nemo_rlsr.planner.hardware import GiB, Device, device
-from nemo_rlsr.planner.layout import Layout, layout_problems
+from nemo_rlsr.planner.layout import Layout
 from nemo_rlsr.planner.memory import Memory, plan_memory
 from nemo_rlsr.planner.shapes import ENCODERS, ModelShape
 from nemo_rlsr.planner.timing import StepTime, plan_time
@@ -61,9 +61,10 @@ def make_plan(cfg: RLSRConfig, nodes: int | None = None, gpus_per_node: int | No
     shape = ModelShape.build(cfg.model, vocab_size(cfg))
     lay = Layout.of(cfg, nodes, gpus_per_node)
     plan = Plan(cfg, mode, dev, lay, shape)
-    # The trainer's config rules that need no GPU (models/recompute.py, models/precision.py).
-    plan.problems = (layout_problems(cfg, shape, lay, mode) + recompute_problems(cfg) + params_dtype_problems(cfg)
-                     + fp8_config_problems(cfg))
+    # Every rule the trainer checks at start-up, on a node of these GPUs in our image.
+    from nemo_rlsr.trainer.startup import Machine, startup_problems  # (it imports the planner's layout rules)
+
+    plan.problems = startup_problems(cfg, Machine.container(lay.world, dev.compute_capability), mode)
     if mode == "rlsr" and cfg.reward.encoder not in ENCODERS:
         plan.problems.append(f"reward.encoder={cfg.reward.encoder!r} is not one of {', '.join(ENCODERS)}")
     if plan.problems:  # sizes below assume a valid layout

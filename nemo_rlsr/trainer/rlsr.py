@@ -20,17 +20,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nemo_rlsr.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss, tis_metrics, tis_weights
-from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict, validate_supported
+from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict
 from nemo_rlsr.data.dataset import TrainingExample, load_training_data
 from nemo_rlsr.data.instructions import InstructionExample
 from nemo_rlsr.data.sampler import PromptSampler
-from nemo_rlsr.distributed.layout import validate_run
 from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
-from nemo_rlsr.generation.factory import build_engine, check_engine, trtllm_importable
+from nemo_rlsr.generation.factory import build_engine
 from nemo_rlsr.models.hf.start import load_hf_policy, with_hf_model
 from nemo_rlsr.models.policy import LossFn, MegatronPolicy, TokenBatch
-from nemo_rlsr.models.precision import gpu_capability, installed_te_version
 from nemo_rlsr.models.reference import build_reference
 from nemo_rlsr.rewards import build_reward_actor
 from nemo_rlsr.rewards.diagnostics import reward_diagnostics
@@ -47,6 +45,7 @@ from nemo_rlsr.trainer.metrics import MetricsLogger, plot_reward, read_metrics
 from nemo_rlsr.trainer.loop import debug_stall, guard_metrics, run_steps
 from nemo_rlsr.trainer.preemption import PreemptionHandler
 from nemo_rlsr.trainer.pretrain import pretrain_on_text
+from nemo_rlsr.trainer.startup import Machine, check_startup
 from nemo_rlsr.trainer.throughput import step_throughput
 
 
@@ -153,17 +152,8 @@ class RLSRTrainer:
     # ---- setup ---------------------------------------------------------------------------------
 
     def _validate(self) -> None:
-        validate_supported(self.cfg)  # recipe keys this build cannot act on are refused, not ignored
-        validate_run(self.cfg, self.ctx.world_size, installed_te_version(), gpu_capability())
-        check_engine(self.cfg, torch.cuda.is_available(), trtllm_importable())
-        cfg = self.cfg  # the DP batch split is among validate_run's rules (planner/layout.py)
-        if cfg.pretrain.init_checkpoint and cfg.pretrain.steps:
-            raise ValueError("pretrain.init_checkpoint and pretrain.steps > 0 are exclusive: the base is loaded, "
-                             "not pre-trained")
-        if cfg.trainer.keep_last_checkpoints < 0:
-            raise ValueError("trainer.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
-        if cfg.grpo.num_generations < 2:
-            raise ValueError("grpo.num_generations must be >= 2: advantages are relative within a group")
+        # Every start-up rule at once, on this machine: the ones `nemo-rlsr plan` checks for the cluster.
+        check_startup(self.cfg, Machine.here(self.ctx.world_size), "rlsr")
 
     def _prompts(self, examples: list[TrainingExample]) -> Prompts:
         ids = [t.prompt_ids for t in examples]

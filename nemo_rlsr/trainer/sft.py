@@ -26,9 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nemo_rlsr.config import ConfigError, RLSRConfig, to_dict, validate_supported
-from nemo_rlsr.distributed.layout import validate_run
-from nemo_rlsr.models.precision import gpu_capability, installed_te_version
+from nemo_rlsr.config import RLSRConfig, to_dict
 from nemo_rlsr.data.chat import Tokenizer
 from nemo_rlsr.data.dataset import TrainingExample, load_training_data
 from nemo_rlsr.data.packing import packed_sft_batch
@@ -49,6 +47,7 @@ from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.metrics import MetricsLogger, read_metrics
 from nemo_rlsr.trainer.preemption import PreemptionHandler
 from nemo_rlsr.trainer.pretrain import nll_loss
+from nemo_rlsr.trainer.startup import Machine, check_startup
 
 
 def resolve_checkpoint(path: str | Path, checksums: bool = True) -> Path:
@@ -105,10 +104,6 @@ def lr_at(step: int, total: int, max_lr: float, warmup: int, min_ratio: float) -
 class SFTTrainer:
     def __init__(self, cfg: RLSRConfig, resume: str | None = None) -> None:
         self.cfg = cfg = with_hf_model(cfg)  # model.hf_path: the shape from its config.json
-        validate_supported(cfg)
-        if cfg.pretrain.steps:
-            raise ConfigError("`pretrain.steps` must be 0 for `nemo-rlsr sft` (it starts from random init or "
-                              "from `pretrain.init_checkpoint`)")
         self.ctx = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                     cfg.parallel.seed, cfg.parallel.collective_timeout_s,
                                     ep=cfg.parallel.expert_parallel, etp=cfg.parallel.expert_tensor_parallel,
@@ -117,8 +112,8 @@ class SFTTrainer:
                                     vpp=cfg.parallel.virtual_pipeline_parallel,
                                     sequence_parallel=cfg.parallel.sequence_parallel,
                                     cp=cfg.parallel.context_parallel)
-        # Layout, batch split, recompute and FP8 rules at this job's world size (distributed/layout.py).
-        validate_run(cfg, self.ctx.world_size, installed_te_version(), gpu_capability(), mode="sft")
+        # Every start-up rule at once at this job's world size: the ones `nemo-rlsr plan --mode sft` checks.
+        check_startup(cfg, Machine.here(self.ctx.world_size), "sft")
         s = cfg.sft
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"

@@ -24,6 +24,9 @@ _REGISTRY = {
     "qwen3": "nemo_rlsr.models.hf.qwen3:ADAPTER",
     "qwen3_moe": "nemo_rlsr.models.hf.qwen3_moe:ADAPTER",
     "deepseek_v3": "nemo_rlsr.models.hf.deepseek_v3:ADAPTER",
+    # Kimi-K2's config.json says "kimi_k2" for the DeepSeek-V3 layout (its model card: engines without a
+    # kimi_k2 entry run it as deepseek_v3); read as DeepSeek-V3 and written back (export, refit) as one
+    "kimi_k2": "nemo_rlsr.models.hf.deepseek_v3:ADAPTER",
 }
 
 

@@ -91,7 +91,10 @@ def yarn_fields(params: dict, hf_config: dict) -> dict:
 
 
 def rope_config(cfg: ModelConfig) -> dict:
-    """Inverse of `rope_fields` in transformers 5's `rope_parameters` form."""
+    """Inverse of `rope_fields`, in transformers 5's `rope_parameters` and also in the `rope_theta` +
+    `rope_scaling` keys transformers 4.x reads: TensorRT-LLM 1.2 loads config.json with transformers
+    4.57 (its requirements.txt pins 4.57.1), whose configs ignore `rope_parameters` and would fall
+    back to RoPE base 10000 without them. transformers 5 reads either form."""
     params = {"rope_theta": float(cfg.rotary_base), "rope_type": "default"}
     if cfg.rope_scaling_factor is not None:
         params |= {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
@@ -103,7 +106,9 @@ def rope_config(cfg: ModelConfig) -> dict:
                    "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}
         params |= {key: value for key, value in (("mscale", cfg.yarn_mscale), ("mscale_all_dim", cfg.yarn_mscale_all_dim))
                    if value is not None}
-    out = {"rope_parameters": params}
+    out = {"rope_parameters": params, "rope_theta": params["rope_theta"]}
+    if params["rope_type"] != "default":
+        out["rope_scaling"] = {key: value for key, value in params.items() if key != "rope_theta"}
     if cfg.rotary_percent != 1.0:
         out["partial_rotary_factor"] = cfg.rotary_percent
     return out
@@ -139,6 +144,9 @@ class DenseAdapter(HFAdapter):
     """Llama-style decoder: RMSNorm, RoPE (rotate-half), GQA, SwiGLU; optional qkv bias, qk-norm."""
 
     def model_config(self, hf_config: dict) -> ModelConfig:
+        # quantized weights (e.g. the block-FP8 DeepSeek-V3 / Kimi-K2 releases) would be copied into the
+        # policy without their scales: a bf16 / fp32 copy of the checkpoint is needed
+        require(hf_config, "quantization_config", (None,), None)
         require(hf_config, "hidden_act", ("silu",), "silu")
         require(hf_config, "mlp_bias", (False,), False)
         heads = hf_config["num_attention_heads"]

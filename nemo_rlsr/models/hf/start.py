@@ -1,4 +1,4 @@
-"""Starting a run from a local HF checkpoint (`model.hf_path`): its shape, its tokenizer check, its weights.
+"""Starting a run from a local HF checkpoint (`model.hf_path`): its shape and its weights.
 
 The model's shape comes from config.json (through the architecture's adapter); the fields a
 config.json does not describe (precision, recompute, FP8, ...) stay the run's. A run field that
@@ -37,13 +37,10 @@ def merge_hf_shape(run: ModelConfig, shape: ModelConfig) -> ModelConfig:
 
 def with_hf_model(cfg):
     """The run config (RLSRConfig) with `model` shaped by `model.hf_path`'s config.json; unchanged
-    without hf_path. An HF model needs its own tokenizer: the word tokenizer's ids would index
-    unrelated embedding rows."""
+    without hf_path. (That an HF model comes with its own tokenizer, `data.tokenizer_path`, is a
+    start-up rule: trainer/startup.py.)"""
     if not cfg.model.hf_path:
         return cfg
-    if not cfg.data.tokenizer_path:
-        raise ConfigError(f"model.hf_path={cfg.model.hf_path} needs data.tokenizer_path (the model's HF "
-                          f"tokenizer directory, usually the same folder)")
     _, shape = adapter_and_config(cfg.model.hf_path)
     return dataclasses.replace(cfg, model=merge_hf_shape(cfg.model, shape))
 
