@@ -119,6 +119,19 @@ def _gemm_dims(cfg: ModelConfig, tp: int) -> dict[str, int]:
 PARAMS_DTYPES = ("float32", "bfloat16")
 
 
+def mixed_precision_flags(dtype) -> dict[str, bool]:
+    """TransformerConfig's `bf16` / `fp16` for parameters of `dtype` (a torch dtype).
+
+    megatron reads them, not `params_dtype`, to decide the precision of the local spec's attention
+    softmax: `DotProductAttention` passes them to `FusedScaleMaskSoftmax`, which upcasts the scores
+    to fp32 (`attention_softmax_in_fp32`, default on) only for inputs flagged fp16/bf16
+    (megatron/core/transformer/dot_product_attention.py and fusions/fused_softmax.py at core_v0.16.1
+    and core_v0.19.0). Left False, bf16 weights run the softmax in bf16."""
+    import torch
+
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
 def params_dtype_problems(cfg: RLSRConfig) -> list[str]:
     """bf16 parameters train with megatron's mixed-precision optimizer (fp32 main weights and Adam
     state); fp16 would need a loss scaler, which the trainer does not run."""
