@@ -28,6 +28,7 @@ from nemo_rlsr.distributed.layout import validate_run
 from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
 from nemo_rlsr.generation.interface import SamplingParams
 from nemo_rlsr.generation.factory import build_engine, check_engine, trtllm_importable
+from nemo_rlsr.models.fp8_support import cuda_runtime_version
 from nemo_rlsr.models.hf.start import load_hf_policy, with_hf_model
 from nemo_rlsr.models.policy import LossFn, MegatronPolicy, TokenBatch
 from nemo_rlsr.models.precision import gpu_capability, installed_te_version
@@ -158,7 +159,8 @@ class RLSRTrainer:
 
     def _validate(self) -> None:
         validate_supported(self.cfg)  # recipe keys this build cannot act on are refused, not ignored
-        validate_run(self.cfg, self.ctx.world_size, installed_te_version(), gpu_capability())
+        validate_run(self.cfg, self.ctx.world_size, installed_te_version(), gpu_capability(),
+                     cuda_version=cuda_runtime_version())
         check_engine(self.cfg, torch.cuda.is_available(), trtllm_importable())
         cfg = self.cfg  # the DP batch split is among validate_run's rules (planner/layout.py)
         if cfg.pretrain.init_checkpoint and cfg.pretrain.steps:

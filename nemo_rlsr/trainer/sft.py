@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from nemo_rlsr.config import ConfigError, RLSRConfig, to_dict, validate_supported
 from nemo_rlsr.distributed.layout import validate_run
+from nemo_rlsr.models.fp8_support import cuda_runtime_version
 from nemo_rlsr.models.precision import gpu_capability, installed_te_version
 from nemo_rlsr.data.chat import Tokenizer
 from nemo_rlsr.data.dataset import TrainingExample, load_training_data
@@ -118,7 +119,8 @@ class SFTTrainer:
                                     sequence_parallel=cfg.parallel.sequence_parallel,
                                     cp=cfg.parallel.context_parallel)
         # Layout, batch split, recompute and FP8 rules at this job's world size (distributed/layout.py).
-        validate_run(cfg, self.ctx.world_size, installed_te_version(), gpu_capability(), mode="sft")
+        validate_run(cfg, self.ctx.world_size, installed_te_version(), gpu_capability(), mode="sft",
+                     cuda_version=cuda_runtime_version())
         s = cfg.sft
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
