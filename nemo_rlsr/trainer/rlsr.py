@@ -1,6 +1,6 @@
 """The RLSR training loop: sample -> reward -> advantages -> logprobs -> GRPO update -> log.
 
-Reads top to bottom like one step of DESIGN.md. Every rank runs this function (SPMD); each data-
+Reads top to bottom like one RLSR step. Every rank runs this function (SPMD); each data-
 parallel rank samples and scores its own shard of the prompts, and rank 0 writes logs and plots.
 Reliability hooks, each in its own module: preemption.py (signal -> checkpoint -> exit 75),
 guards.py (reward range, non-finite updates), watchdog.py (stack dumps of a hung step),
