@@ -166,9 +166,11 @@ def report(name: str, seconds: float, tokens: int, flops: float, peak: float | N
 
 
 def fp8_refusal(model_cfg: ModelConfig) -> str | None:
+    from nemo_rlsr.models.fp8_support import cuda_runtime_version
     from nemo_rlsr.models.precision import fp8_problems, gpu_capability, installed_te_version
 
-    problems = fp8_problems(RLSRConfig(model=model_cfg), installed_te_version(), gpu_capability())
+    problems = fp8_problems(RLSRConfig(model=model_cfg), installed_te_version(), gpu_capability(),
+                            cuda_runtime_version())
     return "; ".join(problems) or None
 
 

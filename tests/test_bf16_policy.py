@@ -46,3 +46,27 @@ def test_bf16_policy_is_mixed_precision_and_checkpoints_exactly(single_rank, tmp
     load_checkpoint(path, restored)
     assert restored.train_step(token_batch(), 2, nll_loss) == expected_next
     assert module_sha256(restored.module) == expected_weights
+
+
+def test_bf16_attention_softmax_runs_in_fp32(single_rank):
+    """TransformerConfig.bf16 follows model.params_dtype, so megatron's local attention upcasts its
+    scores to fp32 for the softmax (FusedScaleMaskSoftmax does only for inputs flagged bf16/fp16);
+    the fused softmax stays off, its causal kernel would ignore the batch's mask (models/gpt.py)."""
+    from torch.overrides import TorchFunctionMode
+
+    softmax_inputs = []
+
+    class RecordSoftmax(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.softmax:
+                softmax_inputs.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    bf16 = build(single_rank, "bfloat16")
+    assert (bf16.config.bf16, bf16.config.fp16) == (True, False)
+    assert build(single_rank, "float32").config.bf16 is False
+    attention = [m.scale_mask_softmax for m in bf16.module.modules() if hasattr(m, "scale_mask_softmax")]
+    assert len(attention) == 2 and not any(s.scaled_masked_softmax_fusion for s in attention)
+    with RecordSoftmax():
+        bf16.logprobs(token_batch(), 2)
+    assert softmax_inputs and set(softmax_inputs) == {torch.float32}, softmax_inputs

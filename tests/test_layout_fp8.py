@@ -26,6 +26,12 @@ QWEN = [
 ]
 
 
+# A routed-expert model (no dense layer) and a DeepSeek-V3-like multi-latent attention, on the same shape.
+MOE = ["model.num_moe_experts=8", "model.moe_ffn_hidden_size=1408"]
+MLA = ["model.multi_latent_attention=true", "model.q_lora_rank=1536", "model.kv_lora_rank=512",
+       "model.qk_head_dim=128", "model.qk_pos_emb_head_dim=64", "model.v_head_dim=128"]
+
+
 def cfg(*overrides: str):
     return load_config(None, list(QWEN) + list(overrides))
 
@@ -75,12 +81,54 @@ def test_mxfp8_accepted_on_blackwell_only():
      "model.max_sequence_length=4160 is not divisible by 128"),
     (["parallel.context_parallel=2", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
       "model.max_sequence_length=4048"], "2.5", HOPPER, "4048 is not divisible by 64 = 16 (FP8 token alignment"),
+    # Megatron-LM: the FP8 weights are all-gathered by the distributed optimizer
+    (["model.fp8_recipe=tensorwise", "model.fp8_param_gather=true"], "2.5", HOPPER,
+     "model.fp8_param_gather needs optimizer.use_distributed_optimizer=true"),
+    # blockwise + sequence parallel: TE's FP8 all-gather of a layer's input needs whole 128-wide tiles
+    (["model.fp8_recipe=blockwise", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+      "model.hidden_size=1600", "model.kv_channels=128"], "2.5", HOPPER,
+     "model.hidden_size=1600 is not divisible by 128, as model.fp8_recipe=blockwise with parallel.sequence_parallel"),
+    # MoE: routed experts split over expert_tensor_parallel, the shared expert over TP
+    (MOE + ["model.moe_ffn_hidden_size=1400"], "2.5", HOPPER,
+     "model.moe_ffn_hidden_size / expert_tensor_parallel = 1400 is not divisible by 16"),
+    (MOE + ["model.moe_ffn_hidden_size=2064", "parallel.expert_tensor_parallel=2"], "2.5", HOPPER,
+     "model.moe_ffn_hidden_size / expert_tensor_parallel = 1032 is not divisible by 16"),
+    (MOE + ["model.moe_shared_expert_intermediate_size=2824", "parallel.tensor_parallel=2"], "2.5", HOPPER,
+     "model.moe_shared_expert_intermediate_size / tensor_parallel = 1412 is not divisible by 16"),
+    (MOE + ["model.moe_ffn_hidden_size=784", "model.fp8_recipe=mxfp8"], "2.5", BLACKWELL,
+     "model.moe_ffn_hidden_size / expert_tensor_parallel = 784 is not divisible by 32"),
+    # multi-latent attention's projections
+    (MLA + ["model.kv_lora_rank=500"], "2.5", HOPPER, "model.kv_lora_rank = 500 is not divisible by 16"),
+    (MLA + ["model.qk_pos_emb_head_dim=60"], "2.5", HOPPER,
+     "model.kv_lora_rank + qk_pos_emb_head_dim = 572 is not divisible by 16"),
+    (MLA + ["model.q_lora_rank=1000"], "2.5", HOPPER, "model.q_lora_rank = 1000 is not divisible by 16"),
+    (MLA + ["model.v_head_dim=90"], "2.5", HOPPER,
+     "model.num_attention_heads x v_head_dim / tensor_parallel = 1080 is not divisible by 16"),
+    (MLA + ["model.qk_head_dim=130", "parallel.tensor_parallel=2"], "2.5", HOPPER,
+     "model.num_attention_heads x (qk_head_dim + qk_pos_emb_head_dim) / tensor_parallel = 1164 is not divisible by 16"),
 ])
 def test_fp8_refusals_name_key_and_reason(overrides, te, capability, expected):
     problems = fp8_problems(fp8(*overrides), te, capability)
     assert any(expected in p for p in problems), problems
     with pytest.raises(ConfigError, match="FP8 settings refused"):
         validate_fp8(fp8(*overrides), te, capability)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.fp8_recipe=tensorwise", "model.fp8_param_gather=true", "optimizer.use_distributed_optimizer=true"],
+    # 1536 = 12 x 128: the FP8 all-gather's tiles fit; without sequence parallel no all-gather at all
+    ["model.fp8_recipe=blockwise", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+    ["model.fp8_recipe=blockwise", "parallel.tensor_parallel=2", "model.hidden_size=1600", "model.kv_channels=128"],
+    # no dense layer: the dense ffn_hidden_size is never a GEMM
+    MOE + ["model.ffn_hidden_size=1000"],
+    MOE + ["model.moe_ffn_hidden_size=2080", "parallel.expert_tensor_parallel=2",
+           "model.moe_shared_expert_intermediate_size=2816", "parallel.tensor_parallel=2",
+           "parallel.sequence_parallel=true"],
+    MLA + ["parallel.tensor_parallel=4"],
+    MLA + ["model.q_lora_rank=null"],
+])
+def test_fp8_gemm_and_gather_rules_accept_good_shapes(overrides):
+    assert fp8_problems(fp8(*overrides), "2.5", HOPPER) == []
 
 
 def test_fp8_only_keys_need_fp8():

@@ -22,7 +22,7 @@ import pytest
 from nemo_rlsr.config import ConfigError, load_config
 from nemo_rlsr.planner import make_plan
 from nemo_rlsr.planner.hardware import device
-from nemo_rlsr.trainer.startup import CONTAINER_TE_VERSION, Machine, startup_problems
+from nemo_rlsr.trainer.startup import CONTAINER_CUDA_VERSION, CONTAINER_TE_VERSION, Machine, startup_problems
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in REPO.glob("conf/*.yaml") if p.name.startswith(("rlsr_", "sft_")))
@@ -42,7 +42,8 @@ def test_every_recipe_passes_the_trainers_startup_checks_on_its_cluster(path):
     cfg = load_config(path)
     machine = cluster_machine(cfg)
     if path in PAPER:
-        assert machine == Machine(cfg.cluster.nodes * 8, CONTAINER_TE_VERSION, (9, 0), cuda=True, trtllm=True)
+        assert machine == Machine(cfg.cluster.nodes * 8, CONTAINER_TE_VERSION, (9, 0), cuda=True, trtllm=True,
+                                 cuda_version=CONTAINER_CUDA_VERSION)
     assert startup_problems(cfg, machine, mode_of(path)) == []
 
 

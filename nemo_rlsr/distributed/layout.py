@@ -70,19 +70,20 @@ def interleaved_problems(cfg: RLSRConfig, dp: int, mode: str) -> list[str]:
 
 
 def run_problems(cfg: RLSRConfig, world_size: int, te_version: str | None,
-                 capability: tuple[int, int] | None, mode: str = "rlsr") -> list[str]:
-    """Every layout / recompute / FP8 rule the config breaks on a job of `world_size` ranks."""
+                 capability: tuple[int, int] | None, mode: str = "rlsr", cuda_version: str | None = None) -> list[str]:
+    """Every layout / recompute / FP8 rule the config breaks on a job of `world_size` ranks (on a
+    machine with that TE version, GPU compute capability and CUDA version; None where unknown)."""
     lay = Layout.of(cfg, nodes=1, gpus_per_node=world_size)
     problems = layout_problems(cfg, ModelShape.build(cfg.model, vocab_size=1), lay, mode)
     if not problems:  # batch splits are only meaningful on a layout that divides
         problems = interleaved_problems(cfg, lay.dp, mode)
     return (problems + moe_problems(cfg) + recompute_problems(cfg) + engine_problems(cfg, te_version, capability)
             + transformer_impl_problems(cfg, te_version, capability) + params_dtype_problems(cfg)
-            + fp8_problems(cfg, te_version, capability))
+            + fp8_problems(cfg, te_version, capability, cuda_version))
 
 
 def validate_run(cfg: RLSRConfig, world_size: int, te_version: str | None,
-                 capability: tuple[int, int] | None, mode: str = "rlsr") -> None:
-    problems = run_problems(cfg, world_size, te_version, capability, mode)
+                 capability: tuple[int, int] | None, mode: str = "rlsr", cuda_version: str | None = None) -> None:
+    problems = run_problems(cfg, world_size, te_version, capability, mode, cuda_version)
     if problems:
         raise ConfigError(f"this layout cannot run on {world_size} ranks:\n  " + "\n  ".join(problems))

@@ -15,7 +15,13 @@ import torch
 from nemo_rlsr.config import ModelConfig
 from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs, reduce_expert_grads_over_expert_dp
 from nemo_rlsr.models.norm import with_sequence_parallel_norms
-from nemo_rlsr.models.precision import gpu_capability, installed_te_version, te_kwargs, uses_te_spec
+from nemo_rlsr.models.precision import (
+    gpu_capability,
+    installed_te_version,
+    mixed_precision_flags,
+    te_kwargs,
+    uses_te_spec,
+)
 from nemo_rlsr.models.rope import gpt_yarn_attributes, llama3_inv_freq
 from nemo_rlsr.models.spec import with_attention_mask_type
 
@@ -69,15 +75,22 @@ def transformer_config(
         virtual_pipeline_model_parallel_size=vpp,
         pipeline_dtype=dtype,
         params_dtype=dtype,
+        **mixed_precision_flags(dtype),  # bf16 / fp16: megatron's local attention then upcasts its softmax
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        use_cpu_initialization=True,
+        # Parameters are created where the model runs. On the host they would be initialised there and
+        # moved afterwards, and Transformer Engine (fp8_param) would quantize them while still on the host.
+        use_cpu_initialization=not torch.cuda.is_available(),
         # Fused kernels are CUDA-only; the unfused paths compute the same math.
         bias_activation_fusion=False,
+        # Never fused: our batches carry their own mask (left padding, packed rows), and for the local
+        # spec's `causal` attention megatron's fused softmax (bf16/fp16 only) runs its upper-triangular
+        # kernel, which ignores the mask it is given (megatron/core/fusions/fused_softmax.py,
+        # forward_fused_softmax, core_v0.16.1 and core_v0.19.0).
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,

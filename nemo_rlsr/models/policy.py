@@ -71,6 +71,17 @@ class TokenBatch:
     def micro_batches(self, size: int) -> list["TokenBatch"]:
         return [self.slice(i, i + size) for i in range(0, len(self), size)]
 
+    def to(self, device: torch.device) -> "TokenBatch":
+        """Every tensor of the batch, extras included, on `device` (those already there are kept, not
+        copied). Batches are built in host memory (data readers, packing, rewards from the encoders),
+        and on a GPU an op that mixes a host tensor with a device one fails."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return TokenBatch(move(self.input_ids), move(self.valid), move(self.loss_mask),
+                          {k: move(v) for k, v in self.extras.items()}, move(self.segment_ids), move(self.target_ids))
+
 
 def attention_mask(valid: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Megatron's boolean mask [B, 1, T, T], True = not attended: future positions and pad keys, and
@@ -228,6 +239,11 @@ class MegatronPolicy:
         return adapter_for_model(self.model_cfg)
 
     @property
+    def device(self) -> torch.device:
+        """Where this rank's model lives: every batch a step runs is moved here first (`_run`)."""
+        return next(self.chunks[0].parameters()).device
+
+    @property
     def weights(self) -> torch.nn.Module:
         """Every parameter of this rank in one module (digests, copies): the chunk itself without
         interleaving (names unchanged), else the chunks in a ModuleList."""
@@ -238,7 +254,9 @@ class MegatronPolicy:
     def _run(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        batch = pad_sequence_length(batch, self.sequence_multiple)
+        # The one place where a step's tensors (ids, masks, extras such as advantages computed from
+        # host rewards) reach the model's device; everything below is computed from them there.
+        batch = pad_sequence_length(batch.to(self.device), self.sequence_multiple)
         micro = batch.micro_batches(micro_batch_size)
         if len(micro[-1]) != micro_batch_size:
             raise ValueError(
@@ -289,7 +307,7 @@ class MegatronPolicy:
 
     def logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
         """Per-token logprobs of `batch.targets` [B, T] on every rank (gathered over CP, broadcast from
-        the last PP stage)."""
+        the last PP stage), on the model's device."""
 
         def keep_logprobs(logprobs, entropy, mb):
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
@@ -301,7 +319,7 @@ class MegatronPolicy:
             outputs = self._run(batch, micro_batch_size, keep_logprobs, forward_only=True)
         from megatron.core import parallel_state
 
-        result = torch.empty((rows, batch.input_ids.shape[1]), dtype=torch.float32, device=batch.input_ids.device)
+        result = torch.empty((rows, batch.input_ids.shape[1]), dtype=torch.float32, device=self.device)
         if parallel_state.is_pipeline_last_stage():
             from nemo_rlsr.models.context_parallel import gather_from_cp
 
@@ -330,7 +348,7 @@ class MegatronPolicy:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batch, micro_batch_size, loss_fn, forward_only=False)
-        metrics = reduce_metric_sums(outputs, self.ctx)
+        metrics = reduce_metric_sums(outputs, self.ctx, self.device)
         if skip_nonfinite:
             # prepare_grads copies the reduced grads to the main params (step() repeats that copy,
             # idempotent without a grad scaler); before it the norm would read stale grads.
@@ -420,16 +438,19 @@ def _build_optimizer(cfg: OptimizerConfig, models: list):
     )
 
 
-def reduce_metric_sums(outputs: list[dict[str, torch.Tensor]], ctx: ParallelContext) -> dict[str, float]:
+def reduce_metric_sums(outputs: list[dict[str, torch.Tensor]], ctx: ParallelContext,
+                       device: torch.device) -> dict[str, float]:
     """Sum per-micro-batch metric sums, all-reduce over DP x CP (each CP rank summed its part of the
     rows), divide by the global token count, and
-    broadcast from the last PP stage so that every rank returns the same numbers."""
+    broadcast from the last PP stage so that every rank returns the same numbers. The sums are
+    reduced on `device` (the model's: NCCL reduces device tensors only), whichever tensors a loss
+    function returned its metrics in."""
     from megatron.core import parallel_state
 
     result: dict[str, float] = {}
     if parallel_state.is_pipeline_last_stage():
         names = sorted(outputs[0])
-        sums = torch.stack([sum(out[k].float().sum() for out in outputs) for k in names])
+        sums = torch.stack([sum(out[k].float().sum().to(device) for out in outputs) for k in names])
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         tokens = float(sums[names.index("num_tokens")])
         result = {k: float(v) / max(tokens, 1.0) for k, v in zip(names, sums) if k != "num_tokens"}

@@ -13,19 +13,15 @@ from __future__ import annotations
 import math
 
 from nemo_rlsr.config import ConfigError, ModelConfig, RLSRConfig
+from nemo_rlsr.models.fp8_support import recipe_support_problems, version_tuple
 
 FP8_FORMATS = ("e4m3", "hybrid")
 # The oldest Transformer Engine whose PyTorch API runs each recipe with megatron-core.
 RECIPE_MIN_TE = {"delayed": (1, 0), "tensorwise": (2, 2), "blockwise": (2, 3), "mxfp8": (2, 1)}
 AMAX_ALGOS = ("max", "most_recent")
-HOPPER_OR_ADA = (8, 9)  # the first compute capability with FP8 tensor cores
-BLACKWELL = (10, 0)  # MX (block-scaled) FP8 formats
-
-
-def _version_tuple(version: str) -> tuple[int, int]:
-    """"2.3.0.dev0+abc" -> (2, 3)."""
-    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+# Blockwise scales cover 1 x 128 tiles; TE all-gathers a sequence-parallel layer input in FP8 only when
+# each rank's shard is a whole number of tiles both ways (see fp8_config_problems).
+BLOCKWISE_TILE = 128
 
 
 def installed_te_version() -> str | None:
@@ -104,19 +100,53 @@ def sequence_multiple(cfg: ModelConfig, tp: int, cp: int, sequence_parallel: boo
     return multiple
 
 
-def _gemm_dims(cfg: ModelConfig, tp: int) -> dict[str, int]:
-    """Per-rank output/input sizes of the transformer's GEMMs (the ones TE runs in FP8)."""
-    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
-    groups = cfg.num_query_groups or cfg.num_attention_heads
-    return {
-        "model.hidden_size": cfg.hidden_size,
-        "model.ffn_hidden_size / tensor_parallel": cfg.ffn_hidden_size // tp,
-        "model.num_attention_heads x head dim / tensor_parallel": cfg.num_attention_heads * head_dim // tp,
-        "model.num_query_groups x head dim / tensor_parallel": groups * head_dim // tp,
-    }
+def _gemm_dims(cfg: ModelConfig, tp: int, etp: int) -> dict[str, int]:
+    """Per-rank output/input sizes of the transformer's GEMMs (the ones TE runs in FP8): attention
+    (multi-latent attention's down / up projections: megatron's MLASelfAttention, whose down
+    projections are not split over TP on the TE spec), the dense MLPs, the routed experts (split
+    over expert_tensor_parallel) and the shared expert (split over TP)."""
+    heads = cfg.num_attention_heads
+    dims = {"model.hidden_size": cfg.hidden_size}
+    if cfg.multi_latent_attention:
+        if cfg.q_lora_rank:
+            dims["model.q_lora_rank"] = cfg.q_lora_rank
+        dims["model.kv_lora_rank"] = cfg.kv_lora_rank
+        dims["model.kv_lora_rank + qk_pos_emb_head_dim"] = cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim
+        dims["model.num_attention_heads x (qk_head_dim + qk_pos_emb_head_dim) / tensor_parallel"] = (
+            heads * (cfg.qk_head_dim + cfg.qk_pos_emb_head_dim) // tp)
+        dims["model.num_attention_heads x (qk_head_dim + v_head_dim) / tensor_parallel"] = (
+            heads * (cfg.qk_head_dim + cfg.v_head_dim) // tp)
+        dims["model.num_attention_heads x v_head_dim / tensor_parallel"] = heads * cfg.v_head_dim // tp
+    else:
+        head_dim = cfg.kv_channels or cfg.hidden_size // heads
+        groups = cfg.num_query_groups or heads
+        dims["model.num_attention_heads x head dim / tensor_parallel"] = heads * head_dim // tp
+        dims["model.num_query_groups x head dim / tensor_parallel"] = groups * head_dim // tp
+    if not cfg.num_moe_experts or cfg.moe_first_dense_layers:  # some layer has a dense MLP
+        dims["model.ffn_hidden_size / tensor_parallel"] = cfg.ffn_hidden_size // tp
+    if cfg.num_moe_experts:
+        expert_ffn = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
+        dims["model.moe_ffn_hidden_size / expert_tensor_parallel"] = expert_ffn // etp
+        if cfg.moe_shared_expert_intermediate_size:
+            dims["model.moe_shared_expert_intermediate_size / tensor_parallel"] = (
+                cfg.moe_shared_expert_intermediate_size // tp)
+    return dims
 
 
 PARAMS_DTYPES = ("float32", "bfloat16")
+
+
+def mixed_precision_flags(dtype) -> dict[str, bool]:
+    """TransformerConfig's `bf16` / `fp16` for parameters of `dtype` (a torch dtype).
+
+    megatron reads them, not `params_dtype`, to decide the precision of the local spec's attention
+    softmax: `DotProductAttention` passes them to `FusedScaleMaskSoftmax`, which upcasts the scores
+    to fp32 (`attention_softmax_in_fp32`, default on) only for inputs flagged fp16/bf16
+    (megatron/core/transformer/dot_product_attention.py and fusions/fused_softmax.py at core_v0.16.1
+    and core_v0.19.0). Left False, bf16 weights run the softmax in bf16."""
+    import torch
+
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
 def params_dtype_problems(cfg: RLSRConfig) -> list[str]:
@@ -137,7 +167,7 @@ def fp8_environment_problems(cfg: RLSRConfig, te_version: str | None,
     if te_version is None:
         out.append("model.fp8 needs Transformer Engine, and transformer_engine.pytorch does not import here "
                    "(run in the NGC container, or set model.fp8=null)")
-    elif _version_tuple(te_version) < RECIPE_MIN_TE[m.fp8_recipe]:
+    elif version_tuple(te_version) < RECIPE_MIN_TE[m.fp8_recipe]:
         need = ".".join(map(str, RECIPE_MIN_TE[m.fp8_recipe]))
         out.append(f"model.fp8_recipe={m.fp8_recipe} needs Transformer Engine >= {need}; installed: {te_version}")
     if capability is None:
@@ -145,9 +175,9 @@ def fp8_environment_problems(cfg: RLSRConfig, te_version: str | None,
     return out
 
 
-def fp8_config_problems(cfg: RLSRConfig, capability: tuple[int, int] | None = None) -> list[str]:
-    """The FP8 rules of the config itself (and of the target GPU's compute capability when
-    given): what the planner can check on a login node, without TE or a GPU."""
+def fp8_config_problems(cfg: RLSRConfig) -> list[str]:
+    """The FP8 rules of the config itself: what the planner can check on a login node, without TE
+    or a GPU."""
     m, p = cfg.model, cfg.parallel
     if m.fp8 is None:
         return [f"model.{key}=true needs model.fp8 (e4m3 or hybrid)"
@@ -158,15 +188,14 @@ def fp8_config_problems(cfg: RLSRConfig, capability: tuple[int, int] | None = No
     if m.fp8_recipe not in RECIPE_MIN_TE:
         out.append(f"model.fp8_recipe={m.fp8_recipe!r} is unknown: choose one of {', '.join(RECIPE_MIN_TE)}")
         return out
-    if capability is not None and tuple(capability) < HOPPER_OR_ADA:
-        out.append(f"model.fp8 needs FP8 tensor cores (compute capability >= 8.9, Ada/Hopper); "
-                   f"this GPU is sm{capability[0]}{capability[1]}")
-    elif capability is not None and m.fp8_recipe == "mxfp8" and tuple(capability) < BLACKWELL:
-        out.append(f"model.fp8_recipe=mxfp8 needs Blackwell (sm100 or newer); this GPU is "
-                   f"sm{capability[0]}{capability[1]}: use tensorwise or blockwise")
     if m.params_dtype != "bfloat16":
         out.append(f"model.fp8 needs model.params_dtype=bfloat16 (got {m.params_dtype}): FP8 GEMMs keep "
                    f"bf16 weights and activations around them")
+    if m.fp8_param_gather and not cfg.optimizer.use_distributed_optimizer:
+        # Megatron-LM's own rule (megatron/training/arguments.py, core_v0.16.1 and core_v0.19.0): the FP8
+        # weights are all-gathered by the distributed optimizer's parameter gather.
+        out.append("model.fp8_param_gather needs optimizer.use_distributed_optimizer=true (the distributed "
+                   "optimizer all-gathers the FP8 weights)")
     if m.fp8_param_gather and cfg.optimizer.cpu_offload and m.fp8_recipe != "delayed":
         out.append(f"model.fp8_param_gather with optimizer.cpu_offload needs model.fp8_recipe=delayed "
                    f"(got {m.fp8_recipe})")
@@ -180,10 +209,20 @@ def fp8_config_problems(cfg: RLSRConfig, capability: tuple[int, int] | None = No
                    f"model.fp8_margin={m.fp8_margin} >= 0")
     tp = p.tensor_parallel
     align = gemm_alignment(m.fp8_recipe)
-    for name, size in _gemm_dims(m, tp).items():
+    for name, size in _gemm_dims(m, tp, p.expert_tensor_parallel).items():
         if size % align:
             out.append(f"{name} = {size} is not divisible by {align}, as FP8 GEMMs with "
-                       f"model.fp8_recipe={m.fp8_recipe} need (tensor_parallel={tp})")
+                       f"model.fp8_recipe={m.fp8_recipe} need (tensor_parallel={tp}, "
+                       f"expert_tensor_parallel={p.expert_tensor_parallel})")
+    if m.fp8_recipe == "blockwise" and p.sequence_parallel and tp > 1 and m.hidden_size % BLOCKWISE_TILE:
+        # TE all-gathers a layer's input over TP in FP8 only when the rank's shard is quantizable:
+        # last dim and rows both multiples of 128 (Float8BlockQuantizer.is_quantizable); else it
+        # gathers in BF16, synchronously (`_all_gather_fp8_blockwise`, transformer_engine/pytorch/
+        # distributed.py at v2.5 to v2.18; TE 2.3 and 2.4 always do). The rows are multiples of 128
+        # by the padding below (token_multiple); the hidden size is the config's.
+        out.append(f"model.hidden_size={m.hidden_size} is not divisible by {BLOCKWISE_TILE}, as "
+                   f"model.fp8_recipe=blockwise with parallel.sequence_parallel needs for the FP8 all-gather of "
+                   f"each layer's input (Transformer Engine falls back to a synchronous BF16 all-gather)")
     shards = p.context_parallel * (tp if p.sequence_parallel else 1)
     tokens = token_multiple(m.fp8_recipe)
     if m.max_sequence_length % (shards * tokens):
@@ -194,14 +233,20 @@ def fp8_config_problems(cfg: RLSRConfig, capability: tuple[int, int] | None = No
     return out
 
 
-def fp8_problems(cfg: RLSRConfig, te_version: str | None, capability: tuple[int, int] | None) -> list[str]:
-    """Every FP8 rule the config breaks on this machine, as sentences naming the keys. Empty when
-    FP8 is off and no FP8-only key is set."""
-    return fp8_config_problems(cfg, capability) + fp8_environment_problems(cfg, te_version, capability)
+def fp8_problems(cfg: RLSRConfig, te_version: str | None, capability: tuple[int, int] | None,
+                 cuda_version: str | None = None) -> list[str]:
+    """Every FP8 rule the config breaks on this machine (TE version, compute capability, CUDA
+    version; None where unknown), as sentences naming the keys. Empty when FP8 is off and no
+    FP8-only key is set."""
+    out = fp8_config_problems(cfg)
+    if cfg.model.fp8 is not None and cfg.model.fp8_recipe in RECIPE_MIN_TE:
+        out += recipe_support_problems(cfg.model.fp8_recipe, te_version, capability, cuda_version)
+    return out + fp8_environment_problems(cfg, te_version, capability)
 
 
-def validate_fp8(cfg: RLSRConfig, te_version: str | None, capability: tuple[int, int] | None) -> None:
-    problems = fp8_problems(cfg, te_version, capability)
+def validate_fp8(cfg: RLSRConfig, te_version: str | None, capability: tuple[int, int] | None,
+                 cuda_version: str | None = None) -> None:
+    problems = fp8_problems(cfg, te_version, capability, cuda_version)
     if problems:
         raise ConfigError("FP8 settings refused:\n  " + "\n  ".join(problems))
 

@@ -1,6 +1,6 @@
 """The RLSR training loop: sample -> reward -> advantages -> logprobs -> GRPO update -> log.
 
-Reads top to bottom like one step of DESIGN.md. Every rank runs this function (SPMD); each data-
+Reads top to bottom like one RLSR step. Every rank runs this function (SPMD); each data-
 parallel rank samples and scores its own shard of the prompts, and rank 0 writes logs and plots.
 Reliability hooks, each in its own module: preemption.py (signal -> checkpoint -> exit 75),
 guards.py (reward range, non-finite updates), watchdog.py (stack dumps of a hung step),
@@ -25,7 +25,7 @@ from nemo_rlsr.data.dataset import TrainingExample, load_training_data
 from nemo_rlsr.data.instructions import InstructionExample
 from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
-from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
+from nemo_rlsr.generation.interface import SamplingParams
 from nemo_rlsr.generation.factory import build_engine
 from nemo_rlsr.models.hf.start import load_hf_policy, with_hf_model
 from nemo_rlsr.models.policy import LossFn, MegatronPolicy, TokenBatch
@@ -75,10 +75,14 @@ def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
     return loss_fn
 
 
-def gather_over_dp(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor from every data-parallel rank (same length on each)."""
+def gather_over_dp(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenate a 1-D tensor from every data-parallel rank (same length on each), on `device`
+    (the policy's). NCCL gathers device tensors only, and rewards arrive in host memory (the
+    encoders return them there), so they are moved first; at DP=1 too, so that the result can
+    meet other device tensors."""
     from megatron.core import parallel_state
 
+    values = values.to(device)
     group = parallel_state.get_data_parallel_group()
     if dist.get_world_size(group) == 1:
         return values
@@ -286,12 +290,13 @@ class RLSRTrainer:
         rollouts, texts, _, scores = self._rollout(self.train, rows, self._sample_seed(self.step), timings)
         t1 = time.perf_counter()
         advantages = group_advantages(scores.rewards, cfg.grpo.num_generations, cfg.grpo.advantage_eps)
-        batch = rollouts.to_token_batch(advantages=advantages)
+        # On the policy's device once (advantages come from host rewards; an engine may return host
+        # tensors): the logprob passes, the loss and the metrics below all read this batch.
+        batch = rollouts.to_token_batch(advantages=advantages, engine_logprobs=rollouts.engine_logprobs)
+        batch = batch.to(self.policy.device)
         t2 = time.perf_counter()
         batch.extras["old_logprobs"] = self.policy.logprobs(batch, cfg.grpo.micro_batch_size)
         batch.extras["ref_logprobs"] = self.reference.logprobs(batch, cfg.grpo.micro_batch_size)
-        if cfg.grpo.tis_cap is not None:
-            batch.extras["engine_logprobs"] = rollouts.engine_logprobs
         t3 = time.perf_counter()
         mini_size = len(batch) // cfg.grpo.mini_batches_per_step
         loss_fn = inject_nan(self.loss_fn) if self.step + 1 in cfg.trainer.debug_inject_nan_steps else self.loss_fn
@@ -304,9 +309,9 @@ class RLSRTrainer:
 
         metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
         metrics.update(guard_metrics(self.guard, self.step, updates))
-        metrics.update(self._rollout_metrics(rollouts, scores, batch.extras["old_logprobs"]))
+        metrics.update(self._rollout_metrics(batch, rollouts.truncated, scores))
         if cfg.grpo.tis_cap is not None:
-            weights = tis_weights(batch.extras["old_logprobs"], rollouts.engine_logprobs, batch.loss_mask,
+            weights = tis_weights(batch.extras["old_logprobs"], batch.extras["engine_logprobs"], batch.loss_mask,
                                   cfg.grpo.tis_cap)
             metrics.update(tis_metrics(weights, batch.loss_mask, cfg.grpo.tis_cap))
         timings.update({"time/advantages": t2 - t1, "time/logprobs": t3 - t2, "time/train": t4 - t3,
@@ -316,23 +321,27 @@ class RLSRTrainer:
         metrics["sample/response"] = texts[0]
         return metrics
 
-    def _rollout_metrics(self, rollouts: RolloutBatch, scores, old_logprobs) -> dict[str, float]:
-        rewards = gather_over_dp(scores.rewards)
-        lengths = gather_over_dp(rollouts.response_lengths.float())
-        mask = rollouts.response_mask
-        mismatch = ((rollouts.engine_logprobs - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
+    def _rollout_metrics(self, batch: TokenBatch, truncated: torch.Tensor, scores) -> dict[str, float]:
+        """Reward and response statistics over every DP rank's rollouts, from the step's batch (on the
+        policy's device, its loss mask = the rollouts' response mask) and the host rewards."""
+        device = self.policy.device
+        rewards = gather_over_dp(scores.rewards, device)
+        mask = batch.loss_mask
+        lengths = gather_over_dp(mask.sum(dim=1), device)
+        mismatch = ((batch.extras["engine_logprobs"] - batch.extras["old_logprobs"]).abs() * mask).sum()
+        mismatch = mismatch / mask.sum().clamp(min=1)
         metrics = {
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "reward/min": float(rewards.min()),
             "reward/max": float(rewards.max()),
-            "reward/fraction_penalized": float(gather_over_dp(scores.penalized.float()).mean()),
+            "reward/fraction_penalized": float(gather_over_dp(scores.penalized.float(), device).mean()),
             "response/mean_length": float(lengths.mean()),
-            "response/truncated_fraction": float(gather_over_dp(rollouts.truncated.float()).mean()),
+            "response/truncated_fraction": float(gather_over_dp(truncated.float(), device).mean()),
             "token_mult_prob_error": float(torch.exp(mismatch)),
         }
         # Reward-hacking diagnostics over every rank's rollouts (cosine histogram, empty, length corr, ...).
-        metrics.update(reward_diagnostics(scores.map(lambda t: gather_over_dp(t.float())), lengths))
+        metrics.update(reward_diagnostics(scores.map(lambda t: gather_over_dp(t.float(), device)), lengths))
         return metrics
 
     # ---- evaluation ----------------------------------------------------------------------------

@@ -173,7 +173,7 @@ class SFTTrainer:
 
     def heldout_nll(self) -> float:
         """Token-mean response NLL on the held-out prompts (every rank computes the same number)."""
-        batch = sft_batch(self.heldout, self.length, self.tokenizer.pad_id)
+        batch = sft_batch(self.heldout, self.length, self.tokenizer.pad_id).to(self.policy.device)  # with the logprobs
         logprobs = self.policy.logprobs(batch, len(batch))
         return float(-(logprobs * batch.loss_mask).sum() / batch.loss_mask.sum())
 

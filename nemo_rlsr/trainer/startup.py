@@ -25,6 +25,9 @@ from nemo_rlsr.generation.factory import check_engine
 # gates FP8 recipes (models/precision.py RECIPE_MIN_TE, 2.3 at most), where 2.10 and 2.11 decide
 # alike; the image's real versions are in /opt/nemo_rlsr/versions.txt (containers/check_image.py).
 CONTAINER_TE_VERSION = "2.10"
+# The CUDA toolkit torch is built with in that image (NGC PyTorch 25.12: CUDA 13.1; docs/launch.md);
+# blockwise FP8 needs >= 12.9 (models/fp8_support.py).
+CONTAINER_CUDA_VERSION = "13.1"
 
 
 @dataclass(frozen=True)
@@ -36,16 +39,18 @@ class Machine:
     capability: tuple[int, int] | None  # the GPUs' CUDA compute capability; None: no GPU
     cuda: bool
     trtllm: bool  # TensorRT-LLM imports
+    cuda_version: str | None = None  # the CUDA toolkit torch is built with (`torch.version.cuda`); None: no GPU
 
     @classmethod
     def here(cls, world_size: int) -> "Machine":
         import torch
 
         from nemo_rlsr.generation.factory import trtllm_importable
+        from nemo_rlsr.models.fp8_support import cuda_runtime_version
         from nemo_rlsr.models.precision import gpu_capability, installed_te_version
 
         return cls(world_size, installed_te_version(), gpu_capability(), torch.cuda.is_available(),
-                   trtllm_importable())
+                   trtllm_importable(), cuda_runtime_version())
 
     @classmethod
     def container(cls, world_size: int, capability: tuple[int, int] | None) -> "Machine":
@@ -53,7 +58,7 @@ class Machine:
         GPUs, which has neither CUDA nor the image's TE and TensorRT-LLM)."""
         if capability is None:
             return cls(world_size, None, None, False, False)
-        return cls(world_size, CONTAINER_TE_VERSION, capability, True, True)
+        return cls(world_size, CONTAINER_TE_VERSION, capability, True, True, CONTAINER_CUDA_VERSION)
 
 
 def engine_problems(cfg: RLSRConfig, machine: Machine) -> list[str]:
@@ -109,7 +114,7 @@ def startup_problems(cfg: RLSRConfig, machine: Machine, mode: str = "rlsr") -> l
     """Every start-up rule `cfg` breaks on `machine` (`mode`: "rlsr" or "sft"), as sentences naming
     the keys; empty when the trainer would start."""
     problems = unsupported_problems(cfg) + run_problems(cfg, machine.world_size, machine.te_version,
-                                                        machine.capability, mode)
+                                                        machine.capability, mode, machine.cuda_version)
     if mode == "rlsr":
         problems += engine_problems(cfg, machine)
     return problems + trainer_problems(cfg, mode) + data_problems(cfg, mode)
