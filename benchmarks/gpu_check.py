@@ -2,7 +2,7 @@
 
     bash benchmarks/gpu_check.sh                                 # on a GPU box: carried wheels, then this
     python benchmarks/gpu_check.py --out runs/gpu_check/gpu_check.json   # one H200: <= 8 minutes
-    python benchmarks/gpu_check.py --smoke --hide ray,datasets   # tiny shapes on the CPU (what CI runs)
+    python benchmarks/gpu_check.py --smoke --hide ray,datasets,wandb,mlflow   # tiny shapes on the CPU (what CI runs)
 
 Sections, in order (gpu_check_sections/__init__.py has each one's limits, its module its checks):
 environment, train_step, bf16_vs_fp32, torch_sampler, megatron_engine (CUDA), reward_encoder,
@@ -87,8 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"overall wall budget (default {FULL_BUDGET_S:.0f}; --smoke {SMOKE_BUDGET_S:.0f})")
     parser.add_argument("--sections", default=None, help="comma-separated subset (default: all, in order)")
-    parser.add_argument("--hide", default="", help="packages to make look absent, e.g. ray,datasets (the GPU box "
-                                                   "has neither): the run imports only what the box can")
+    parser.add_argument("--hide", default="", help="packages to make look absent, e.g. ray,datasets,wandb,mlflow "
+                                                   "(the GPU box has none): the run imports only what the box can")
     parser.add_argument("--limit-s", action="append", default=[], metavar="SECTION=SECONDS",
                         help="override one section's wall limit")
     parser.add_argument("--debug-fail", action="append", default=[], metavar="SECTION=raise|stall",

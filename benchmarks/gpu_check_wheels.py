@@ -133,7 +133,8 @@ def embedding_shift(original: Path, repacked: Path) -> float:
         with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as zf:
             zf.extractall(tmp)
             (folder,) = Path(tmp).glob("*/model")
-            model = SentenceTransformer(str(folder), device="cpu", model_kwargs={"dtype": "float32"}, local_files_only=True)
+            model = SentenceTransformer(str(folder), device="cpu", model_kwargs={"dtype": "float32"},
+                                        local_files_only=True)
             embeddings.append(model.encode(texts, normalize_embeddings=True, convert_to_tensor=True))
     return float((embeddings[0] - embeddings[1]).abs().max())
 
@@ -179,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             wheels.append(wheel)
     print(f"\nwheels for CPython {BOX['python_version']} manylinux x86_64 (gathered on {platform.python_version()}):")
     for wheel in wheels:
-        print(f"  {wheel.stat().st_size / 2**20:6.2f} MiB  {wheel.name}\n            requires: {', '.join(requires(wheel)) or '-'}")
+        print(f"  {wheel.stat().st_size / 2**20:6.2f} MiB  {wheel.name}")
+        print(f"            requires: {', '.join(requires(wheel)) or '-'}")
     wheel_mib = sum(w.stat().st_size for w in wheels) / 2**20
     repo_mib = travelling_bytes() / 2**20
     total = wheel_mib + repo_mib
-    print(f"wheels {wheel_mib:.1f} MiB + repository {repo_mib:.1f} MiB = {total:.1f} MiB of the {TRAVEL_MIB} MiB a call carries")
+    print(f"wheels {wheel_mib:.1f} MiB + repository {repo_mib:.1f} MiB = {total:.1f} MiB "
+          f"of the {TRAVEL_MIB} MiB a call carries")
     if total > LIMIT_MIB:
         print(f"refused: over {LIMIT_MIB} MiB", file=sys.stderr)
         return 1

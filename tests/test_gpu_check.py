@@ -40,11 +40,12 @@ def gpu_check(tmp_path: Path, *args: str, timeout: int = 900) -> tuple[subproces
 
 @pytest.mark.slow
 def test_smoke_mode_runs_every_section_through_the_runner(tmp_path):
-    """What a user runs on the box (gpu_check.sh), in smoke mode, with Ray and `datasets` hidden as
-    the box lacks them: every section runs for real on the CPU, except the CUDA-only ones."""
+    """What a user runs on the box (gpu_check.sh), in smoke mode, with the packages the box lacks
+    hidden: every section runs for real on the CPU, except the CUDA-only ones."""
     out, empty = tmp_path / "out", tmp_path / "no_wheels"
     empty.mkdir()
-    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke", "--hide", "ray,datasets"], cwd=REPO,
+    command = ["bash", "benchmarks/gpu_check.sh", "--smoke", "--hide", "ray,datasets,wandb,mlflow"]
+    result = subprocess.run(command, cwd=REPO,
                             env=clean_env(OUT=str(out), PYTHON=sys.executable, GPU_CHECK_WHEELS=str(empty)),
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
@@ -142,7 +143,8 @@ class DropsEos:
         out = self.engine.generate(prompts, params, seed)
         rows = [p for p in prompts for _ in range(params.n)]
         responses = [r[:-1] if params.stop_on_eos and r and r[-1] == self.eos else r for r in out.response_ids]
-        logprobs = [out.engine_logprobs[i][out.response_mask[i].bool()].tolist()[: len(r)] for i, r in enumerate(responses)]
+        logprobs = [out.engine_logprobs[i][out.response_mask[i].bool()].tolist()[: len(r)]
+                    for i, r in enumerate(responses)]
         return rollout_batch(rows, responses, logprobs, (~out.truncated).tolist(), 0, params.max_new_tokens)
 
 

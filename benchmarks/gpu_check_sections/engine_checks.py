@@ -46,14 +46,16 @@ def check_eos(rec: SectionRecord, engine_for, prompts, s: fx.Shape) -> None:
     rec.metric("declared_eos", eos)
     kept_going = engine_for(eos).generate(prompts, SamplingParams(s.new_tokens, greedy=True, stop_on_eos=False), seed=0)
     rec.check("stop_on_eos_false_continues_past_eos",
-              kept_going.response_ids == free.response_ids and all(len(r) == s.new_tokens for r in kept_going.response_ids),
+              kept_going.response_ids == free.response_ids
+              and all(len(r) == s.new_tokens for r in kept_going.response_ids),
               f"row 0: {kept_going.response_ids[0][:6]}... ({len(kept_going.response_ids[0])} tokens, EOS {eos})")
     stopped = engine_for(eos).generate(prompts, SamplingParams(s.new_tokens, greedy=True), seed=0)
     expected = [expected_cut(r, eos) for r in free.response_ids]
     rec.check("eos_kept_in_response", stopped.response_ids == expected,
               f"row 0: got {stopped.response_ids[0]}, expected {expected[0]}")
     lengths = stopped.response_mask.sum(dim=1).long().tolist()
-    rec.check("response_mask_counts_eos", lengths == [len(r) for r in expected], f"{lengths[:4]} vs {[len(r) for r in expected][:4]}")
+    wanted = [len(r) for r in expected]
+    rec.check("response_mask_counts_eos", lengths == wanted, f"response_mask sums {lengths[:4]} vs {wanted[:4]}")
     finished = (~stopped.truncated).tolist()
     rec.check("finished_set_on_eos", finished == [eos in r for r in free.response_ids],
               f"finished {finished[:8]}")
@@ -68,7 +70,8 @@ def check_training_after_generate(rec: SectionRecord, policy, rollouts) -> None:
 
     rec.check("no_inference_mode_left", not torch.is_inference_mode_enabled(),
               f"torch.is_inference_mode_enabled() = {torch.is_inference_mode_enabled()}")
-    batch = rollouts.to_token_batch(advantages=torch.randn(len(rollouts.response_ids), device=rollouts.input_ids.device))
+    advantages = torch.randn(len(rollouts.response_ids), device=rollouts.input_ids.device)
+    batch = rollouts.to_token_batch(advantages=advantages)
     old = policy.logprobs(batch, len(batch))
     batch.extras |= {"old_logprobs": old, "ref_logprobs": old}
     before = [p.detach().clone() for p in policy.module.parameters()]
@@ -114,9 +117,11 @@ def megatron_engine(rec: SectionRecord, opts: Options) -> None:
     if sampled is not None:
         seconds, rollouts = sampled
         rec.metric("sampled_tokens_per_s", float(rollouts.response_mask.sum()) / seconds)
-        rec.attempt("logprobs_match_policy_at_T",
-                    lambda: check_logprobs_match_policy(rec, "logprobs_match_policy_at_T", policy, rollouts, TEMPERATURE))
+        name = "logprobs_match_policy_at_T"
+        rec.attempt(name, lambda: check_logprobs_match_policy(rec, name, policy, rollouts, TEMPERATURE))
         rec.attempt("train_step_after_generate", lambda: check_training_after_generate(rec, policy, rollouts))
-    rec.attempt("same_seed_same_samples", lambda: check_seeds(rec, lambda seed: engine.generate(prompts, sampling, seed=seed)))
+    rec.attempt("same_seed_same_samples",
+                lambda: check_seeds(rec, lambda seed: engine.generate(prompts, sampling, seed=seed)))
     hot = SamplingParams(s.new_tokens, temperature=HOT_TEMPERATURE, n=s.group, stop_on_eos=False)
-    rec.attempt("no_padded_vocab_id", lambda: check_no_padded_vocab_id(rec, engine.generate(prompts, hot, seed=7), s.vocab))
+    rec.attempt("no_padded_vocab_id",
+                lambda: check_no_padded_vocab_id(rec, engine.generate(prompts, hot, seed=7), s.vocab))

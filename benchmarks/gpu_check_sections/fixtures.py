@@ -124,7 +124,8 @@ def hf_llama(module: torch.nn.Module, cfg: ModelConfig, vocab: int):
     from nemo_rlsr.models.hf import adapter_for
     from nemo_rlsr.weight_sync.source import hf_named_tensors
 
-    config = LlamaConfig(**adapter_for("llama").hf_config(dataclasses.replace(cfg, vocab_size=vocab, params_dtype="float32")))
+    fields = adapter_for("llama").hf_config(dataclasses.replace(cfg, vocab_size=vocab, params_dtype="float32"))
+    config = LlamaConfig(**fields)
     config._attn_implementation = "eager"  # fully masked (left-pad) query rows stay finite
     hf = LlamaForCausalLM(config)
     state = {name: tensor.detach().float().cpu() for name, tensor in hf_named_tensors(module, cfg, vocab)}

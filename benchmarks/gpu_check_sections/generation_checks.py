@@ -88,7 +88,8 @@ def torch_sampler(rec: SectionRecord, opts: Options) -> None:
     rec.metric("greedy_vs_teacher_forced", {"tokens": int(greedy.response_mask.sum()), "argmax_differs": differs,
                                             "beyond_tie_tolerance": real, "largest_gap_to_argmax": gap})
     rec.check("greedy_equals_teacher_forced_argmax", real == 0,
-              f"{real} of {int(greedy.response_mask.sum())} greedy tokens are not the argmax ({differs} incl. near-ties)")
+              f"{real} of {int(greedy.response_mask.sum())} greedy tokens are not the argmax "
+              f"({differs} incl. near-ties)")
 
     sampling = SamplingParams(max_new_tokens=s.new_tokens, temperature=TEMPERATURE, n=s.group)
     seconds, sampled = timed(lambda: engine.generate(prompts, sampling, seed=5))

@@ -1,11 +1,11 @@
-"""Make installed packages look absent (`gpu_check.py --hide ray,datasets`).
+"""Make installed packages look absent (`gpu_check.py --hide ray,datasets,wandb,mlflow`).
 
-The GPU box has neither Ray nor Hugging Face `datasets`; CI has both. Hiding them in CI makes the
-smoke run import exactly what the box can, so an eager `import ray` on the check's path fails here
-first. Two things must look absent, as on a machine without the package: the import (and
-`importlib.util.find_spec`, which returns None for a `None` entry of sys.modules), and the
-distribution's metadata, which sentence-transformers and transformers read to decide whether to
-import it at all (`importlib.metadata`).
+The GPU box has none of Ray, Hugging Face `datasets`, W&B and MLflow; CI has them all (the test
+extras). Hiding them in CI makes the smoke run import only what the box can, so an eager
+`import ray` on the check's path fails here first. Two things must look absent, as on a machine
+without the package: the import (and `importlib.util.find_spec`, which returns None for a `None`
+entry of sys.modules), and the distribution's metadata, which sentence-transformers and
+transformers read to decide whether to import it at all (`importlib.metadata`).
 """
 
 from __future__ import annotations
@@ -44,5 +44,6 @@ def module_command(module: str, args: list[str], hidden: list[str]) -> list[str]
     here = str(Path(__file__).resolve().parent.parent)
     code = (f"import sys, runpy; sys.path.insert(0, {here!r}); "
             f"from gpu_check_sections.hidden import hide_packages; hide_packages({list(hidden)!r}); "
-            f"sys.path.pop(0); sys.argv[0] = {module!r}; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+            f"sys.path.pop(0); sys.argv[0] = {module!r}; "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
     return [sys.executable, "-c", code, *args]

@@ -146,7 +146,8 @@ def bf16_vs_fp32(rec: SectionRecord, opts: Options) -> None:
                          "bf16_weights": (results["fp32_on_bf16_weights"], results["fp32"]),
                          "bf16_total": (results["bf16"], results["fp32"])}.items():
         worst, mean = fx.masked_abs_diff(a, b, mask)
-        rec.metric(name, {"max_abs": worst, "mean_abs": mean, "token_mult_prob_error": fx.token_mult_prob_error(a, b, mask)})
+        rec.metric(name, {"max_abs": worst, "mean_abs": mean,
+                          "token_mult_prob_error": fx.token_mult_prob_error(a, b, mask)})
     compute = rec.metrics["bf16_compute"]
     # Nonzero: the bf16 model really computed in bf16 (else this compares fp32 with itself).
     rec.check("bf16_compute_error_small_but_nonzero", 0 < compute["mean_abs"] < BF16_MEAN_ABS_TOL,

@@ -39,7 +39,8 @@ def reward_encoder(rec: SectionRecord, opts: Options) -> None:
     worst = float((ours - theirs).abs().max())
     rec.check("embeddings_equal_sentence_transformers", worst < EMBEDDING_TOL,
               f"max |diff| {worst:.2e} < {EMBEDDING_TOL} over {len(responses)} texts")
-    rec.metric("sentences_per_s", {"ours": len(responses) / ours_s, "sentence_transformers_encode": len(responses) / theirs_s,
+    rec.metric("sentences_per_s", {"ours": len(responses) / ours_s,
+                                   "sentence_transformers_encode": len(responses) / theirs_s,
                                    "ours_over_encode": theirs_s / ours_s})
 
     def score():  # a fresh reward each time: its reference cache starts cold
