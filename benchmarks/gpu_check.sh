@@ -7,7 +7,7 @@
 #    (default runs/gpu_check). The JSON is rewritten after every section, so a run cut short
 #    still leaves what finished.
 # Environment: OUT, PYTHON (default python3), GPU_CHECK_WHEELS (default .whl),
-# GPU_CHECK_TIMEOUT_S (default 470: gpu_check.py's own budget is 420 s).
+# GPU_CHECK_TIMEOUT_S (default 450: gpu_check.py's own budget is 400 s; the install takes seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 out=${OUT:-runs/gpu_check}
@@ -20,5 +20,5 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-timeout -k 20 "${GPU_CHECK_TIMEOUT_S:-470}" "$python" benchmarks/gpu_check.py --out "$out/gpu_check.json" "$@" \
+timeout -k 20 "${GPU_CHECK_TIMEOUT_S:-450}" "$python" benchmarks/gpu_check.py --out "$out/gpu_check.json" "$@" \
   2>&1 | tee "$out/gpu_check.log"

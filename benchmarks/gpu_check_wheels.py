@@ -46,7 +46,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux2014_x86_64", "manylinux1_x86_64")
 TRAVEL_MIB = 64  # what one device call carries: working tree + carried paths
 LIMIT_MIB = 56  # what this script accepts, leaving room for the repository to grow
-# gpu_check.sh's outer timeout is 470 s; the rest is the wheels' install and the copy of $OUT.
+# gpu_check.sh's outer timeout is 450 s; the rest is the wheels' install and the copy of $OUT.
 DEVICE_COMMAND = {"command": "bash benchmarks/gpu_check.sh", "timeout_s": 540}
 
 

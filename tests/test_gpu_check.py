@@ -188,6 +188,38 @@ def test_eos_checks_pass_for_our_sampler_and_catch_a_dropped_eos(tiny, tmp_path)
     assert failed(bad) == {"eos_kept_in_response", "response_mask_counts_eos"}
 
 
+def test_greedy_check_tolerates_only_near_ties(tiny, tmp_path):
+    from gpu_check_sections import fixtures as fx
+    from gpu_check_sections.engine_checks import check_greedy_matches
+
+    from nemo_rlsr.generation.interface import SamplingParams
+    from nemo_rlsr.generation.layout import rollout_batch
+    from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
+
+    s, policy, prompts = tiny
+    params = SamplingParams(s.new_tokens, greedy=True, stop_on_eos=False)
+    ours = TorchRolloutEngine(policy.module, 0, 1, s.vocab).generate(prompts, params, seed=0)
+    logits = fx.model_logits(policy.module, ours.to_token_batch(), s.vocab)
+    same = record(tmp_path)
+    check_greedy_matches(same, prompts, ours, logits, ours)
+    assert not failed(same) and same.metrics["greedy_vs_torch_sampler"]["identical"] == len(prompts)
+
+    column = max(map(len, prompts)) - 1 + 1  # the logits that pick row 0's second response token
+    worst = int(logits[0, column].argmin())  # far from the argmax: a real divergence
+    responses = [list(r) for r in ours.response_ids]
+    responses[0][1:] = [worst] * (len(responses[0]) - 1)
+    theirs = rollout_batch(prompts, responses, [[0.0] * len(r) for r in responses], [False] * len(prompts), 0,
+                           s.new_tokens)
+    diverged = record(tmp_path)
+    check_greedy_matches(diverged, prompts, ours, logits, theirs)
+    assert failed(diverged) == {"greedy_equals_torch_sampler"}
+    tied = logits.clone()
+    tied[0, column, worst] = tied[0, column].max()  # now `worst` ties the argmax there
+    near_tie = record(tmp_path)
+    check_greedy_matches(near_tie, prompts, ours, tied, theirs)
+    assert not failed(near_tie) and near_tie.metrics["greedy_vs_torch_sampler"]["near_tie_divergences"] == 1
+
+
 def test_seed_logprob_and_vocab_checks_fail_on_the_defects_they_target(tiny, tmp_path):
     from gpu_check_sections.generation_checks import check_logprobs_match_policy, check_no_padded_vocab_id, check_seeds
 

@@ -162,7 +162,9 @@ def describe(policy) -> dict:
     return {"parameters": policy.num_parameters, "param_dtypes": sorted({str(p.dtype) for p in params}),
             "param_devices": sorted({str(p.device) for p in params}), "spec": layer_spec(policy),
             "transformer_config_bf16": getattr(config, "bf16", None),
-            "transformer_config_params_dtype": str(config.params_dtype)}
+            "transformer_config_params_dtype": str(config.params_dtype),
+            # TF32 would move fp32 logprobs by ~1e-3: which one ran, once everything is imported
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def layer_spec(policy) -> str:
