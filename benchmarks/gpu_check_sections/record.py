@@ -74,7 +74,9 @@ class SectionRecord:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - recorded, the section goes on
-            self.checks[name] = {"ok": False, "detail": "raised", "error": error_summary(exc)}
+            error = error_summary(exc)
+            self.checks[name] = {"ok": False, "detail": f"raised {error['type']}: {error['message'][:300]}",
+                                 "error": error}
             self.save()
             return None
 
