@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---- one section, in its own process -------------------------------------------------------------
 
 
-def child_main(args: argparse.Namespace) -> int:
+def child_main(args: argparse.Namespace) -> None:
     hide_packages(list(args.hidden))
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -127,7 +127,11 @@ def child_main(args: argparse.Namespace) -> int:
         rec.finish(exc)
     else:
         rec.finish()
-    return 0
+    # Everything is on disk: leave without interpreter teardown, where a process group or a
+    # library's exit hook could hang and cost the section its limit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _echo(stream, name: str, tail: collections.deque) -> None:
@@ -188,7 +192,9 @@ def run_child(args: argparse.Namespace, name: str, limit_s: float, workdir: Path
     recorded = json.loads(out.read_text()) if out.exists() else {"status": "running", "metrics": {}, "checks": {},
                                                                  "error": None}
     entry.update(recorded, seconds=round(time.monotonic() - start, 2), exit_code=proc.returncode)
-    if stopped is not None or timed_out:
+    if (stopped is not None or timed_out) and entry["status"] != "running":
+        entry["note"] = "the section had finished; its process was killed on its way out"
+    elif stopped is not None or timed_out:
         why = f"the whole check was stopped ({stopped})" if stopped else f"its {limit_s:.0f} s limit"
         entry.update(status="timeout", error={"type": "Timeout", "message": f"killed at {why}; metrics and checks "
                                               f"are those it had recorded", "traceback_tail": []})
@@ -305,7 +311,9 @@ def run_check(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return child_main(args) if args.child else run_check(args)
+    if args.child:
+        child_main(args)  # does not return
+    return run_check(args)
 
 
 if __name__ == "__main__":
