@@ -174,7 +174,9 @@ def fp8_refusal(model_cfg: ModelConfig) -> str | None:
     return "; ".join(problems) or None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, lines: list[dict] | None = None) -> list[dict]:
+    """Runs the variants; appends each printed line's fields to `lines` as it goes (so a caller keeps
+    the lines of the variants that ran when a later one fails: benchmarks/gpu_check.py) and returns it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny Qwen2 shape (CPU smoke test)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; tiny 2)")
@@ -202,7 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     ids = make_batch(shape, batch, seq, device)
     step, hf_params = hf_step(shape, ids, dtype, args.lr)
     hf_seconds = timed(step, args.warmup, args.steps)
-    report("hf", hf_seconds, tokens, flops, peak, {"param_dtype": str(dtype).removeprefix("torch."), "params": hf_params})
+    lines = [] if lines is None else lines
+    lines.append(report("hf", hf_seconds, tokens, flops, peak,
+                        {"param_dtype": str(dtype).removeprefix("torch."), "params": hf_params}))
     del step
     free_memory()
 
@@ -213,16 +217,18 @@ def main(argv: list[str] | None = None) -> None:
             refusal = fp8_refusal(model_cfg) if recipe else None
             if refusal:
                 print(f"variant={name} skipped: {refusal}", flush=True)
+                lines.append({"variant": name, "skipped": refusal})
                 continue
             step, params, spec, param_dtype = megatron_step(model_cfg, ids, shape["vocab"], args.lr, ctx)
             seconds = timed(step, args.warmup, args.steps)
-            report(name, seconds, tokens, flops, peak,
-                   {"spec": spec, "param_dtype": param_dtype, "params": params, "same_shape": params == hf_params,
-                    "ratio_vs_hf": f"{hf_seconds / seconds:.2f}"})
+            lines.append(report(name, seconds, tokens, flops, peak,
+                                {"spec": spec, "param_dtype": param_dtype, "params": params, "same_shape": params == hf_params,
+                                 "ratio_vs_hf": f"{hf_seconds / seconds:.2f}"}))
             del step
             free_memory()
     finally:
         destroy_distributed()
+    return lines
 
 
 if __name__ == "__main__":
