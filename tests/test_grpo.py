@@ -9,11 +9,8 @@ from nemo_rlsr.algorithms.grpo import (
     GRPOLossConfig,
     group_advantages,
     grpo_loss,
-    masked_mean,
-    sequence_logprobs_from_logits,
     tis_metrics,
     tis_weights,
-    token_entropy,
 )
 
 EPS = 1e-6
@@ -77,7 +74,7 @@ def test_grpo_loss_hand_example():
     assert exp_clipped == 2  # the hand example covers both clip sides
 
     logprobs = torch.tensor(lp, requires_grad=True)
-    # Global count 8 > local 5: the loss must use the count it is given.
+    # A sum over the valid tokens: the policy divides by the step's global token count.
     loss, m = grpo_loss(
         logprobs,
         torch.tensor(old),
@@ -85,9 +82,8 @@ def test_grpo_loss_hand_example():
         torch.tensor(adv),
         torch.tensor(mask),
         cfg,
-        global_valid_tokens=8,
     )
-    expected = (exp_pg + cfg.kl_coef * exp_kl) / 8
+    expected = exp_pg + cfg.kl_coef * exp_kl
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert m["clip_fraction"].item() == 2
     assert m["kl"].item() == pytest.approx(exp_kl, rel=1e-6)
@@ -99,10 +95,10 @@ def test_grpo_loss_hand_example():
     g = logprobs.grad
     assert torch.isfinite(g).all()
     assert g[0, 2] == 0.0  # masked token: no gradient despite huge values
-    # Clipped tokens get only the KL gradient: kl_coef * (1 - exp(ref - lp)) / 8.
+    # Clipped tokens get only the KL gradient: kl_coef * (1 - exp(ref - lp)).
     for b, t in [(0, 1), (1, 0)]:
         d = ref[b][t] - lp[b][t]
-        assert g[b, t].item() == pytest.approx(cfg.kl_coef * (1 - math.exp(d)) / 8, abs=1e-7)
+        assert g[b, t].item() == pytest.approx(cfg.kl_coef * (1 - math.exp(d)), abs=1e-7)
 
 
 def test_truncated_importance_sampling_hand_example():
@@ -126,12 +122,12 @@ def test_truncated_importance_sampling_hand_example():
 
     logprobs = torch.tensor(lp, requires_grad=True)
     args = (torch.tensor(old), torch.tensor(ref), torch.tensor([a]), torch.tensor(mask))
-    loss, m = grpo_loss(logprobs, *args, cfg, global_valid_tokens=2, engine_logprobs=torch.tensor(engine))
-    assert loss.item() == pytest.approx(expected / 2, rel=1e-6)
+    loss, m = grpo_loss(logprobs, *args, cfg, engine_logprobs=torch.tensor(engine))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     # d/dlp of -w * exp(lp - old) * a is -w * r * a: w is a constant
     d0 = ref[0][0] - lp[0][0]
-    grad0 = (-weights[0] * math.exp(0.1) * a + 0.1 * (1 - math.exp(d0))) / 2
+    grad0 = -weights[0] * math.exp(0.1) * a + 0.1 * (1 - math.exp(d0))
     assert logprobs.grad[0, 0].item() == pytest.approx(grad0, rel=1e-5)
     assert logprobs.grad[0, 2].item() == 0.0
 
@@ -144,116 +140,26 @@ def test_truncated_importance_sampling_hand_example():
     assert metrics["tis/clipped_fraction"] == 0.5
 
     # off (None) is the plain loss; on without engine logprobs is an error
-    plain, _ = grpo_loss(logprobs, *args, GRPOLossConfig(kl_coef=0.1), global_valid_tokens=2)
+    plain, _ = grpo_loss(logprobs, *args, GRPOLossConfig(kl_coef=0.1))
     assert plain.item() != pytest.approx(loss.item())
     with pytest.raises(ValueError, match="engine"):
-        grpo_loss(logprobs, *args, cfg, global_valid_tokens=2)
+        grpo_loss(logprobs, *args, cfg)
     with pytest.raises(ValueError, match="tis_cap"):
         GRPOLossConfig(tis_cap=0.0)
 
 
-def _random_batch(seed: int = 0, B: int = 8, T: int = 6):
-    g = torch.Generator().manual_seed(seed)
-    old = -torch.rand(B, T, generator=g) * 3
-    logprobs = (old + 0.4 * torch.randn(B, T, generator=g)).requires_grad_()
-    ref = old + 0.3 * torch.randn(B, T, generator=g)
-    adv = torch.randn(B, generator=g)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    mask = (torch.arange(T) < lengths[:, None]).float()
-    return logprobs, old, ref, adv, mask
-
-
-def _loss_and_grad(batch, pieces, cfg, n_tokens):
-    """Sum of grpo_loss over row-slices ``pieces``, and its grad w.r.t. logprobs."""
-    logprobs, old, ref, adv, mask = batch
-    logprobs.grad = None
-    total = sum(
-        grpo_loss(logprobs[s], old[s], ref[s], adv[s], mask[s], cfg, n_tokens)[0]
-        for s in pieces
-    )
-    total.backward()
-    return total.detach(), logprobs.grad.clone()
-
-
-@pytest.mark.parametrize(
-    "pieces",
-    [
-        # 4 micro-batches
-        [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)],
-        # 2 DP ranks x 2 micro-batches (uneven): rank0 = rows 0..3, rank1 = rows 4..7
-        [slice(0, 1), slice(1, 4), slice(4, 7), slice(7, 8)],
-    ],
-)
-def test_grpo_loss_split_invariance(pieces):
-    cfg = GRPOLossConfig(kl_coef=0.05)
-    batch = _random_batch()
-    n_tokens = batch[4].sum()
-    whole_loss, whole_grad = _loss_and_grad(batch, [slice(0, 8)], cfg, n_tokens)
-    split_loss, split_grad = _loss_and_grad(batch, pieces, cfg, n_tokens)
-    torch.testing.assert_close(split_loss, whole_loss, rtol=0, atol=1e-6)
-    torch.testing.assert_close(split_grad, whole_grad, rtol=0, atol=1e-6)
-
-    # Negative control: normalising by each piece's own token count is not invariant.
-    logprobs, old, ref, adv, mask = batch
-    local = sum(
-        grpo_loss(logprobs[s], old[s], ref[s], adv[s], mask[s], cfg, mask[s].sum())[0]
-        / len(pieces)
-        for s in pieces
-    )
-    assert abs(local.item() - whole_loss.item()) > 1e-4
-
-
 def test_grpo_loss_at_ratio_one():
+    """Policy = old = reference: no KL, no clipping, and the loss is minus the summed advantages."""
     cfg = GRPOLossConfig(kl_coef=0.5)
-    logprobs, _, _, adv, mask = _random_batch(seed=1)
+    g = torch.Generator().manual_seed(1)
+    logprobs = (-torch.rand(8, 6, generator=g) * 3).requires_grad_()
+    adv = torch.randn(8, generator=g)
+    mask = (torch.arange(6) < torch.randint(1, 7, (8,), generator=g)[:, None]).float()
     same = logprobs.detach().clone()
-    n_tokens = mask.sum()
-    loss, m = grpo_loss(logprobs, same, same, adv, mask, cfg, n_tokens)
+    loss, m = grpo_loss(logprobs, same, same, adv, mask, cfg)
     adv_tokens = adv[:, None].expand_as(mask)
-    torch.testing.assert_close(loss, -masked_mean(adv_tokens, mask), rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss, -(adv_tokens * mask).sum(), rtol=0, atol=1e-5)
     assert m["kl"].item() == 0.0
     assert m["clip_fraction"].item() == 0
     loss.backward()
-    torch.testing.assert_close(logprobs.grad, -adv_tokens * mask / n_tokens, rtol=0, atol=1e-7)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def test_token_entropy():
-    V = 17
-    assert token_entropy(torch.zeros(3, V)).tolist() == pytest.approx([math.log(V)] * 3)
-    peaked = torch.zeros(V)
-    peaked[4] = 1e4
-    assert token_entropy(peaked).item() == pytest.approx(0.0, abs=1e-6)
-    # -inf logits (masked vocab) contribute 0, not NaN, in value and gradient.
-    logits = torch.tensor([0.0, 0.0, float("-inf")], requires_grad=True)
-    h = token_entropy(logits)
-    assert h.item() == pytest.approx(math.log(2))
-    h.backward()
-    assert torch.isfinite(logits.grad).all()
-
-
-def test_masked_mean():
-    values = torch.tensor([[1.0, 2.0, 100.0], [4.0, 5.0, 6.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    assert masked_mean(values, mask).item() == pytest.approx(7.0 / 3)
-    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
-
-
-def test_sequence_logprobs_from_logits():
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(2, 5, 11, generator=g) * 3
-    targets = torch.randint(0, 11, (2, 5), generator=g)
-    expected = torch.distributions.Categorical(logits=logits).log_prob(targets)
-    out = sequence_logprobs_from_logits(logits, targets)
-    assert out.shape == (2, 5) and out.dtype == torch.float32
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-    # bf16 logits are upcast: same result as fp32 on the bf16-rounded values.
-    bf = logits.bfloat16()
-    torch.testing.assert_close(
-        sequence_logprobs_from_logits(bf, targets),
-        sequence_logprobs_from_logits(bf.float(), targets),
-        rtol=0,
-        atol=0,
-    )
+    torch.testing.assert_close(logprobs.grad, -adv_tokens * mask, rtol=0, atol=1e-7)

@@ -32,7 +32,7 @@ def policy(single_rank):
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                       max_sequence_length=MAX_SEQ)
-    return MegatronPolicy(cfg, OptimizerConfig(lr=1e-3), VOCAB, single_rank, TEMPERATURE)
+    return MegatronPolicy(cfg, OptimizerConfig(lr=1e-3), VOCAB, single_rank)
 
 
 def megatron(module, eos: int, max_batch_size: int = 16) -> MegatronRolloutEngine:
@@ -77,7 +77,7 @@ def test_stop_on_eos_false_runs_every_row_to_max_new_tokens(policy):
 
 def test_logprobs_are_the_trainers_at_the_sampling_temperature(policy):
     rollouts = megatron(policy.module, eos=1).generate(PROMPTS * 2, sampling(max_new_tokens=12, n=2), seed=7)
-    trainer = policy.logprobs(rollouts.to_token_batch(), micro_batch_size=8)  # logits / TEMPERATURE
+    trainer = policy.logprobs(rollouts.to_token_batch(), micro_batch_size=8, temperature=TEMPERATURE)
     mask = rollouts.response_mask
     assert mask.sum() > 50
     assert float((trainer - rollouts.engine_logprobs).abs().mul(mask).max()) < 1e-4

@@ -33,7 +33,7 @@ def policy_and_references(single_rank):
     from nemo_rlsr.models.reference import build_reference
 
     policy = MegatronPolicy(tiny_model_config(), optimizer_config(), VOCAB, single_rank)
-    refs = {p: build_reference(p, policy, tiny_model_config(), VOCAB, single_rank, 1.0)
+    refs = {p: build_reference(p, policy, tiny_model_config(), VOCAB, single_rank)
             for p in ("resident", "cpu_swap")}
     return policy, refs
 
@@ -77,7 +77,7 @@ def test_unknown_placement_refused(single_rank):
     from nemo_rlsr.models.reference import build_reference
 
     with pytest.raises(ValueError, match="grpo.reference_placement='gpu'"):
-        build_reference("gpu", None, tiny_model_config(), VOCAB, single_rank, 1.0)
+        build_reference("gpu", None, tiny_model_config(), VOCAB, single_rank)
 
 
 def train(run_dir: Path, placement: str, *extra: str) -> tuple[list[dict], dict]:

@@ -47,9 +47,8 @@ def check_logprobs_match_policy(rec: SectionRecord, name: str, policy, rollouts,
     rec.metric(f"{name}_padded_ids_left_out", int(padded.sum()))
     errors = {}
     for t in sorted({temperature, 1.0}):
-        policy.temperature = t
-        errors[t] = fx.token_mult_prob_error(policy.logprobs(batch, len(batch)), rollouts.engine_logprobs, mask)
-    policy.temperature = 1.0
+        errors[t] = fx.token_mult_prob_error(policy.logprobs(batch, len(batch), temperature=t),
+                                             rollouts.engine_logprobs, mask)
     rec.metric(f"{name}_token_mult_prob_error", {f"policy_at_T={t}": e for t, e in errors.items()})
     rec.check(name, errors[temperature] < MULT_PROB_TOL,
               f"token_mult_prob_error vs policy at T={temperature}: {errors[temperature]:.6f} < {MULT_PROB_TOL} "

@@ -49,8 +49,8 @@ def _grad_norm_by_autograd(policy, batch, vocab: int, loss_cfg) -> tuple[float, 
     logits = module(batch.input_ids, position_ids(batch.input_ids), attention_mask(batch.valid))
     logprobs = fx.logprobs_from_logits(logits[..., :vocab], batch.targets)
     loss, _ = grpo_loss(logprobs, batch.extras["old_logprobs"], batch.extras["ref_logprobs"],
-                        batch.extras["advantages"], batch.loss_mask, loss_cfg,
-                        global_valid_tokens=batch.loss_mask.sum())
+                        batch.extras["advantages"], batch.loss_mask, loss_cfg)
+    loss = loss / batch.loss_mask.sum()  # the token mean, as the policy's schedule divides
     params = [p for p in module.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
     return float(loss), float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))

@@ -1,9 +1,10 @@
 """GRPO core: group-normalised advantages and the clipped policy loss.
 
-Everything here is a pure function of tensors and masks, so the trainer
-decides how batches are split over micro-batches and data-parallel (DP)
-ranks; the functions only need the *global* valid-token count to make
-the aggregation independent of that split (see :func:`grpo_loss`).
+Everything here is a pure function of tensors and masks. The loss is a
+*sum* over a micro-batch's valid tokens; the policy (models/policy.py)
+divides the gradients by the valid-token count of the whole step, over
+every micro-batch and data-parallel rank, so the objective is the step's
+token mean however the batch is split (tests/test_parallel_equivalence.py).
 """
 
 from __future__ import annotations
@@ -87,10 +88,9 @@ def grpo_loss(
     advantages: Tensor,
     mask: Tensor,
     cfg: GRPOLossConfig,
-    global_valid_tokens: float | Tensor,
     engine_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped GRPO surrogate plus k3 KL penalty, token-mean over the global batch.
+    """Clipped GRPO surrogate plus k3 KL penalty, summed over the valid tokens.
 
     Shapes: ``logprobs``/``old_logprobs``/``ref_logprobs``/``mask`` are
     ``[B, T]`` token log-probs of the sampled tokens; ``mask`` is binary
@@ -108,19 +108,16 @@ def grpo_loss(
     ``engine_logprobs`` are the rollout engine's logprobs of the sampled tokens).
     k3 is >= 0 per token and unbiased for KL(pi || ref) under samples from pi.
 
-    Aggregation: ``loss = sum(per_token * mask) / global_valid_tokens`` where
-    ``global_valid_tokens`` is the number of valid tokens in the *whole step's*
-    batch, across all micro-batches and all DP ranks.  Each piece's loss is
-    then its share of the full-batch token mean, so summing the losses (and
-    gradients) over micro-batches and DP ranks gives exactly the token mean of
-    the full batch, however it was split.  Dividing by a per-micro-batch count
-    instead would weight tokens of short micro-batches more.  Callers whose
-    DDP *averages* gradients over DP ranks (torch DDP does) must multiply this
-    loss by the DP world size to recover the sum.
+    Aggregation: ``loss = sum(per_token * mask)``.  The caller divides by the
+    number of valid tokens in the *whole step's* batch, across all
+    micro-batches and all DP ranks (MegatronPolicy.train_step does, through
+    megatron's per-token loss scaling), which gives the token mean of the full
+    batch however it was split; dividing by a per-micro-batch count instead
+    would weight tokens of short micro-batches more.
 
     Returns ``(loss, metrics)``.  Metrics are detached *sums* over this
-    micro-batch's valid tokens, so the caller can all-reduce (sum) them and
-    divide by the same ``global_valid_tokens``:
+    micro-batch's valid tokens too, which the caller all-reduces (sum) and
+    divides by the same global count:
     ``clip_fraction`` (number of tokens where the clip changed the objective,
     i.e. ratio outside ``[1-clip_low, 1+clip_high]`` on the side where the
     clipped branch wins the min, so those tokens get no gradient), ``kl``
@@ -149,7 +146,7 @@ def grpo_loss(
     def masked_sum(x: Tensor) -> Tensor:
         return torch.where(valid, x, 0.0).sum()
 
-    loss = masked_sum(per_token) / global_valid_tokens
+    loss = masked_sum(per_token)
     with torch.no_grad():
         metrics = {
             "clip_fraction": masked_sum((clipped < unclipped).float()),
@@ -158,36 +155,3 @@ def grpo_loss(
             "pg_loss": masked_sum(surrogate),
         }
     return loss, metrics
-
-
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of ``softmax(logits)`` over the last dim, shape ``logits.shape[:-1]``.
-
-    Not derivable from sampled-token log-probs, hence needs full logits.
-    Uses fp32 ``log_softmax`` for stability; ``log p`` is clamped to the
-    smallest finite float so ``-inf`` logits (masked vocab) give ``0 * finite``
-    instead of ``0 * -inf = NaN``.
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """``sum(values * mask) / sum(mask)`` for a binary mask; 0.0 if it is empty.
-
-    Clamping the count to >= 1 handles the empty case without a NaN and
-    without a data-dependent branch (no host-device sync on GPU).
-    """
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def sequence_logprobs_from_logits(logits: Tensor, target_ids: Tensor) -> Tensor:
-    """Log-prob of ``target_ids`` ``[B, T]`` under ``logits`` ``[B, T, V]``.
-
-    For full-vocab (TP=1) logits.  ``logits[:, t]`` must already be aligned
-    with ``target_ids[:, t]`` (the caller does the next-token shift).  Upcast
-    to fp32 because bf16 log-softmax error is large next to the small
-    log-ratio differences the PPO ratio depends on.
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, target_ids.unsqueeze(-1).long()).squeeze(-1)

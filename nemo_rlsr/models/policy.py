@@ -176,7 +176,6 @@ class MegatronPolicy:
         optim_cfg: OptimizerConfig | None,
         vocab_size: int,
         ctx: ParallelContext,
-        temperature: float = 1.0,
     ) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -184,7 +183,6 @@ class MegatronPolicy:
         self.ctx = ctx
         self.model_cfg = model_cfg
         self.vocab_size = vocab_size
-        self.temperature = temperature
         # One GPTModel per virtual pipeline stage of this rank (interleaved schedule), else just one.
         self.chunks = [
             build_gpt(model_cfg, vocab_size, ctx.tp, ctx.pp, ctx.ep, ctx.etp, ctx.stage_layers,
@@ -251,7 +249,8 @@ class MegatronPolicy:
 
     # ---- forward passes through megatron's schedule -------------------------------------------
 
-    def _run(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, forward_only: bool):
+    def _run(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, forward_only: bool,
+             temperature: float):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         # The one place where a step's tensors (ids, masks, extras such as advantages computed from
@@ -280,7 +279,7 @@ class MegatronPolicy:
             output = model(mb.input_ids, positions, mask)
 
             def loss_func(logits: torch.Tensor):
-                logits = mask_padded_vocab(logits.float() / self.temperature, self.vocab_size)
+                logits = mask_padded_vocab(logits.float() / temperature, self.vocab_size)
                 entropy = vocab_parallel_entropy(logits)
                 logprobs = vocab_parallel_logprobs(logits, mb.targets)
                 loss_sum, metrics = loss_fn(logprobs, entropy, mb)
@@ -305,9 +304,11 @@ class MegatronPolicy:
             forward_only=forward_only,
         )
 
-    def logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
-        """Per-token logprobs of `batch.targets` [B, T] on every rank (gathered over CP, broadcast from
-        the last PP stage), on the model's device."""
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+        """Per-token logprobs of `batch.targets` [B, T] under softmax(logits / `temperature`), on every
+        rank (gathered over CP, broadcast from the last PP stage), on the model's device. The
+        temperature is the caller's: the rollouts' sampling temperature when the numbers must match
+        what an engine sampled from, 1 for the model's own likelihood."""
 
         def keep_logprobs(logprobs, entropy, mb):
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
@@ -316,7 +317,7 @@ class MegatronPolicy:
         if len(self.models) > 1:  # the interleaved schedule needs whole groups of PP micro-batches
             batch = repeat_first_row(batch, micro_batch_size * self.ctx.pp)
         with torch.no_grad():
-            outputs = self._run(batch, micro_batch_size, keep_logprobs, forward_only=True)
+            outputs = self._run(batch, micro_batch_size, keep_logprobs, forward_only=True, temperature=temperature)
         from megatron.core import parallel_state
 
         result = torch.empty((rows, batch.input_ids.shape[1]), dtype=torch.float32, device=self.device)
@@ -334,10 +335,16 @@ class MegatronPolicy:
         return result
 
     def train_step(
-        self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, skip_nonfinite: bool = False
+        self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, skip_nonfinite: bool = False,
+        temperature: float = 1.0,
     ) -> dict[str, float]:
-        """One optimizer step on `batch` (this rank's DP shard). Returns metrics averaged per token
-        over the global batch (every rank gets the same numbers) plus `grad_norm` and `lr`.
+        """One optimizer step on `batch` (this rank's DP shard). Returns the loss function's metrics
+        averaged per token over the global batch (every rank gets the same numbers), `num_tokens`,
+        `grad_norm` and `update_skipped`.
+
+        `loss_fn` gets the logprobs (and entropy) of softmax(logits / `temperature`): 1 for a
+        likelihood objective (pre-training, SFT); an RL loss whose ratio compares them with logprobs
+        taken at the sampling temperature passes that temperature.
 
         `skip_nonfinite`: when the global loss or gradient norm is NaN/Inf, apply nothing and
         return `nonfinite=1` (an fp32/bf16 megatron optimizer has no grad scaler to catch it and
@@ -347,7 +354,7 @@ class MegatronPolicy:
         for model in self.models:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run(batch, micro_batch_size, loss_fn, forward_only=False)
+        outputs = self._run(batch, micro_batch_size, loss_fn, forward_only=False, temperature=temperature)
         metrics = reduce_metric_sums(outputs, self.ctx, self.device)
         if skip_nonfinite:
             # prepare_grads copies the reduced grads to the main params (step() repeats that copy,

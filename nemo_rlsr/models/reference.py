@@ -33,8 +33,8 @@ PLACEMENTS = ("resident", "cpu_swap")
 class ResidentReference:
     """Its own frozen MegatronPolicy on the device."""
 
-    def __init__(self, model_cfg: ModelConfig, vocab_size: int, ctx: ParallelContext, temperature: float) -> None:
-        self.policy = MegatronPolicy(model_cfg, None, vocab_size, ctx, temperature)
+    def __init__(self, model_cfg: ModelConfig, vocab_size: int, ctx: ParallelContext) -> None:
+        self.policy = MegatronPolicy(model_cfg, None, vocab_size, ctx)
 
     def freeze_from(self, policy: MegatronPolicy) -> None:
         self.policy.weights.load_state_dict(policy.weights.state_dict())
@@ -44,8 +44,8 @@ class ResidentReference:
 
         load_checkpoint(path, self.policy, load_optimizer=False)
 
-    def logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
-        return self.policy.logprobs(batch, micro_batch_size)
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+        return self.policy.logprobs(batch, micro_batch_size, temperature)
 
 
 class CpuSwapReference:
@@ -87,18 +87,18 @@ class CpuSwapReference:
         if self.policy.optimizer is not None:
             self.policy.optimizer.reload_model_params()
 
-    def logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
         self._swap()
         try:
-            return self.policy.logprobs(batch, micro_batch_size)
+            return self.policy.logprobs(batch, micro_batch_size, temperature)
         finally:
             self._swap()
 
 
 def build_reference(placement: str, policy: MegatronPolicy, model_cfg: ModelConfig, vocab_size: int,
-                    ctx: ParallelContext, temperature: float):
+                    ctx: ParallelContext):
     if placement == "resident":
-        return ResidentReference(model_cfg, vocab_size, ctx, temperature)
+        return ResidentReference(model_cfg, vocab_size, ctx)
     if placement == "cpu_swap":
         return CpuSwapReference(policy)
     raise ValueError(f"grpo.reference_placement={placement!r}: choose one of {', '.join(PLACEMENTS)}")

@@ -66,7 +66,7 @@ def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
         loss, metrics = grpo_loss(
             logprobs, mb.extras["old_logprobs"], mb.extras["ref_logprobs"], mb.extras["advantages"],
-            mb.loss_mask, cfg, global_valid_tokens=1.0, engine_logprobs=mb.extras.get("engine_logprobs"),
+            mb.loss_mask, cfg, engine_logprobs=mb.extras.get("engine_logprobs"),
         )
         metrics["loss"] = loss.detach()
         metrics["entropy"] = (entropy * mb.loss_mask).sum()
@@ -125,10 +125,8 @@ class RLSRTrainer:
         self.all_references = sorted({t.example.reference for t in data.train + data.heldout})
 
         vocab = self.tokenizer.vocab_size
-        self.policy = MegatronPolicy(cfg.model, self._pretrain_optimizer(), vocab, self.ctx,
-                                     cfg.rollout.temperature)
-        self.reference = build_reference(cfg.grpo.reference_placement, self.policy, cfg.model, vocab, self.ctx,
-                                         cfg.rollout.temperature)
+        self.policy = MegatronPolicy(cfg.model, self._pretrain_optimizer(), vocab, self.ctx)
+        self.reference = build_reference(cfg.grpo.reference_placement, self.policy, cfg.model, vocab, self.ctx)
         self.engine = build_engine(cfg, self.policy, self.tokenizer, self.run_dir)
         self._engine_stale = True  # the engine's weights lag the policy's until the next refit
         self.reward = build_reward_actor(cfg.reward, str(self.ctx.device), self.ctx.world_size)
@@ -295,13 +293,16 @@ class RLSRTrainer:
         batch = rollouts.to_token_batch(advantages=advantages, engine_logprobs=rollouts.engine_logprobs)
         batch = batch.to(self.policy.device)
         t2 = time.perf_counter()
-        batch.extras["old_logprobs"] = self.policy.logprobs(batch, cfg.grpo.micro_batch_size)
-        batch.extras["ref_logprobs"] = self.reference.logprobs(batch, cfg.grpo.micro_batch_size)
+        # Every logprob of the step at the sampling temperature: the engine drew the tokens from
+        # softmax(logits / T), and the ratio and KL compare distributions at that temperature.
+        temperature = cfg.rollout.temperature
+        batch.extras["old_logprobs"] = self.policy.logprobs(batch, cfg.grpo.micro_batch_size, temperature)
+        batch.extras["ref_logprobs"] = self.reference.logprobs(batch, cfg.grpo.micro_batch_size, temperature)
         t3 = time.perf_counter()
         mini_size = len(batch) // cfg.grpo.mini_batches_per_step
         loss_fn = inject_nan(self.loss_fn) if self.step + 1 in cfg.trainer.debug_inject_nan_steps else self.loss_fn
         updates = [self.policy.train_step(batch.slice(i, i + mini_size), cfg.grpo.micro_batch_size, loss_fn,
-                                          skip_nonfinite=True)
+                                          skip_nonfinite=True, temperature=temperature)
                    for i in range(0, len(batch), mini_size)]
         t4 = time.perf_counter()
         self.step += 1
