@@ -15,7 +15,7 @@ real one. Variants, run one after another (each freed before the next):
   layer spec the policy builder picks (Transformer Engine's when it imports, else the local one;
   the line says which).
 * ``megatron_fp8``: the same with ``model.fp8=hybrid`` when Transformer Engine imports and
-  ``models/precision.validate_fp8`` accepts the config on this GPU; otherwise the line says why not.
+  ``models/precision.fp8_problems`` accepts the config on this GPU; otherwise the line says why not.
 
 Each line reports tokens/s (all tokens of the batch) and MFU = model FLOPs per step / step time /
 peak dense bf16 FLOP/s of the GPU (H100 and H200 SXM: 989 TFLOP/s; ``--peak-tflops`` overrides; no

@@ -9,8 +9,11 @@
 
 Runs under plain `python` (one process) or `torchrun --nproc_per_node=N` (SPMD).
 
-Exit codes: 0 done; 75 preempted (a checkpoint was saved: requeue with `--resume auto`);
-2 bad config or checkpoint path; 3 too many non-finite updates in a row; 1 any other error.
+Exit codes (every command): 0 done; 2 a bad config (every problem listed, no traceback) or a
+checkpoint / file path that is not there or not complete; 1 a bad data row (`data error:`) or any
+other error (with its traceback). `train` and `sft` also: 75 preempted (a checkpoint was saved:
+requeue with `--resume auto`); 3 too many non-finite updates in a row. `plan`: 1 when the config
+does not fit the cluster or the trainer's start-up checks refuse it there.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def _quiet_third_party() -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    """`train` and `sft`: one path, so both exit 75 on preemption and 3 on non-finite updates."""
+    """`train` and `sft`: one path (trainer/run.py), so both exit 75 on preemption and 3 on non-finite updates."""
     from nemo_rlsr.config import load_config
     from nemo_rlsr.distributed.parallel import destroy_distributed
     from nemo_rlsr.trainer.guards import NonFiniteError
@@ -102,7 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_EVAL_COMMANDS = {"report": _report, "export-hf": _export_hf, "eval": _eval}
+_COMMANDS = {"train": _fit, "sft": _fit, "plan": _plan, "report": _report, "export-hf": _export_hf, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,28 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--out", required=True, help="output folder")
     evaluate.add_argument("--max-new-tokens", type=int, help="default: the run's rollout.max_new_tokens")
     args = parser.parse_args(argv)
-    if args.command in ("report", "export-hf", "eval"):
-        _quiet_third_party()
-        return _EVAL_COMMANDS[args.command](args)
-    if args.command == "plan":
-        from nemo_rlsr.config import ConfigError
-
-        try:
-            return _plan(args)
-        except (ConfigError, ValueError) as exc:
-            print(f"config error: {exc}", file=sys.stderr)
-            return 2
-    _quiet_third_party()
     from nemo_rlsr.config import ConfigError
+    from nemo_rlsr.data.instructions import DatasetError
 
+    if args.command != "plan":  # (plan stays light: no torch, no warnings to silence)
+        _quiet_third_party()
     try:
-        return _fit(args)
+        return _COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except (FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DatasetError as exc:
+        print(f"data error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the CPU, so its defects show here against the installed megatron-core (0.16.1 on
 references are our torch sampler (tests/test_torch_sampler.py checks it against the trainer's
 teacher-forced forward) and the trainer's own logprobs at the sampling temperature. On a machine with
 CUDA the same tests run megatron's CUDA path (cpu_compat is inactive there). The engine is still
-refused for users without CUDA (generation/factory.check_engine): it is built and timed for GPUs.
+refused for users without CUDA (generation/factory.engine_problems): it is built and timed for GPUs.
 """
 
 import dataclasses

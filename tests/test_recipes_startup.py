@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -48,7 +47,7 @@ def test_every_recipe_passes_the_trainers_startup_checks_on_its_cluster(path):
 
 
 def test_plan_reports_the_startup_problems_and_exits_nonzero(capsys):
-    """The qwen32b recipes shipped with rollout.tensor_parallel=4 at TP 8: check_engine refuses that,
+    """The qwen32b recipes shipped with rollout.tensor_parallel=4 at TP 8: engine_problems refuses that,
     so must `plan` (the trainer died after the container, Ray and the data had loaded)."""
     from nemo_rlsr.cli import main
 
@@ -71,15 +70,26 @@ def test_planner_sizes_engines_as_the_trainer_builds_them():
     assert (plan.layout.engine_tp, plan.layout.engines) == (64, 8) and plan.fits, plan.problems
 
 
-def test_trainers_raise_every_startup_problem_at_once():
+def test_trainers_raise_every_startup_problem_at_once(tmp_path):
+    """Through the trainer's own entry (`fit`), before any process group exists: the problems of
+    keys that used to stop the run later with a ValueError (the guard's, the preemption handler's,
+    the reward's, the sampler's, the reference placement's) are in the same list."""
+    import torch.distributed as dist
+
     from nemo_rlsr.trainer.rlsr import RLSRTrainer
 
-    cfg = load_config(REPO / "conf/rlsr_tiny.yaml", ["grpo.num_generations=1", "trainer.keep_last_checkpoints=-1",
-                                                     "optimizer.cpu_offload=true"])
+    overrides = ["grpo.num_generations=1", "trainer.keep_last_checkpoints=-1", "optimizer.cpu_offload=true",
+                 "trainer.max_consecutive_nonfinite=0", "trainer.preemption_signals=[SIGNOPE]",
+                 "reward.repetition_mode=loops", "rollout.temperature=0", "grpo.reference_placement=gpu",
+                 f"trainer.output_dir={tmp_path}"]
+    initialized = dist.is_initialized()
     with pytest.raises(ConfigError) as err:
-        RLSRTrainer._validate(SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(world_size=1)))
-    for key in ("grpo.num_generations", "trainer.keep_last_checkpoints", "optimizer.cpu_offload"):
-        assert key in str(err.value)
+        RLSRTrainer(load_config(REPO / "conf/rlsr_tiny.yaml", overrides)).fit()
+    for key in ("grpo.num_generations", "trainer.keep_last_checkpoints", "optimizer.cpu_offload",
+                "trainer.max_consecutive_nonfinite", "trainer.preemption_signals", "reward.repetition_mode",
+                "rollout.temperature", "grpo.reference_placement"):
+        assert key in str(err.value), key
+    assert dist.is_initialized() == initialized and not list(tmp_path.iterdir())  # nothing was started
 
 
 def test_sft_cli_refuses_with_the_startup_problems():
@@ -93,7 +103,7 @@ def test_sft_cli_refuses_with_the_startup_problems():
 
 @pytest.mark.parametrize("overrides, mode, message", [
     (["data.max_prompt_tokens=16"], "rlsr", "not applied to data.format=instructions"),
-    (["data.format=tulu", "data.path=x.jsonl", "data.max_prompt_tokens=40"], "rlsr",
+    (["data.format=tulu", "data.path=x.jsonl", "data.max_prompt_tokens=40", "trainer.heldout_eval=false"], "rlsr",
      "data.max_prompt_tokens=40 + rollout.max_new_tokens=20 exceeds model.max_sequence_length=48"),
     (["data.format=tulu", "data.path=x.jsonl", "data.max_prompt_tokens=30", "data.max_reference_tokens=18"], "sft",
      "+ eos exceeds model.max_sequence_length=48"),
@@ -102,7 +112,8 @@ def test_length_filters_that_cannot_protect_the_trainer_are_refused(overrides, m
     config = REPO / ("conf/sft_tiny.yaml" if mode == "sft" else "conf/rlsr_tiny.yaml")  # 48-token sequences
     problems = startup_problems(load_config(config, overrides), Machine.container(1, None), mode)
     assert len(problems) == 1 and message in problems[0], problems
-    fits = ["data.format=tulu", "data.path=x.jsonl", "data.max_prompt_tokens=28", "data.max_reference_tokens=19"]
+    fits = ["data.format=tulu", "data.path=x.jsonl", "data.max_prompt_tokens=28", "data.max_reference_tokens=19",
+            "trainer.heldout_eval=false"]
     assert startup_problems(load_config(config, fits), Machine.container(1, None), mode) == []
 
 
@@ -118,7 +129,8 @@ def test_a_too_long_row_of_a_paper_recipe_is_dropped_and_counted(tmp_path):
     filter off (as the recipes shipped) the same file stops the trainer."""
     from hf_tokenizers import build_hf_tokenizer
     from nemo_rlsr.data.dataset import PROMPT_TOO_LONG, load_training_data
-    from nemo_rlsr.trainer.rlsr import RLSRTrainer
+    from nemo_rlsr.data.instructions import DatasetError
+    from nemo_rlsr.trainer.rlsr import rollout_prompts
 
     def row(prompt: str, answer: str) -> str:
         return json.dumps({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
@@ -131,12 +143,12 @@ def test_a_too_long_row_of_a_paper_recipe_is_dropped_and_counted(tmp_path):
     cfg = load_config(recipe, [f"data.path={data}", f"data.tokenizer_path={tokenizer}"])
     loaded = load_training_data(cfg.data, log=lambda line: None)
     assert (loaded.report.rows_in, loaded.report.rows_kept, dict(loaded.report.dropped)) == (3, 2, {PROMPT_TOO_LONG: 1})
-    prompts = RLSRTrainer._prompts(SimpleNamespace(cfg=cfg), loaded.train)
+    prompts = rollout_prompts(loaded.train, cfg)
     assert len(prompts) == 2
 
     unfiltered = load_config(recipe, [f"data.path={data}", f"data.tokenizer_path={tokenizer}",
                                       "data.max_prompt_tokens=null"])
     loaded = load_training_data(unfiltered.data, log=lambda line: None)
     assert loaded.report.rows_kept == 3
-    with pytest.raises(ValueError, match="exceeds model.max_sequence_length=4096"):
-        RLSRTrainer._prompts(SimpleNamespace(cfg=unfiltered), loaded.train)
+    with pytest.raises(DatasetError, match="exceeds model.max_sequence_length=4096"):
+        rollout_prompts(loaded.train, unfiltered)

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nemo_rlsr.config import ConfigError, ModelConfig, RLSRConfig
-from nemo_rlsr.generation.factory import check_engine
+from nemo_rlsr.config import ModelConfig, RLSRConfig
+from nemo_rlsr.generation.factory import engine_problems
 from nemo_rlsr.generation.interface import SamplingParams
 from nemo_rlsr.generation.layout import rollout_batch
 from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
@@ -45,9 +45,9 @@ def config(**rollout) -> RLSRConfig:
 
 
 def test_engine_combinations_that_cannot_run_are_refused_at_startup():
-    check_engine(config(), cuda=False, trtllm_importable=False)  # torch on a CPU machine
-    check_engine(config(engine="megatron"), cuda=True, trtllm_importable=False)
-    check_engine(config(engine="trtllm", tensor_parallel=1), cuda=True, trtllm_importable=True)
+    assert engine_problems(config(), cuda=False, trtllm_importable=False) == []  # torch on a CPU machine
+    assert engine_problems(config(engine="megatron"), cuda=True, trtllm_importable=False) == []
+    assert engine_problems(config(engine="trtllm", tensor_parallel=1), cuda=True, trtllm_importable=True) == []
     refused = {
         "needs CUDA": (config(engine="megatron"), False, False),
         "has none": (config(engine="trtllm"), False, True),
@@ -61,14 +61,16 @@ def test_engine_combinations_that_cannot_run_are_refused_at_startup():
         "one trainer model-parallel group": (config(engine="trtllm", tensor_parallel=4), True, True),
     }
     for message, (cfg, cuda, importable) in refused.items():
-        with pytest.raises(ConfigError, match=message):
-            check_engine(cfg, cuda=cuda, trtllm_importable=importable)
+        problems = engine_problems(cfg, cuda=cuda, trtllm_importable=importable)
+        assert any(message in p for p in problems), (message, problems)
     pipelined = config()
     pipelined.parallel.pipeline_parallel = 2
-    with pytest.raises(ConfigError, match="pipeline_parallel=1"):
-        check_engine(pipelined, cuda=True, trtllm_importable=True)
+    assert any("pipeline_parallel=1" in p for p in engine_problems(pipelined, cuda=True, trtllm_importable=True))
     pipelined.rollout.engine = "trtllm"  # PP->TP: the engine has its own layout
-    check_engine(pipelined, cuda=True, trtllm_importable=True)
+    assert engine_problems(pipelined, cuda=True, trtllm_importable=True) == []
+    # every problem at once: a trtllm engine without CUDA, with stop strings and an FP8 rollout
+    many = engine_problems(config(engine="trtllm", stop=["\n"], fp8=True), cuda=False, trtllm_importable=False)
+    assert len(many) == 4, many
 
 
 # ---------------------------------------------------------------- layout

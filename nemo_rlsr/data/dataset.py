@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nemo_rlsr.config import ConfigError, DataConfig
+from nemo_rlsr.config.rules import data_config_problems
 from nemo_rlsr.data.chat import HFTokenizer, Tokenizer, encode_chat_prompt, render_chat_prompt, word_prompt_text
 from nemo_rlsr.data.instructions import (
     BUNDLED_DATASET,
@@ -132,10 +133,9 @@ def load_training_data(cfg: DataConfig, log: Callable[[str], None] = print) -> T
     filters (the demo's rule: the vocabulary covers everything the model reads)."""
     if cfg.format == "instructions":
         return _bundled(cfg)
-    if cfg.format not in FORMATS:
-        raise ConfigError(f"data.format={cfg.format!r} is not one of {['instructions', *FORMATS]}")
-    if not cfg.path:
-        raise ConfigError(f"data.format={cfg.format!r} needs data.path (a file, a directory or a hub dataset name)")
+    problems = data_config_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
     report = DataReport(cfg.path)
     drop = _Dropper(report, cfg.strict)
     conversations = read_conversations(cfg, drop)

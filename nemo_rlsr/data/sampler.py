@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from nemo_rlsr.data.instructions import DatasetError
+
 
 class PromptSampler:
     """Yields this rank's example indices, one global batch (``batch_size_per_rank * dp_size``) at a time.
@@ -38,7 +40,7 @@ class PromptSampler:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         global_batch = batch_size_per_rank * dp_size
         if num_examples < global_batch:
-            raise ValueError(
+            raise DatasetError(
                 f"num_examples ({num_examples}) < global batch ({batch_size_per_rank} per rank x {dp_size} "
                 f"DP ranks = {global_batch}): not even one batch per epoch"
             )

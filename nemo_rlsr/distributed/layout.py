@@ -9,7 +9,7 @@ built.
 
 from __future__ import annotations
 
-from nemo_rlsr.config import ConfigError, RLSRConfig
+from nemo_rlsr.config import RLSRConfig
 from nemo_rlsr.models.precision import fp8_problems, params_dtype_problems, transformer_impl_problems, uses_te_spec
 from nemo_rlsr.models.recompute import recompute_problems
 from nemo_rlsr.planner.layout import Layout, layout_problems
@@ -80,10 +80,3 @@ def run_problems(cfg: RLSRConfig, world_size: int, te_version: str | None,
     return (problems + moe_problems(cfg) + recompute_problems(cfg) + engine_problems(cfg, te_version, capability)
             + transformer_impl_problems(cfg, te_version, capability) + params_dtype_problems(cfg)
             + fp8_problems(cfg, te_version, capability, cuda_version))
-
-
-def validate_run(cfg: RLSRConfig, world_size: int, te_version: str | None,
-                 capability: tuple[int, int] | None, mode: str = "rlsr", cuda_version: str | None = None) -> None:
-    problems = run_problems(cfg, world_size, te_version, capability, mode, cuda_version)
-    if problems:
-        raise ConfigError(f"this layout cannot run on {world_size} ranks:\n  " + "\n  ".join(problems))

@@ -1,68 +1,74 @@
-"""`rollout.engine` -> a RolloutEngine; combinations that cannot run are refused at startup.
+"""`rollout.engine` -> a RolloutEngine; combinations that cannot run are refused at start-up.
 
-`check_engine` is pure (config + what this machine has), so the trainer calls it in `_validate`,
-before any model is built, and the tests call it with any machine description.
+`engine_problems` is pure (config + what a machine has): the trainers' start-up checks and
+`nemo-rlsr plan` run it (trainer/startup.py) before any model is built, tests with any machine.
 """
 
 from __future__ import annotations
 
-from nemo_rlsr.config import ConfigError, RLSRConfig
+from typing import TYPE_CHECKING
+
+from nemo_rlsr.config import RLSRConfig
+
+if TYPE_CHECKING:
+    from nemo_rlsr.generation.interface import RolloutEngine
 
 ENGINES = ("torch", "megatron", "trtllm")
 
 
-def check_engine(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> None:
+def engine_problems(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> list[str]:
+    """Every reason `rollout.engine` cannot run with this config on a machine with (or without) CUDA
+    and an importable TensorRT-LLM, as sentences naming the keys."""
     rollout, parallel = cfg.rollout, cfg.parallel
     engine = rollout.engine
     if engine not in ENGINES:
-        raise ConfigError(f"rollout.engine={engine!r}: choose one of {', '.join(ENGINES)}")
-    if rollout.top_k < 0:
-        raise ConfigError(f"rollout.top_k={rollout.top_k} must be >= 0 (0: off)")
-    if rollout.refit_bucket_mb < 1:
-        raise ConfigError(f"rollout.refit_bucket_mb={rollout.refit_bucket_mb} must be >= 1")
-    if engine in ("megatron", "trtllm") and not cuda:
-        raise ConfigError(f"rollout.engine={engine} needs CUDA GPUs and this machine has none: "
-                          f"use rollout.engine=torch (our sampler runs on the CPU)")
-    if engine == "trtllm" and not trtllm_importable:
-        raise ConfigError("rollout.engine=trtllm needs TensorRT-LLM 1.2 (NGC image "
-                          "nvcr.io/nvidia/tensorrt-llm/release:1.2.0); `import tensorrt_llm` fails here")
-    if rollout.fp8 and engine != "trtllm":
-        raise ConfigError(f"rollout.fp8 is a TensorRT-LLM option; rollout.engine={engine} samples in the "
-                          f"trainer's precision")
-    if rollout.fp8:
-        raise ConfigError("rollout.fp8=true is refused: a refit sends bf16 weights, and nothing yet shows "
-                          "TensorRT-LLM's loader quantizing them to FP8 (generation/trtllm.py); use rollout.fp8=false")
-    if engine != "torch" and parallel.context_parallel > 1:
-        # the torch sampler runs the trainer's module with CP switched off (models/context_parallel.py), so
-        # every CP rank of a DP rank samples the same rollouts; the other engines have no such path yet
-        raise ConfigError(f"rollout.engine={engine} at parallel.context_parallel={parallel.context_parallel} is not "
-                          f"built: use rollout.engine=torch")
+        return [f"rollout.engine={engine!r}: choose one of {', '.join(ENGINES)}"]
+    out = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            out.append(message)
+
+    need(rollout.refit_bucket_mb >= 1, f"rollout.refit_bucket_mb={rollout.refit_bucket_mb} must be >= 1")
+    need(engine == "torch" or cuda, f"rollout.engine={engine} needs CUDA GPUs and this machine has none: "
+                                    f"use rollout.engine=torch (our sampler runs on the CPU)")
+    need(engine != "trtllm" or trtllm_importable,
+         "rollout.engine=trtllm needs TensorRT-LLM 1.2 (NGC image nvcr.io/nvidia/tensorrt-llm/release:1.2.0); "
+         "`import tensorrt_llm` fails here")
+    need(not rollout.fp8 or engine == "trtllm",
+         f"rollout.fp8 is a TensorRT-LLM option; rollout.engine={engine} samples in the trainer's precision")
+    need(not (rollout.fp8 and engine == "trtllm"),
+         "rollout.fp8=true is refused: a refit sends bf16 weights, and nothing yet shows TensorRT-LLM's loader "
+         "quantizing them to FP8 (generation/trtllm.py); use rollout.fp8=false")
+    # the torch sampler runs the trainer's module with CP switched off (models/context_parallel.py), so
+    # every CP rank of a DP rank samples the same rollouts; the other engines have no such path yet
+    need(engine == "torch" or parallel.context_parallel <= 1,
+         f"rollout.engine={engine} at parallel.context_parallel={parallel.context_parallel} is not built: "
+         f"use rollout.engine=torch")
     if engine == "trtllm":
-        if rollout.stop:
-            raise ConfigError("rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos "
-                              "or rollout.engine=torch")
+        need(not rollout.stop, "rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos "
+                               "or rollout.engine=torch")
         model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
-        if rollout.tensor_parallel not in (None, model_parallel):
-            # each engine worker reads the refit IPC handles of its own GPU: an engine spans exactly one
-            # model-parallel group of trainer ranks (generation/trtllm_placement.py)
-            raise ConfigError(f"rollout.tensor_parallel={rollout.tensor_parallel}: a TensorRT-LLM engine spans one "
-                              f"trainer model-parallel group, tensor_parallel x pipeline_parallel = {model_parallel}")
-        return
+        # each engine worker reads the refit IPC handles of its own GPU: an engine spans exactly one
+        # model-parallel group of trainer ranks (generation/trtllm_placement.py)
+        need(rollout.tensor_parallel in (None, model_parallel),
+             f"rollout.tensor_parallel={rollout.tensor_parallel}: a TensorRT-LLM engine spans one trainer "
+             f"model-parallel group, tensor_parallel x pipeline_parallel = {model_parallel}")
+        return out
     # torch / megatron run the trainer's own module: its layout is theirs
-    if rollout.tensor_parallel not in (None, parallel.tensor_parallel):
-        raise ConfigError(f"rollout.tensor_parallel={rollout.tensor_parallel}: rollout.engine={engine} runs on "
-                          f"the trainer's module (tensor_parallel={parallel.tensor_parallel}); only trtllm "
-                          f"has its own layout")
-    if parallel.pipeline_parallel > 1:
-        raise ConfigError(f"rollout.engine={engine} needs the whole model on each rank (pipeline_parallel=1); "
-                          f"with pipeline parallelism use rollout.engine=trtllm (weights resharded PP->TP)")
-    if engine == "megatron" and parallel.expert_parallel > 1:
+    need(rollout.tensor_parallel in (None, parallel.tensor_parallel),
+         f"rollout.tensor_parallel={rollout.tensor_parallel}: rollout.engine={engine} runs on the trainer's module "
+         f"(tensor_parallel={parallel.tensor_parallel}); only trtllm has its own layout")
+    need(parallel.pipeline_parallel <= 1,
+         f"rollout.engine={engine} needs the whole model on each rank (pipeline_parallel=1); with pipeline "
+         f"parallelism use rollout.engine=trtllm (weights resharded PP->TP)")
+    if engine == "megatron":
         # its MoE layers exchange tokens across ranks that sample different prompts; only our torch
         # sampler steps those ranks in lockstep (generation/lockstep.py)
-        raise ConfigError(f"rollout.engine=megatron at expert_parallel={parallel.expert_parallel} is not built: "
-                          f"use rollout.engine=torch")
-    if engine == "megatron" and rollout.stop:
-        raise ConfigError("rollout.stop strings are built for rollout.engine=torch only")
+        need(parallel.expert_parallel <= 1, f"rollout.engine=megatron at expert_parallel={parallel.expert_parallel} "
+                                            f"is not built: use rollout.engine=torch")
+        need(not rollout.stop, "rollout.stop strings are built for rollout.engine=torch only")
+    return out
 
 
 def engine_gpus(cfg: RLSRConfig) -> int:
@@ -81,7 +87,7 @@ def trtllm_importable() -> bool:
     return importlib.util.find_spec("tensorrt_llm") is not None
 
 
-def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir):
+def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir) -> RolloutEngine:
     """The configured engine over `policy` (our MegatronPolicy); `run_dir` holds trtllm's config."""
     rollout = cfg.rollout
     vocab = tokenizer.vocab_size

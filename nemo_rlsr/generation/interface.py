@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from nemo_rlsr.config.rules import sampling_problems
 from nemo_rlsr.models.policy import TokenBatch
 
 
@@ -35,19 +36,9 @@ class SamplingParams:
     n: int = 1
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n (samples per prompt) must be >= 1, got {self.n}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
+        problems = sampling_problems(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.stop, self.n)
+        if problems:
+            raise ValueError("; ".join(problems))
 
 @dataclass
 class RolloutBatch:

@@ -37,9 +37,10 @@ four releases, text_generation_controllers/text_generation_controller.py and eng
 tests/test_megatron_engine.py runs all of this on the CPU (cpu_compat) against megatron-core 0.16.1,
 and on CUDA where there is a GPU. It also passed, by hand and not in CI, with the 0.17.1, 0.18.2 and
 0.19.2 wheels' `megatron` first on PYTHONPATH (Python 3.11; the two MoE paged-stash modules that
-import triton at import time replaced by empty modules, nothing here uses them); check_engine still refuses the engine without CUDA, for which it is
-built. Not run: the Transformer Engine layer spec (its attention takes our explicit masks,
-models/spec.py, while megatron's static engine passes none during generation).
+import triton at import time replaced by empty modules, nothing here uses them); the start-up check
+(generation/factory.engine_problems) still refuses the engine without CUDA, for which it is built.
+Not run: the Transformer Engine layer spec (its attention takes our explicit masks, models/spec.py,
+while megatron's static engine passes none during generation).
 """
 
 from __future__ import annotations

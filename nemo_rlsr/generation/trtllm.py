@@ -50,8 +50,8 @@ handles of tensors on its own GPU; the leader gathers them and makes the call.
 Only the pure parts (options, placement plan, sampling arguments, handle serialisation, output
 conversion, memory tags, the import and worker environment) run without TensorRT-LLM;
 tests/test_rollout_engines.py and tests/test_trtllm_placement.py check them (the placement's Ray calls
-against a local Ray with logical GPUs). FP8 rollout is refused (generation/factory.check_engine): nothing
-shows TensorRT-LLM's loader quantizing the bf16 weights a refit sends.
+against a local Ray with logical GPUs). FP8 rollout is refused (generation/factory.engine_problems):
+nothing shows TensorRT-LLM's loader quantizing the bf16 weights a refit sends.
 """
 
 from __future__ import annotations

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 
 from nemo_rlsr.config import ModelConfig
+from nemo_rlsr.config.rules import REFERENCE_PLACEMENTS
 from nemo_rlsr.distributed.parallel import ParallelContext
 from nemo_rlsr.models.policy import MegatronPolicy, TokenBatch
-
-PLACEMENTS = ("resident", "cpu_swap")
 
 
 class ResidentReference:
@@ -101,4 +100,4 @@ def build_reference(placement: str, policy: MegatronPolicy, model_cfg: ModelConf
         return ResidentReference(model_cfg, vocab_size, ctx)
     if placement == "cpu_swap":
         return CpuSwapReference(policy)
-    raise ValueError(f"grpo.reference_placement={placement!r}: choose one of {', '.join(PLACEMENTS)}")
+    raise ValueError(f"grpo.reference_placement={placement!r}: choose one of {', '.join(REFERENCE_PLACEMENTS)}")

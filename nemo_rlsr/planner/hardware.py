@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nemo_rlsr.config import ConfigError
+
 GiB = 1024**3
 
 H100_DATASHEET = "https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM5 column)"
@@ -100,5 +102,5 @@ EFFICIENCY = Efficiency()
 
 def device(name: str) -> Device:
     if name not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; known: {', '.join(DEVICES)}")
+        raise ConfigError(f"cluster.gpu (--gpu) {name!r} is not a known device; known: {', '.join(DEVICES)}")
     return DEVICES[name]

@@ -20,13 +20,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from nemo_rlsr.config import RewardConfig
+from nemo_rlsr.config import ConfigError, RewardConfig
+from nemo_rlsr.config.rules import reward_problems
 
 from .result import RewardResult
 
-__all__ = ["RewardActor", "BACKENDS", "build_reward_actor"]
-
-BACKENDS = ("local", "ray")
+__all__ = ["RewardActor", "build_reward_actor"]
 
 
 @runtime_checkable
@@ -38,7 +37,7 @@ class RewardActor(Protocol):
         """Unit-norm float32 CPU embeddings [N, D] (held-out evaluation uses them)."""
 
     def close(self) -> None:
-        """Release workers and pools."""
+        """Release workers and pools; the run calls it however it ends."""
 
 
 def pool_name(cfg: RewardConfig) -> str:
@@ -59,4 +58,4 @@ def build_reward_actor(cfg: RewardConfig, device: str, world_size: int = 1) -> R
         from .ray_pool import RayRewardPool
 
         return RayRewardPool(cfg, pool_name(cfg), world_size)
-    raise ValueError(f"reward.backend={cfg.backend!r} is not one of {BACKENDS}")
+    raise ConfigError("; ".join(reward_problems(cfg)))

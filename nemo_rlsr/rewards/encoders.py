@@ -29,19 +29,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from nemo_rlsr.config.rules import ENCODER_FAMILIES, LONG_RESPONSE_POLICIES, encoder_problems, long_response_problem
+
 from .batching import pad, token_budget_batches
 
 __all__ = ["ENCODER_FAMILIES", "LONG_RESPONSE_POLICIES", "Batch", "Encoded", "SentenceEncoder", "bundled_minilm_path"]
 
 # `reward.encoder` names (the planner's) -> family.
-ENCODER_FAMILIES = {
-    "minilm-l6": "sb",
-    "mpnet-base-v2": "sb",
-    "qwen3-embedding-0.6b": "qwen-em",
-    "qwen3-embedding-4b": "qwen-em",
-    "qwen3-embedding-8b": "qwen-em",
-}
-LONG_RESPONSE_POLICIES = ("truncate", "chunk")
 _DEFAULT_PROMPT = {"sb": None, "qwen-em": "query"}  # Qwen3-Embedding instructs its queries
 
 
@@ -103,7 +97,7 @@ class SentenceEncoder:
         if family not in _DEFAULT_PROMPT:
             raise ValueError(f"encoder family must be one of {sorted(_DEFAULT_PROMPT)}, got {family!r}")
         if long_response not in LONG_RESPONSE_POLICIES:
-            raise ValueError(f"reward.long_response must be one of {LONG_RESPONSE_POLICIES}, got {long_response!r}")
+            raise ValueError(long_response_problem(long_response)[0])
         self.model, self.family, self.device = model, family, device
         self.long_response = long_response
         self.tokenizer = model.tokenizer
@@ -131,12 +125,11 @@ class SentenceEncoder:
     def load(cls, name: str, path: str | None, device: str = "cpu", **options) -> "SentenceEncoder":
         """Load encoder ``name`` (a key of ENCODER_FAMILIES) from the local folder ``path``
         (``None``: the bundled MiniLM, for "minilm-l6" only)."""
-        if name not in ENCODER_FAMILIES:
-            raise ValueError(f"reward.encoder={name!r} is not one of {sorted(ENCODER_FAMILIES)}")
+        problems = encoder_problems(name, path, options.get("long_response", "truncate"))
+        if problems:
+            raise ValueError("; ".join(problems))
         family = ENCODER_FAMILIES[name]
         if path is None:
-            if name != "minilm-l6":
-                raise ValueError(f"reward.encoder={name!r} needs reward.encoder_path (a local copy)")
             path = bundled_minilm_path()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never fetch
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

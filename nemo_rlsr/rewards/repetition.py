@@ -33,13 +33,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nemo_rlsr.config.rules import penalty_problems
+
 __all__ = [
     "has_repeat_longer_than",
     "longest_repeated_substring_length",
     "has_common_substring_longer_than",
     "longest_common_substring_length",
     "RepetitionPenalty",
-    "MODES",
 ]
 
 # Two primes below 2^31: residues multiply inside int64 without overflow, and the pair
@@ -47,7 +48,6 @@ __all__ = [
 _PRIMES = (2_147_483_647, 2_147_483_629)
 _BASE = 1_000_003
 
-MODES = ("self", "reference", "prompt")
 
 _POWERS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -205,14 +205,9 @@ class RepetitionPenalty:
     penalty: float = -1.0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.min_chars < 0:
-            raise ValueError(f"min_chars must be >= 0, got {self.min_chars}")
-        if not (self.min_reference_fraction >= 0):
-            raise ValueError(f"min_reference_fraction must be >= 0, got {self.min_reference_fraction}")
-        if not (-1.0 <= self.penalty <= 1.0):
-            raise ValueError(f"penalty must be in [-1, 1] (a reward), got {self.penalty}")
+        problems = penalty_problems(self.mode, self.min_chars, self.min_reference_fraction, self.penalty)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def threshold(self, reference: str) -> int:
         """Largest length that is NOT penalized: a length L is penalized iff L > this.

@@ -29,11 +29,10 @@ def inject_nan(loss_fn: LossFn) -> LossFn:
 
 
 class NonFiniteGuard:
-    """Counts skipped (non-finite) updates; `check()` raises after `max_consecutive` in a row."""
+    """Counts skipped (non-finite) updates; `check()` raises after `max_consecutive` (>= 1, a start-up
+    rule: config/rules.py) in a row."""
 
     def __init__(self, max_consecutive: int) -> None:
-        if max_consecutive < 1:
-            raise ValueError(f"trainer.max_consecutive_nonfinite must be >= 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.total = 0

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nemo_rlsr.config.rules import signal_problems
+
 # sysexits.h EX_TEMPFAIL: "a temporary failure; the user is invited to retry". Distinct from a
 # crash (1), a config error (2) and a death by signal (128 + n).
 PREEMPTED_EXIT_CODE = 75
@@ -62,10 +64,10 @@ class PreemptionHandler:
     """Installs handlers for `signal_names` (e.g. ["SIGTERM", "SIGUSR1"]); `should_stop()` agrees."""
 
     def __init__(self, signal_names: list[str]) -> None:
-        try:
-            self.signals = [signal.Signals[name] for name in signal_names]
-        except KeyError as exc:
-            raise ValueError(f"trainer.preemption_signals: unknown signal {exc.args[0]!r}") from None
+        problems = signal_problems(signal_names)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.signals = [signal.Signals[name] for name in signal_names]
         self.received: str | None = None  # the signal's name, for messages
         self._signum = 0
         self._previous: dict[signal.Signals, object] = {}

@@ -22,12 +22,12 @@ from tqdm import tqdm
 from nemo_rlsr.algorithms.grpo import GRPOLossConfig, group_advantages, grpo_loss, tis_metrics, tis_weights
 from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict
 from nemo_rlsr.data.dataset import TrainingExample, load_training_data
-from nemo_rlsr.data.instructions import InstructionExample
+from nemo_rlsr.data.instructions import DatasetError, InstructionExample
 from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
 from nemo_rlsr.generation.interface import SamplingParams
 from nemo_rlsr.generation.factory import build_engine
-from nemo_rlsr.models.hf.start import load_hf_policy, with_hf_model
+from nemo_rlsr.models.hf.start import load_hf_policy
 from nemo_rlsr.models.policy import LossFn, MegatronPolicy, TokenBatch
 from nemo_rlsr.models.reference import build_reference
 from nemo_rlsr.rewards import build_reward_actor
@@ -45,7 +45,7 @@ from nemo_rlsr.trainer.metrics import MetricsLogger, plot_reward, read_metrics
 from nemo_rlsr.trainer.loop import debug_stall, guard_metrics, run_steps
 from nemo_rlsr.trainer.preemption import PreemptionHandler
 from nemo_rlsr.trainer.pretrain import pretrain_on_text
-from nemo_rlsr.trainer.startup import Machine, check_startup
+from nemo_rlsr.trainer.startup import Machine, check_startup, launched_world_size, resolved_config
 from nemo_rlsr.trainer.throughput import step_throughput
 
 
@@ -58,6 +58,17 @@ class Prompts:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+
+def rollout_prompts(examples: list[TrainingExample], cfg: RLSRConfig) -> Prompts:
+    """The prompts of `examples`; each must leave room for rollout.max_new_tokens in the model's
+    context (a data problem: the length filters, data.max_prompt_tokens, drop such rows at load)."""
+    ids = [t.prompt_ids for t in examples]
+    longest = max(map(len, ids), default=0) + cfg.rollout.max_new_tokens
+    if longest > cfg.model.max_sequence_length:
+        raise DatasetError(f"a prompt + rollout.max_new_tokens = {longest} tokens exceeds model.max_sequence_length="
+                           f"{cfg.model.max_sequence_length} (set data.max_prompt_tokens to drop such rows)")
+    return Prompts([t.example for t in examples], ids)
 
 
 def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
@@ -95,7 +106,9 @@ class RLSRTrainer:
     """Owns the components of a run; `fit()` is the loop."""
 
     def __init__(self, cfg: RLSRConfig, resume: str | None = None) -> None:
-        self.cfg = cfg = with_hf_model(cfg)  # model.hf_path: the shape from its config.json
+        self.cfg = cfg = resolved_config(cfg)  # model.hf_path: the shape from its config.json
+        # Every start-up rule at once, before any process group or model exists (trainer/startup.py).
+        check_startup(cfg, Machine.here(launched_world_size()), "rlsr")
         self.ctx: ParallelContext = init_distributed(
             cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.seed,
             cfg.parallel.collective_timeout_s,
@@ -109,7 +122,6 @@ class RLSRTrainer:
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.base_dir = self.run_dir / "base"
-        self._validate()
         # Early, so that a signal during setup or base pre-training is not fatal: it stops the run
         # after the first RLSR step, with a checkpoint.
         self.preemption = PreemptionHandler(cfg.trainer.preemption_signals).install()
@@ -117,11 +129,11 @@ class RLSRTrainer:
 
         data = load_training_data(cfg.data, self._print)
         if cfg.trainer.heldout_eval and not data.heldout:
-            raise ValueError(f"trainer.heldout_eval needs held-out prompts and data.format={cfg.data.format!r} "
-                             f"has none: set trainer.heldout_eval=false")
+            raise DatasetError(f"trainer.heldout_eval needs held-out prompts and {cfg.data.path or 'the bundled set'} "
+                               f"has no rows of split heldout: set trainer.heldout_eval=false")
         self.tokenizer = data.tokenizer
-        self.train = self._prompts(data.train)
-        self.heldout = self._prompts(data.heldout)
+        self.train = rollout_prompts(data.train, cfg)
+        self.heldout = rollout_prompts(data.heldout, cfg)
         self.all_references = sorted({t.example.reference for t in data.train + data.heldout})
 
         vocab = self.tokenizer.vocab_size
@@ -152,20 +164,6 @@ class RLSRTrainer:
             self._prepare_base()
 
     # ---- setup ---------------------------------------------------------------------------------
-
-    def _validate(self) -> None:
-        # Every start-up rule at once, on this machine: the ones `nemo-rlsr plan` checks for the cluster.
-        check_startup(self.cfg, Machine.here(self.ctx.world_size), "rlsr")
-
-    def _prompts(self, examples: list[TrainingExample]) -> Prompts:
-        ids = [t.prompt_ids for t in examples]
-        longest = max(map(len, ids), default=0) + self.cfg.rollout.max_new_tokens
-        if longest > self.cfg.model.max_sequence_length:
-            raise ValueError(
-                f"prompt + rollout.max_new_tokens = {longest} tokens exceeds "
-                f"model.max_sequence_length={self.cfg.model.max_sequence_length}"
-            )
-        return Prompts([t.example for t in examples], ids)
 
     def _pretrain_optimizer(self) -> OptimizerConfig:
         if self.cfg.pretrain.steps == 0:

@@ -29,10 +29,11 @@ from tqdm import tqdm
 from nemo_rlsr.config import RLSRConfig, to_dict
 from nemo_rlsr.data.chat import Tokenizer
 from nemo_rlsr.data.dataset import TrainingExample, load_training_data
+from nemo_rlsr.data.instructions import DatasetError
 from nemo_rlsr.data.packing import packed_sft_batch
 from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.distributed.parallel import init_distributed
-from nemo_rlsr.models.hf.start import load_hf_policy, with_hf_model
+from nemo_rlsr.models.hf.start import load_hf_policy
 from nemo_rlsr.models.policy import MegatronPolicy, TokenBatch
 from nemo_rlsr.trainer.checkpoint import (
     find_resumable_checkpoint,
@@ -47,7 +48,7 @@ from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.metrics import MetricsLogger, read_metrics
 from nemo_rlsr.trainer.preemption import PreemptionHandler
 from nemo_rlsr.trainer.pretrain import nll_loss
-from nemo_rlsr.trainer.startup import Machine, check_startup
+from nemo_rlsr.trainer.startup import Machine, check_startup, launched_world_size, resolved_config
 
 
 def resolve_checkpoint(path: str | Path, checksums: bool = True) -> Path:
@@ -103,7 +104,9 @@ def lr_at(step: int, total: int, max_lr: float, warmup: int, min_ratio: float) -
 
 class SFTTrainer:
     def __init__(self, cfg: RLSRConfig, resume: str | None = None) -> None:
-        self.cfg = cfg = with_hf_model(cfg)  # model.hf_path: the shape from its config.json
+        self.cfg = cfg = resolved_config(cfg)  # model.hf_path: the shape from its config.json
+        # Every start-up rule at once, before any process group or model exists (trainer/startup.py).
+        check_startup(cfg, Machine.here(launched_world_size()), "sft")
         self.ctx = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                     cfg.parallel.seed, cfg.parallel.collective_timeout_s,
                                     ep=cfg.parallel.expert_parallel, etp=cfg.parallel.expert_tensor_parallel,
@@ -112,8 +115,6 @@ class SFTTrainer:
                                     vpp=cfg.parallel.virtual_pipeline_parallel,
                                     sequence_parallel=cfg.parallel.sequence_parallel,
                                     cp=cfg.parallel.context_parallel)
-        # Every start-up rule at once at this job's world size: the ones `nemo-rlsr plan --mode sft` checks.
-        check_startup(cfg, Machine.here(self.ctx.world_size), "sft")
         s = cfg.sft
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -127,8 +128,9 @@ class SFTTrainer:
         self.heldout = [sft_row(t, self.tokenizer.eos_id) for t in data.heldout]
         self.length = max(len(ids) for ids, _ in self.train + self.heldout)
         if self.length > cfg.model.max_sequence_length:
-            raise ValueError(f"longest prompt + reference + eos = {self.length} tokens exceeds "
-                             f"model.max_sequence_length={cfg.model.max_sequence_length} (no truncation)")
+            raise DatasetError(f"the longest prompt + reference + eos = {self.length} tokens exceeds "
+                               f"model.max_sequence_length={cfg.model.max_sequence_length} (no truncation: set "
+                               f"data.max_prompt_tokens / data.max_reference_tokens to drop such rows)")
 
         self.policy = MegatronPolicy(cfg.model, cfg.optimizer, self.tokenizer.vocab_size, self.ctx)
         self.sampler = PromptSampler(len(self.train), s.global_batch_size // self.ctx.dp, self.ctx.dp_rank,

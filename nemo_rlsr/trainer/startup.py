@@ -1,22 +1,31 @@
-"""What the trainers check at start-up, before data or a model is loaded, as one list of problems.
+"""The one start-up check of a run: every problem of a config for a world size and a machine, at once.
 
-`startup_problems(cfg, machine, mode)` is every rule the run breaks on `machine`: config keys this
-build cannot act on (config.unsupported_problems), the layout / recompute / precision rules at the
-job's world size with the machine's Transformer Engine and GPU (distributed/layout.run_problems),
-the rollout engine's (generation/factory.check_engine, RLSR), and the trainers' own (below). The
-trainers raise them all at once on the machine they run on (`check_startup`, `Machine.here`);
-`nemo-rlsr plan` runs the same function for a GPU node of the recipe's cluster running our image
-(`Machine.container`), so a recipe the planner passes does not die at start-up on the cluster after
-the container, Ray and the data have loaded. Pure: no torch import unless `Machine.here` is asked.
+`startup_problems(cfg, machine, mode)` collects, as sentences naming the keys:
+
+- the rules on the config alone (config/rules.py): keys this build cannot act on, ranges and
+  choices of single keys, keys that go together, length filters that cannot protect the trainer;
+- the layout / recompute / precision rules at the job's world size with the machine's Transformer
+  Engine, GPU and CUDA (distributed/layout.py), once every parallel and batch size is positive;
+- the rollout engine's rules with the machine's CUDA and TensorRT-LLM (generation/factory.py, RLSR).
+
+The trainers run it (`check_startup`, trainer/run.py) with `Machine.here` and the launcher's world
+size before any process group, data or model exists, so a bad config ends with one ConfigError
+listing everything (`nemo-rlsr` exits 2) instead of a traceback minutes later. `nemo-rlsr plan`
+runs the same function for a GPU node of the recipe's cluster running our image
+(`Machine.container`), so a recipe the planner passes does not die at start-up on the cluster.
+Problems of the data itself (a row too long, too few rows for one batch) show when it is read
+(DatasetError). Pure: no torch import unless `Machine.here` is asked.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from nemo_rlsr.config import ConfigError, RLSRConfig, unsupported_problems
+from nemo_rlsr.config import ConfigError, RLSRConfig
+from nemo_rlsr.config.rules import config_problems, size_problems
 from nemo_rlsr.distributed.layout import run_problems
-from nemo_rlsr.generation.factory import check_engine
+from nemo_rlsr.generation.factory import engine_problems
 
 # The Transformer Engine of our image (Dockerfile: nvcr.io/nvidia/tensorrt-llm/release:1.2.0, built on
 # nvcr.io/nvidia/pytorch:25.12-py3, whose TE it keeps). Inferred, not read off a manifest: NGC PyTorch
@@ -61,66 +70,39 @@ class Machine:
         return cls(world_size, CONTAINER_TE_VERSION, capability, True, True, CONTAINER_CUDA_VERSION)
 
 
-def engine_problems(cfg: RLSRConfig, machine: Machine) -> list[str]:
-    try:
-        check_engine(cfg, machine.cuda, machine.trtllm)
-    except ConfigError as exc:
-        return [str(exc)]
-    return []
-
-
-def trainer_problems(cfg: RLSRConfig, mode: str) -> list[str]:
-    """The trainers' own rules (pre-training, checkpoints, groups, the HF tokenizer)."""
-    out = []
-    if cfg.model.hf_path and not cfg.data.tokenizer_path:
-        # the word tokenizer's ids would index unrelated embedding rows of the HF model
-        out.append(f"model.hf_path={cfg.model.hf_path} needs data.tokenizer_path (the model's HF tokenizer "
-                   f"directory, usually the same folder)")
-    if cfg.trainer.keep_last_checkpoints < 0:
-        out.append("trainer.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
-    if mode == "sft":
-        if cfg.pretrain.steps:
-            out.append("`pretrain.steps` must be 0 for `nemo-rlsr sft` (it starts from random init or from "
-                       "`pretrain.init_checkpoint`)")
-        return out
-    if cfg.pretrain.init_checkpoint and cfg.pretrain.steps:
-        out.append("pretrain.init_checkpoint and pretrain.steps > 0 are exclusive: the base is loaded, not pre-trained")
-    if cfg.grpo.num_generations < 2:
-        out.append("grpo.num_generations must be >= 2: advantages are relative within a group")
-    return out
-
-
-def data_problems(cfg: RLSRConfig, mode: str) -> list[str]:
-    """The length filters must make every kept row fit model.max_sequence_length, so that a long row
-    is dropped and counted at load time (data/dataset.py) instead of stopping the trainer, which
-    refuses a prompt + rollout.max_new_tokens (RLSR) or a prompt + reference + eos (SFT) longer
-    than that."""
-    d, limit = cfg.data, cfg.model.max_sequence_length
-    if d.format == "instructions":
-        return [f"data.{key}={getattr(d, key)} is not applied to data.format=instructions (the bundled demo "
-                f"reader has no filters): set data.format to the file's (tulu | infinity | prompt_response | auto)"
-                for key in ("max_prompt_tokens", "max_reference_tokens") if getattr(d, key) is not None]
-    if mode == "rlsr" and d.max_prompt_tokens is not None and d.max_prompt_tokens + cfg.rollout.max_new_tokens > limit:
-        return [f"data.max_prompt_tokens={d.max_prompt_tokens} + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
-                f"exceeds model.max_sequence_length={limit}: a kept prompt could stop the trainer"]
-    if (mode == "sft" and None not in (d.max_prompt_tokens, d.max_reference_tokens)
-            and d.max_prompt_tokens + d.max_reference_tokens + 1 > limit):
-        return [f"data.max_prompt_tokens={d.max_prompt_tokens} + data.max_reference_tokens={d.max_reference_tokens} "
-                f"+ eos exceeds model.max_sequence_length={limit}: a kept row could stop the trainer"]
-    return []
-
-
 def startup_problems(cfg: RLSRConfig, machine: Machine, mode: str = "rlsr") -> list[str]:
     """Every start-up rule `cfg` breaks on `machine` (`mode`: "rlsr" or "sft"), as sentences naming
     the keys; empty when the trainer would start."""
-    problems = unsupported_problems(cfg) + run_problems(cfg, machine.world_size, machine.te_version,
-                                                        machine.capability, mode, machine.cuda_version)
+    problems = config_problems(cfg, mode)
+    if not size_problems(cfg, mode):  # the layout rules divide by these sizes
+        problems += run_problems(cfg, machine.world_size, machine.te_version, machine.capability, mode,
+                                 machine.cuda_version)
     if mode == "rlsr":
-        problems += engine_problems(cfg, machine)
-    return problems + trainer_problems(cfg, mode) + data_problems(cfg, mode)
+        problems += engine_problems(cfg, machine.cuda, machine.trtllm)
+    return problems
 
 
 def check_startup(cfg: RLSRConfig, machine: Machine, mode: str = "rlsr") -> None:
+    """Raise one ConfigError naming every problem of `startup_problems`."""
     problems = startup_problems(cfg, machine, mode)
     if problems:
         raise ConfigError(f"this run cannot start on {machine.world_size} rank(s):\n  " + "\n  ".join(problems))
+
+
+def launched_world_size() -> int:
+    """The job's world size as the launcher (torchrun, srun) sets it, before any process group exists
+    (the variable init_distributed reads)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def resolved_config(cfg: RLSRConfig) -> RLSRConfig:
+    """`cfg` with the model shape of `model.hf_path`'s config.json (the start-up rules need the shape);
+    a checkpoint that cannot be read as one is a config problem."""
+    from nemo_rlsr.models.hf.start import with_hf_model
+
+    try:
+        return with_hf_model(cfg)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"model.hf_path={cfg.model.hf_path}: {exc}") from exc

@@ -1,27 +1,18 @@
-"""Typed configuration: dataclasses filled from YAML files in conf/ plus dotted overrides.
+"""The config schema: one dataclass per section of conf/*.yaml, with each key's type and default.
 
-A YAML file may name parents under `defaults:` (paths relative to the file); parents are merged
-first, the file's own keys on top, command-line overrides (`grpo.num_generations=4`) last.
-Values may use OmegaConf interpolation (`${grpo.num_generations}`). Every key must exist in the
-dataclass schema and every value must have the declared type; the error names the key and the
-file (or the command line) that set it, because a typo in a 200-line recipe must not be silently
-ignored.
+Loading YAML files and command-line overrides into these classes is config/loading.py's; the rules
+on the values (ranges, choices, keys that go together) are config/rules.py's, run with the rules
+that depend on the machine as the trainers' one start-up check (trainer/startup.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-from omegaconf import OmegaConf
 
 
 class ConfigError(ValueError):
-    """A config key is unknown, has the wrong type, or a config file is malformed."""
+    """A config key is unknown or has the wrong type, a config file is malformed, or a value breaks a
+    start-up rule; the message names the key and the reason. `nemo-rlsr` exits 2 on it."""
 
 
 @dataclass
@@ -37,8 +28,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     rotary_base: int = 10000
     # The shape of a Hugging Face architecture (megatron-core's names). With `hf_path` set, the
-    # checkpoint's config.json fills them (models/hf/start.py); keys the build cannot act on are
-    # refused (`validate_supported`).
+    # checkpoint's config.json fills them (models/hf/start.py).
     hf_path: str | None = None  # local HF checkpoint directory the policy starts from
     vocab_size: int | None = None  # embedding rows (>= the tokenizer's ids); null: the tokenizer's
     num_query_groups: int | None = None  # GQA key/value heads; null: one per attention head
@@ -103,7 +93,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    # Read by the planner; the CPU trainer refuses non-default values (`validate_supported`).
+    # Context parallelism on megatron's local layer spec (models/context_parallel.py).
     context_parallel: int = 1
     expert_parallel: int = 1
     expert_tensor_parallel: int = 1
@@ -373,165 +363,3 @@ class RLSRConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-
-
-COMMAND_LINE = "<command line>"
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
-def _load_yaml_tree(path: Path, provenance: dict[str, str], seen: tuple[Path, ...] = ()):
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: circular `defaults:` chain {' -> '.join(map(str, seen))}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        node = OmegaConf.load(path)
-    except Exception as exc:  # yaml errors carry the line number in their text
-        raise ConfigError(f"{path}: cannot parse YAML: {exc}") from exc
-    raw = OmegaConf.to_container(node, resolve=False)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    parents = raw.pop("defaults", []) or []
-    if isinstance(parents, str):
-        parents = [parents]
-    merged = OmegaConf.create({})
-    for parent in parents:
-        merged = OmegaConf.merge(merged, _load_yaml_tree(path.parent / parent, provenance, seen + (path,)))
-    for key in _flatten(raw):
-        provenance[key] = str(path)
-    return OmegaConf.merge(merged, OmegaConf.create(raw))
-
-
-def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(value, option, key, source)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{source}: `{key}`={value!r} matches none of {hint}")
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: `{key}` must be a list, got {type(value).__name__} {value!r}")
-        return [_check_type(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
-        raise ConfigError(
-            f"{source}: `{key}` must be {hint.__name__}, got {type(value).__name__} {value!r}"
-        )
-    return value
-
-
-def _build(cls: type, values: dict, prefix: str, provenance: dict[str, str], default_source: str):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        source = provenance.get(dotted) or next(
-            (s for k, s in provenance.items() if k.startswith(dotted + ".")), default_source
-        )
-        if key not in names:
-            raise ConfigError(
-                f"{source}: unknown key `{dotted}` (known in `{prefix or 'top level'}`: "
-                f"{', '.join(sorted(names))})"
-            )
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: `{dotted}` must be a mapping, got {value!r}")
-            kwargs[key] = _build(hint, value, dotted + ".", provenance, default_source)
-        else:
-            kwargs[key] = _check_type(value, hint, dotted, source)
-    return cls(**kwargs)
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = RLSRConfig):
-    """Load `path` (with its `defaults:` chain), apply dotted `overrides`, return a `schema`."""
-    provenance: dict[str, str] = {}
-    # Start from the schema's defaults so interpolations may point at keys no file sets.
-    tree = OmegaConf.create(dataclasses.asdict(schema()))
-    if path:
-        tree = OmegaConf.merge(tree, _load_yaml_tree(Path(path), provenance))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{COMMAND_LINE}: override `{item}` must look like key.path=value")
-        try:
-            override = OmegaConf.from_dotlist([item])
-        except Exception as exc:
-            raise ConfigError(f"{COMMAND_LINE}: cannot parse override `{item}`: {exc}") from exc
-        provenance[item.split("=", 1)[0].strip()] = COMMAND_LINE
-        tree = OmegaConf.merge(tree, override)
-    try:
-        values = OmegaConf.to_container(tree, resolve=True)
-    except Exception as exc:
-        raise ConfigError(f"{path}: cannot resolve interpolation: {exc}") from exc
-    return _build(schema, values, "", provenance, str(path) if path else COMMAND_LINE)
-
-
-def from_dict(values: dict, source: str, schema: type = RLSRConfig):
-    """Rebuild a config from `to_dict` output (e.g. the copy saved in a checkpoint), with the same
-    checks as `load_config`; `source` names where the values came from in error messages."""
-    return _build(schema, values, "", {}, source)
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-# Keys the schema accepts (recipes for GPU clusters set them; the planner and the launcher read
-# them) but this build's trainer cannot act on yet, with what is missing. Any of them set to a
-# non-default value is refused by `validate_supported`, so a recipe never runs with a setting
-# silently ignored.
-_NOT_BUILT = {
-    "optimizer.cpu_offload": "optimizer CPU offload is not wired into the optimizer builder",
-}
-
-
-def _get(config, dotted: str):
-    for part in dotted.split("."):
-        config = getattr(config, part)
-    return config
-
-
-def unsupported_problems(cfg: RLSRConfig) -> list[str]:
-    """Every key set to a value this build's trainer cannot act on, with what is missing.
-
-    `cluster.*` is not checked: it describes where a recipe is meant to run (planner, launcher).
-    """
-    default = type(cfg)()
-    return [
-        f"`{key}`={_get(cfg, key)!r} (default {_get(default, key)!r}): {why}"
-        for key, why in _NOT_BUILT.items()
-        if _get(cfg, key) != _get(default, key)
-    ]
-
-
-def validate_supported(cfg: RLSRConfig) -> None:
-    """Raise ConfigError naming every key of `unsupported_problems`."""
-    problems = unsupported_problems(cfg)
-    if problems:
-        raise ConfigError(
-            "this build cannot run these settings (the planner and launcher read them; the trainer "
-            "would ignore them):\n  " + "\n  ".join(problems)
-        )

@@ -1,0 +1,245 @@
+"""The rules on a config's values that hold on any machine: ranges, choices, keys that go together.
+
+`config_problems(cfg, mode)` returns every one a config breaks, as sentences naming the keys; the
+trainers' start-up check (trainer/startup.py) runs it with the rules that depend on the machine
+(distributed/layout.py, generation/factory.py), and so does `nemo-rlsr plan`. The components built
+from these keys raise from the same functions for their own arguments (SamplingParams,
+RepetitionPenalty, SentenceEncoder.load, PreemptionHandler), so each rule is written once. Pure
+Python: the planner runs it without importing torch.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from nemo_rlsr.config.schema import DataConfig, RewardConfig, RLSRConfig
+
+REWARD_BACKENDS = ("local", "ray")
+# reward.encoder -> its family: "sb" (Sentence-BERT, mean pooling) or "qwen-em" (last-token pooling)
+ENCODER_FAMILIES = {
+    "minilm-l6": "sb",
+    "mpnet-base-v2": "sb",
+    "qwen3-embedding-0.6b": "qwen-em",
+    "qwen3-embedding-4b": "qwen-em",
+    "qwen3-embedding-8b": "qwen-em",
+}
+LONG_RESPONSE_POLICIES = ("truncate", "chunk")
+REPETITION_MODES = ("self", "reference", "prompt")
+REFERENCE_PLACEMENTS = ("resident", "cpu_swap")
+
+# Keys the schema accepts (recipes for GPU clusters set them; the planner and the launcher read
+# them) but this build's trainer cannot act on yet, with what is missing. Any of them set to a
+# non-default value is refused at start-up, so a recipe never runs with a setting silently ignored.
+_NOT_BUILT = {
+    "optimizer.cpu_offload": "optimizer CPU offload is not wired into the optimizer builder",
+}
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def unsupported_problems(cfg: RLSRConfig) -> list[str]:
+    """Every key set to a value this build's trainer cannot act on, with what is missing.
+
+    `cluster.*` is not checked: it describes where a recipe is meant to run (planner, launcher).
+    """
+    default = type(cfg)()
+    return [
+        f"`{key}`={_get(cfg, key)!r} (default {_get(default, key)!r}): {why}"
+        for key, why in _NOT_BUILT.items()
+        if _get(cfg, key) != _get(default, key)
+    ]
+
+
+# ---- rules the components raise from too -----------------------------------------------------------
+
+
+def sampling_problems(max_new_tokens: int, temperature: float, top_p: float, top_k: int, stop, n: int,
+                      names: dict[str, str] | None = None) -> list[str]:
+    """What `SamplingParams` (generation/interface.py) refuses; `names` renames its fields."""
+    name = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+            "stop": "stop", "n": "n (samples per prompt)", **(names or {})}
+    out = []
+    if n < 1:
+        out.append(f"{name['n']} must be >= 1, got {n}")
+    if top_k < 0:
+        out.append(f"{name['top_k']} must be >= 0 (0 keeps every token), got {top_k}")
+    if any(not s for s in stop):
+        out.append(f"{name['stop']} strings must be non-empty")
+    if max_new_tokens < 1:
+        out.append(f"{name['max_new_tokens']} must be >= 1, got {max_new_tokens}")
+    if temperature <= 0:
+        out.append(f"{name['temperature']} must be > 0 (use greedy=True for argmax), got {temperature}")
+    if not 0 < top_p <= 1:
+        out.append(f"{name['top_p']} must be in (0, 1], got {top_p}")
+    return out
+
+
+def penalty_problems(mode: str, min_chars: int, min_reference_fraction: float, penalty: float,
+                     prefix: str = "") -> list[str]:
+    """What `RepetitionPenalty` (rewards/repetition.py) refuses; `prefix` makes its fields config keys."""
+    out = []
+    if mode not in REPETITION_MODES:
+        out.append(f"{prefix}mode must be one of {REPETITION_MODES}, got {mode!r}")
+    if min_chars < 0:
+        out.append(f"{prefix}min_chars must be >= 0, got {min_chars}")
+    if not (min_reference_fraction >= 0):
+        out.append(f"{prefix}min_reference_fraction must be >= 0, got {min_reference_fraction}")
+    if not (-1.0 <= penalty <= 1.0):
+        out.append(f"{prefix}penalty must be in [-1, 1] (a reward), got {penalty}")
+    return out
+
+
+def long_response_problem(long_response: str) -> list[str]:
+    if long_response in LONG_RESPONSE_POLICIES:
+        return []
+    return [f"reward.long_response must be one of {LONG_RESPONSE_POLICIES}, got {long_response!r}"]
+
+
+def encoder_problems(name: str, path: str | None, long_response: str) -> list[str]:
+    """What `SentenceEncoder.load` (rewards/encoders.py) refuses before reading any file."""
+    if name not in ENCODER_FAMILIES:
+        out = [f"reward.encoder={name!r} is not one of {sorted(ENCODER_FAMILIES)}"]
+    elif path is None and name != "minilm-l6":
+        out = [f"reward.encoder={name!r} needs reward.encoder_path (a local copy; only minilm-l6 is bundled)"]
+    else:
+        out = []
+    return out + long_response_problem(long_response)
+
+
+def signal_problems(signal_names: list[str]) -> list[str]:
+    """What `PreemptionHandler` (trainer/preemption.py) refuses: `trainer.preemption_signals` names signals."""
+    return [f"trainer.preemption_signals: unknown signal {name!r}" for name in signal_names
+            if name not in signal.Signals.__members__]
+
+
+def reward_problems(cfg: RewardConfig) -> list[str]:
+    """Every `reward.*` value the reward actors refuse, before any encoder is loaded."""
+    out = [] if cfg.backend in REWARD_BACKENDS else [f"reward.backend={cfg.backend!r} is not one of {REWARD_BACKENDS}"]
+    out += encoder_problems(cfg.encoder, cfg.encoder_path, cfg.long_response)
+    out += penalty_problems(cfg.repetition_mode, cfg.repetition_min_chars, cfg.repetition_min_reference_fraction,
+                            cfg.repetition_penalty, prefix="reward.repetition_")
+    out += [f"reward.{key} must be >= 0, got {getattr(cfg, key)}"
+            for key in ("repetition_workers", "repetition_measure_first", "ray_max_restarts") if getattr(cfg, key) < 0]
+    out += [f"reward.{key} must be >= 1, got {getattr(cfg, key)}"
+            for key in ("batch_size", "tokens_per_batch", "ray_num_actors")
+            if getattr(cfg, key) is not None and getattr(cfg, key) < 1]
+    if cfg.ray_timeout_s <= 0:
+        out.append(f"reward.ray_timeout_s must be > 0, got {cfg.ray_timeout_s}")
+    return out
+
+
+def data_config_problems(cfg: DataConfig) -> list[str]:
+    """`data.format` must be known and, except the bundled set's, come with a `data.path`
+    (data/dataset.py raises these too)."""
+    from nemo_rlsr.data.schemas import FORMATS
+
+    if cfg.format != "instructions" and cfg.format not in FORMATS:
+        return [f"data.format={cfg.format!r} is not one of {['instructions', *FORMATS]}"]
+    if cfg.format != "instructions" and not cfg.path:
+        return [f"data.format={cfg.format!r} needs data.path (a file, a directory or a hub dataset name)"]
+    return []
+
+
+# ---- the trainers' rules -----------------------------------------------------------------------------
+
+
+def size_problems(cfg: RLSRConfig, mode: str) -> list[str]:
+    """Counts other rules divide by (parallel sizes, batch sizes): each must be >= 1."""
+    p, g, s = cfg.parallel, cfg.grpo, cfg.sft
+    keys = {f"parallel.{k}": getattr(p, k) for k in ("tensor_parallel", "pipeline_parallel", "context_parallel",
+                                                       "expert_parallel", "expert_tensor_parallel")}
+    if p.virtual_pipeline_parallel is not None:
+        keys["parallel.virtual_pipeline_parallel"] = p.virtual_pipeline_parallel
+    if mode == "sft":
+        keys |= {"sft.global_batch_size": s.global_batch_size, "sft.micro_batch_size": s.micro_batch_size}
+    else:
+        keys |= {"grpo.prompts_per_step": g.prompts_per_step, "grpo.micro_batch_size": g.micro_batch_size,
+                 "grpo.mini_batches_per_step": g.mini_batches_per_step}
+    return [f"{key} must be >= 1, got {value}" for key, value in keys.items() if value < 1]
+
+
+def trainer_problems(cfg: RLSRConfig, mode: str) -> list[str]:
+    """The loop, checkpoints, base pre-training and the HF tokenizer (both trainers)."""
+    t, out = cfg.trainer, signal_problems(cfg.trainer.preemption_signals)
+    out += [f"trainer.{key} must be >= 0, got {getattr(t, key)}"
+            for key in ("steps", "checkpoint_every", "watchdog_step_s", "debug_stall_s") if getattr(t, key) < 0]
+    if t.keep_last_checkpoints < 0:
+        out.append("trainer.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
+    if t.max_consecutive_nonfinite < 1:
+        out.append(f"trainer.max_consecutive_nonfinite must be >= 1, got {t.max_consecutive_nonfinite}")
+    if cfg.pretrain.steps < 0 or cfg.pretrain.batch_size < 1:
+        out.append(f"pretrain.steps must be >= 0 and pretrain.batch_size >= 1, got {cfg.pretrain.steps} and "
+                   f"{cfg.pretrain.batch_size}")
+    if cfg.model.hf_path and not cfg.data.tokenizer_path:
+        # the word tokenizer's ids would index unrelated embedding rows of the HF model
+        out.append(f"model.hf_path={cfg.model.hf_path} needs data.tokenizer_path (the model's HF tokenizer "
+                   f"directory, usually the same folder)")
+    if mode == "sft":
+        s = cfg.sft
+        out += [f"sft.{key} must be >= 0, got {getattr(s, key)}" for key in ("epochs", "steps", "warmup_steps")
+                if getattr(s, key) < 0]
+        if not 0 <= s.min_lr_ratio <= 1:
+            out.append(f"sft.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+        if cfg.pretrain.steps:
+            out.append("`pretrain.steps` must be 0 for `nemo-rlsr sft` (it starts from random init or from "
+                       "`pretrain.init_checkpoint`)")
+        return out
+    if cfg.pretrain.init_checkpoint and cfg.pretrain.steps:
+        out.append("pretrain.init_checkpoint and pretrain.steps > 0 are exclusive: the base is loaded, not pre-trained")
+    if t.heldout_eval and cfg.data.format != "instructions":
+        out.append(f"trainer.heldout_eval needs held-out prompts and data.format={cfg.data.format!r} has none "
+                   f"(only the instructions format has a heldout split): set trainer.heldout_eval=false")
+    return out
+
+
+def rlsr_problems(cfg: RLSRConfig) -> list[str]:
+    """GRPO, sampling and reward keys (`nemo-rlsr train` only)."""
+    r, g = cfg.rollout, cfg.grpo
+    out = sampling_problems(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop, g.num_generations,
+                            {key: f"rollout.{key}" for key in ("max_new_tokens", "temperature", "top_p", "top_k", "stop")}
+                            | {"n": "grpo.num_generations"})
+    if g.num_generations == 1:
+        out.append("grpo.num_generations must be >= 2: advantages are relative within a group")
+    if g.reference_placement not in REFERENCE_PLACEMENTS:
+        out.append(f"grpo.reference_placement={g.reference_placement!r}: choose one of {', '.join(REFERENCE_PLACEMENTS)}")
+    if g.tis_cap is not None and g.tis_cap <= 0:
+        out.append(f"grpo.tis_cap must be > 0 (or null: off), got {g.tis_cap}")
+    if r.max_new_tokens >= cfg.model.max_sequence_length:
+        out.append(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
+                   f"model.max_sequence_length={cfg.model.max_sequence_length}")
+    return out + reward_problems(cfg.reward)
+
+
+def data_problems(cfg: RLSRConfig, mode: str) -> list[str]:
+    """`data.*` choices, and length filters that must make every kept row fit model.max_sequence_length,
+    so that a long row is dropped and counted at load time (data/dataset.py) instead of stopping the
+    trainer, which refuses a prompt + rollout.max_new_tokens (RLSR) or a prompt + reference + eos
+    (SFT) longer than that."""
+    d, limit = cfg.data, cfg.model.max_sequence_length
+    problems = data_config_problems(d)
+    if problems:
+        return problems
+    if d.format == "instructions":
+        return [f"data.{key}={getattr(d, key)} is not applied to data.format=instructions (the bundled demo "
+                f"reader has no filters): set data.format to the file's (tulu | infinity | prompt_response | auto)"
+                for key in ("max_prompt_tokens", "max_reference_tokens") if getattr(d, key) is not None]
+    if mode == "rlsr" and d.max_prompt_tokens is not None and d.max_prompt_tokens + cfg.rollout.max_new_tokens > limit:
+        return [f"data.max_prompt_tokens={d.max_prompt_tokens} + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
+                f"exceeds model.max_sequence_length={limit}: a kept prompt could stop the trainer"]
+    if (mode == "sft" and None not in (d.max_prompt_tokens, d.max_reference_tokens)
+            and d.max_prompt_tokens + d.max_reference_tokens + 1 > limit):
+        return [f"data.max_prompt_tokens={d.max_prompt_tokens} + data.max_reference_tokens={d.max_reference_tokens} "
+                f"+ eos exceeds model.max_sequence_length={limit}: a kept row could stop the trainer"]
+    return []
+
+
+def config_problems(cfg: RLSRConfig, mode: str) -> list[str]:
+    """Every machine-independent rule `cfg` breaks for `mode` ("rlsr" or "sft")."""
+    problems = unsupported_problems(cfg) + size_problems(cfg, mode) + trainer_problems(cfg, mode)
+    if mode == "rlsr":
+        problems += rlsr_problems(cfg)
+    return problems + data_problems(cfg, mode)
