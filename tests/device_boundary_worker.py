@@ -15,7 +15,7 @@ from distributed_helpers import VOCAB, nll_loss, optimizer_config, tiny_model_co
 from fake_accelerator import DEVICE, HostTensorOnDevice, fake_accelerator, place
 from nemo_rlsr.distributed.parallel import init_distributed
 from nemo_rlsr.models.policy import MegatronPolicy
-from nemo_rlsr.trainer.rlsr import gather_over_dp
+from nemo_rlsr.trainer.rollout_metrics import gather_over_dp
 
 
 def scenario_dp2(out: Path) -> dict:

@@ -58,7 +58,11 @@ def load_policy(checkpoint: str | Path) -> LoadedPolicy:
     from nemo_rlsr.distributed.parallel import init_distributed
     from nemo_rlsr.models.policy import MegatronPolicy
     from nemo_rlsr.trainer.checkpoint import load_checkpoint
+    from nemo_rlsr.trainer.state import resolve_checkpoint
 
+    # A complete checkpoint (sizes against its manifest: hashing a large one is not worth it here),
+    # else an error naming the path (the CLI exits 2).
+    checkpoint = resolve_checkpoint(checkpoint, checksums=False)
     extra = dist_checkpointing.load_common_state_dict(str(checkpoint))["extra"]
     cfg = from_dict(extra["config"], f"{checkpoint} (saved config)")
     tokenizer = run_tokenizer(cfg, extra["tokenizer"])
@@ -124,7 +128,10 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None, out: str | Path
     out = Path(out)
     alpaca_path, arena_path = write_answer_files(out, alpaca, arena)
     reward = build_reward_actor(loaded.cfg.reward, "cpu")
-    similarity = F.cosine_similarity(reward.embed(outputs), reward.embed([e.reference for e in examples]))
+    try:
+        similarity = F.cosine_similarity(reward.embed(outputs), reward.embed([e.reference for e in examples]))
+    finally:
+        reward.close()
     summary = {"checkpoint": str(checkpoint), "prompts": str(prompts or BUNDLED_DATASET), "num_prompts": len(examples),
                "mean_similarity_to_reference": float(similarity.mean()),
                "alpaca_eval": str(alpaca_path), "arena_hard": str(arena_path)}

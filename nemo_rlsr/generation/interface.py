@@ -9,7 +9,7 @@ same column; RoPE attention depends only on relative positions, so the shift cha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -60,6 +60,7 @@ class RolloutBatch:
         return self.response_mask.sum(dim=1)
 
 
+@runtime_checkable
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seed: int | Sequence[int]) -> RolloutBatch:
@@ -76,3 +77,6 @@ class RolloutEngine(Protocol):
 
     def wake(self) -> None:
         """Re-acquire what `sleep` released before generating."""
+
+    def close(self) -> None:
+        """Release what the engine holds for good (its workers); the run calls it however it ends."""

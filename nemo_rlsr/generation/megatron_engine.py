@@ -176,6 +176,9 @@ class MegatronRolloutEngine:
     def wake(self) -> None:
         """See `sleep`."""
 
+    def close(self) -> None:
+        """Nothing to release: the engine runs the trainer's own module."""
+
     def _engine(self, rows: int, sampler: RowSampler):
         from megatron.core.inference.engines import StaticInferenceEngine
         from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper

@@ -86,6 +86,9 @@ class TorchRolloutEngine:
     def wake(self) -> None:
         """See `sleep`."""
 
+    def close(self) -> None:
+        """Nothing to release: the engine runs the trainer's own module."""
+
     def _forward(self, ids, valid_keys, context) -> torch.Tensor:
         from nemo_rlsr.models.policy import attention_mask
 

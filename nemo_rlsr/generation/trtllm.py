@@ -227,6 +227,12 @@ class TRTLLMLeader:
             self._run(self.llm.resume(todo))
         self.released -= set(todo)
 
+    def close(self) -> None:
+        """Stop the engine's workers (`LLM.shutdown`, tensorrt_llm/llmapi/llm.py, which AsyncLLM
+        inherits; synchronous, and also registered at exit) and its event loop."""
+        self.llm.shutdown()
+        self.loop.close()
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], eos_id: int,
                  pad_id: int):
         plan = request_plan(params, seeds, eos_id, pad_id)
@@ -316,6 +322,11 @@ class TRTLLMRolloutEngine:
     def wake(self) -> None:
         if self.is_leader:
             self.leader.resume(self.leader.weight_tags + self.leader.kv_tags)
+
+    def close(self) -> None:
+        """Shut the engine down on its leader (the other ranks hold nothing of it)."""
+        if self.is_leader:
+            self.leader.close()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seed: int | Sequence[int]) -> RolloutBatch:

@@ -375,6 +375,11 @@ class MegatronPolicy:
         """Parameters of this rank's shard (TP slice of this PP stage)."""
         return sum(p.numel() for p in self.weights.parameters())
 
+    def set_learning_rate(self, lr: float) -> None:
+        """The LR of the next optimizer steps (SFT's schedule sets it before each one)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def rebuild_optimizer(self, optim_cfg: OptimizerConfig) -> None:
         """A fresh optimizer (new LR, empty Adam moments), e.g. between base pre-training and RL."""
         self.optimizer = _build_optimizer(optim_cfg, self.models)
