@@ -86,15 +86,15 @@ def test_references_are_cached(reward: EmbeddingSimilarityReward):
     refs = [REFERENCE, "Paris is the capital of France.", REFERENCE, "Water boils at 100 C."]
     responses = [PARAPHRASE, "The capital of France is Paris.", UNRELATED, "It boils at 100 degrees."]
     first = r.score(["p"] * 4, responses, refs)
-    assert r.cache_size == 3
+    assert len(r._ref_cache) == 3
     assert sorted(encoder.encoded) == sorted(responses + list(dict.fromkeys(refs)))
     encoder.encoded.clear()
     second = r.score(["p"] * 4, responses, refs)
-    assert r.cache_size == 3
+    assert len(r._ref_cache) == 3
     assert sorted(encoder.encoded) == sorted(responses)  # no reference re-embedded
     torch.testing.assert_close(first.rewards, second.rewards)
     r.score(["p"], [PARAPHRASE], ["A new reference."])
-    assert r.cache_size == 4
+    assert len(r._ref_cache) == 4
 
 
 def test_batch_result_matches_single_scores(reward: EmbeddingSimilarityReward):

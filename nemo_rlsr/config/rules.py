@@ -15,14 +15,10 @@ import signal
 from nemo_rlsr.config.schema import DataConfig, RewardConfig, RLSRConfig
 
 REWARD_BACKENDS = ("local", "ray")
-# reward.encoder -> its family: "sb" (Sentence-BERT, mean pooling) or "qwen-em" (last-token pooling)
-ENCODER_FAMILIES = {
-    "minilm-l6": "sb",
-    "mpnet-base-v2": "sb",
-    "qwen3-embedding-0.6b": "qwen-em",
-    "qwen3-embedding-4b": "qwen-em",
-    "qwen3-embedding-8b": "qwen-em",
-}
+# `reward.encoder` names (the planner's, planner/shapes.py) -> family: "sb" (Sentence-BERT, mean
+# pooling) or "qwen-em" (Qwen3-Embedding: last-token pooling, an instruction before queries)
+ENCODER_FAMILIES = ({name: "sb" for name in ("minilm-l6", "mpnet-base-v2")}
+                    | {f"qwen3-embedding-{size}": "qwen-em" for size in ("0.6b", "4b", "8b")})
 LONG_RESPONSE_POLICIES = ("truncate", "chunk")
 REPETITION_MODES = ("self", "reference", "prompt")
 REFERENCE_PLACEMENTS = ("resident", "cpu_swap")

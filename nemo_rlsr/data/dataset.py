@@ -23,7 +23,7 @@ from nemo_rlsr.data.instructions import (
     load_instructions,
 )
 from nemo_rlsr.data.readers import read_rows
-from nemo_rlsr.data.schemas import FORMATS, Conversation, RowProblem, row_messages, split_reference
+from nemo_rlsr.data.schemas import Conversation, RowProblem, row_messages, split_reference
 
 PROMPT_TOO_LONG = "prompt_too_long"
 REFERENCE_TOO_LONG = "reference_too_long"

@@ -4,6 +4,7 @@ Engines return a `RolloutBatch` in the trainer's own token layout, so that the t
 the same tokens can be computed without re-tokenising: each row is
 `[left pad | prompt | response | right pad]` (left padding keeps every prompt's last token in the
 same column; RoPE attention depends only on relative positions, so the shift changes nothing).
+The trainer closes its engine however a run ends (docs/design.md: interfaces).
 """
 
 from __future__ import annotations
@@ -54,10 +55,6 @@ class RolloutBatch:
 
     def to_token_batch(self, **extras: torch.Tensor) -> TokenBatch:
         return TokenBatch(self.input_ids, self.valid, self.response_mask.float(), dict(extras))
-
-    @property
-    def response_lengths(self) -> torch.Tensor:
-        return self.response_mask.sum(dim=1)
 
 
 @runtime_checkable

@@ -1,9 +1,9 @@
-"""Build a megatron-core GPTModel (local layer spec) for the current TP/PP rank.
-
-The tiny CPU policy uses the local (non-Transformer-Engine) spec, which runs on CPU and GPU alike.
-The vocabulary is padded to a multiple of
-lcm(128, TP) (megatron shards the embedding by rows); `mask_padded_vocab` keeps the padded ids out of
-both sampling and the trainer's softmax so the engine's and the trainer's logprobs agree.
+"""Build a megatron-core GPTModel for the current TP/PP rank, on Transformer Engine's layer spec or
+megatron's local one (`model.transformer_impl`, `use_transformer_engine`: TE's where it imports and
+a GPU is there, unless forced; the local spec runs on CPU and GPU alike, and is the CPU policy's).
+The vocabulary is padded to a multiple of lcm(128, TP) (megatron shards the embedding by rows);
+`mask_padded_vocab` keeps the padded ids out of both sampling and the trainer's softmax so the
+engine's and the trainer's logprobs agree.
 """
 
 from __future__ import annotations

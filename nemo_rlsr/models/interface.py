@@ -8,7 +8,8 @@ the code that needs them (checkpoint.py saves megatron sharded state dicts, the 
 
 Loss functions (`LossFn`) return the SUM of their per-token loss over a micro-batch; the policy
 divides the gradients by the valid-token count of the whole step (all micro-batches and DP ranks),
-so the objective is the step's token mean however the batch is split.
+so the objective is the step's token mean however the batch is split. (docs/design.md: the
+protocols the trainers hold.)
 """
 
 from __future__ import annotations

@@ -63,11 +63,6 @@ class EmbeddingSimilarityReward:
                                     cfg.repetition_min_reference_fraction, cfg.repetition_penalty)
         return cls(encoder, penalty, cfg.repetition_workers, cfg.repetition_measure_first, cfg.offload_between_steps)
 
-    @property
-    def cache_size(self) -> int:
-        """Number of distinct references embedded so far."""
-        return len(self._ref_cache)
-
     def embed(self, texts: list[str]) -> torch.Tensor:
         """Unit-norm float32 CPU embeddings [N, D] of `texts`."""
         return self.encoder.encode(list(texts)).embeddings

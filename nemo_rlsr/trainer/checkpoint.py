@@ -134,8 +134,9 @@ def _remove(path: Path) -> None:
     shutil.rmtree(aside)
 
 
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """`step_*` directories (never `.tmp` ones), oldest first."""
+def _step_directories(root: Path) -> list[Path]:
+    """`step_*` directories (never `.tmp` ones: their save finished its rename), oldest first. Not
+    verified: a file may have been truncated or garbled since (`find_resumable_checkpoint` checks)."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
@@ -152,7 +153,7 @@ def save_checkpoint(
 ) -> Path:
     """Collectively save model, optimizer, `extra` and RNG states to `root/step_{step:07d}`.
 
-    Must be called on every rank. `keep_last` deletes all but the newest `keep_last` complete
+    Must be called on every rank. `keep_last` deletes all but the newest `keep_last` `step_*`
     checkpoints of steps up to `step` after the new one is in place (newer ones, left by a run
     resumed from an older checkpoint, are not counted). `checksums=False` records only file
     sizes in the manifest. Returns the final checkpoint directory.
@@ -188,7 +189,7 @@ def save_checkpoint(
         os.replace(tmp, final)
         _write_latest(root, final.name)
         if keep_last is not None:
-            older = [p for p in _complete_checkpoints(root) if _step_of(p) <= step]
+            older = [p for p in _step_directories(root) if _step_of(p) <= step]
             for old in older[:-keep_last]:
                 _remove(old)
     _barrier()
@@ -247,7 +248,7 @@ def find_resumable_checkpoint(root: str | Path, checksums: bool = True) -> Path 
     newest by step, that passes `verify_checkpoint`; each one that fails is skipped with a
     warning naming its problems. None when no checkpoint under `root` is complete."""
     root = Path(root)
-    candidates = _complete_checkpoints(root)[::-1]
+    candidates = _step_directories(root)[::-1]
     pointed = latest_checkpoint(root)
     if pointed in candidates:
         candidates.remove(pointed)
@@ -263,12 +264,13 @@ def find_resumable_checkpoint(root: str | Path, checksums: bool = True) -> Path 
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint `root/latest` names, else the newest complete `step_*` directory, else None."""
+    """The checkpoint `root/latest` names, else the newest `step_*` directory, else None. Unverified
+    (cheap: whether a run directory holds checkpoints at all); resume from `find_resumable_checkpoint`."""
     root = Path(root)
     pointer = root / LATEST_FILE
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
         if _STEP_DIR.match(candidate.name) and candidate.is_dir():
             return candidate
-    complete = _complete_checkpoints(root)
-    return complete[-1] if complete else None
+    saved = _step_directories(root)
+    return saved[-1] if saved else None

@@ -19,6 +19,7 @@
 
 The checkpointed state is a `RunState` (trainer/state.py); subclasses supply their components and
 their step. `setup()` is public for tests that drive single steps; call `close()` after them.
+docs/design.md describes the run and one RLSR step as a whole.
 """
 
 from __future__ import annotations

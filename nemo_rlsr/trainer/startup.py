@@ -14,7 +14,8 @@ listing everything (`nemo-rlsr` exits 2) instead of a traceback minutes later. `
 runs the same function for a GPU node of the recipe's cluster running our image
 (`Machine.container`), so a recipe the planner passes does not die at start-up on the cluster.
 Problems of the data itself (a row too long, too few rows for one batch) show when it is read
-(DatasetError). Pure: no torch import unless `Machine.here` is asked.
+(DatasetError). Pure: no torch import unless `Machine.here` is asked. docs/design.md: where each
+rule set lives.
 """
 
 from __future__ import annotations

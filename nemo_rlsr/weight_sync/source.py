@@ -37,15 +37,5 @@ def hf_named_tensors(modules, adapter: HFAdapter, cfg: ModelConfig, vocab_size: 
     cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         yield from save.iter_hf_tensors(modules, adapter, cfg)
-        return
-    every_stage = getattr(save, "iter_all_hf_tensors", None)
-    if every_stage is None:
-        raise NotImplementedError("a refit under pipeline parallelism needs "
-                                  "nemo_rlsr.models.hf.save.iter_all_hf_tensors")
-    yield from every_stage(modules, adapter, cfg)
-
-
-def pipeline_refit_available() -> bool:
-    from nemo_rlsr.models.hf import save
-
-    return hasattr(save, "iter_all_hf_tensors")
+    else:
+        yield from save.iter_all_hf_tensors(modules, adapter, cfg)
