@@ -62,3 +62,12 @@ def test_a_bad_data_row_exits_1_with_file_row_and_reason(tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"data error: {rows}:2: no_assistant_turn" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_plan_of_sizes_that_are_not_counts_exits_2():
+    """The layout rules and the memory model divide by these (a ZeroDivisionError traceback before)."""
+    result = cli("plan", "--config", str(REPO / "conf/rlsr_qwen7b_sb.yaml"), "parallel.tensor_parallel=0",
+                 "grpo.micro_batch_size=0")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "parallel.tensor_parallel must be >= 1" in result.stderr and "grpo.micro_batch_size" in result.stderr
+    assert "Traceback" not in result.stderr

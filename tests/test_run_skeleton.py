@@ -95,7 +95,10 @@ def test_every_component_is_closed_when_the_run_raises(single_rank, tmp_path, mo
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         pytest.skip("a Ray instance of another test is up: the pool would not own it")
+    from nemo_rlsr.generation.interface import RolloutEngine
     from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
+    from nemo_rlsr.models.interface import Policy
+    from nemo_rlsr.rewards import RewardActor
     from nemo_rlsr.trainer.guards import NonFiniteError
     from nemo_rlsr.trainer.rlsr import RLSRTrainer
 
@@ -118,4 +121,7 @@ def test_every_component_is_closed_when_the_run_raises(single_rank, tmp_path, mo
         trainer.fit()
     assert closed == [trainer.engine]
     assert not ray.is_initialized()
+    # the trainer holds its parts by their protocols
+    assert isinstance(trainer.policy, Policy) and isinstance(trainer.engine, RolloutEngine)
+    assert isinstance(trainer.reward, RewardActor)
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nemo_rlsr.config import RLSRConfig
+from nemo_rlsr.config import ConfigError, RLSRConfig
+from nemo_rlsr.config.rules import size_problems
 from nemo_rlsr.planner.hardware import GiB, Device, device
 from nemo_rlsr.planner.layout import Layout
 from nemo_rlsr.planner.memory import Memory, plan_memory
-from nemo_rlsr.planner.shapes import ENCODERS, ModelShape
+from nemo_rlsr.planner.shapes import ModelShape
 from nemo_rlsr.planner.timing import StepTime, plan_time
 
 MODES = ("rlsr", "sft")
@@ -55,6 +56,9 @@ def make_plan(cfg: RLSRConfig, nodes: int | None = None, gpus_per_node: int | No
     """Plan `cfg` on `nodes` x `gpus_per_node` `gpu`s (each defaults to the config's `cluster`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    counts = size_problems(cfg, mode)
+    if counts:  # nothing below means anything without them (the CLI exits 2)
+        raise ConfigError("cannot plan these sizes:\n  " + "\n  ".join(counts))
     nodes = nodes or cfg.cluster.nodes
     gpus_per_node = gpus_per_node or cfg.cluster.gpus_per_node
     dev = device(gpu or cfg.cluster.gpu)
@@ -65,8 +69,6 @@ def make_plan(cfg: RLSRConfig, nodes: int | None = None, gpus_per_node: int | No
     from nemo_rlsr.trainer.startup import Machine, startup_problems  # (it imports the planner's layout rules)
 
     plan.problems = startup_problems(cfg, Machine.container(lay.world, dev.compute_capability), mode)
-    if mode == "rlsr" and cfg.reward.encoder not in ENCODERS:
-        plan.problems.append(f"reward.encoder={cfg.reward.encoder!r} is not one of {', '.join(ENCODERS)}")
     if plan.problems:  # sizes below assume a valid layout
         return plan
     plan.memory = plan_memory(cfg, shape, lay, dev, mode)

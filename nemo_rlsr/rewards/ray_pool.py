@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_rlsr.config import RewardConfig
+from nemo_rlsr.config import ConfigError, RewardConfig
 
 from .result import RewardResult
 
@@ -124,8 +124,8 @@ class RayRewardPool:
         self._started_ray = False
         if not ray.is_initialized():
             address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-            if address is None and world_size > 1:
-                raise ValueError(
+            if address is None and world_size > 1:  # where the job runs, not the values: checked here
+                raise ConfigError(
                     "reward.backend=ray with several ranks needs one Ray cluster for all of them: set "
                     "reward.ray_address or RAY_ADDRESS (slurm/launch.sh starts one), or `ray start --head`"
                 )

@@ -74,6 +74,7 @@ class TrainingRun:
             return self.summarise()
 
     def setup(self) -> None:
+        """Steps 1-3 of the module docstring: check, build, resume or start."""
         if self._set_up:
             return
         self._set_up = True
@@ -89,6 +90,7 @@ class TrainingRun:
             sequence_parallel=cfg.parallel.sequence_parallel,
             cp=cfg.parallel.context_parallel,
         )
+        # Early: a signal during setup or base pre-training stops the run after its first step, saved.
         self.preemption = PreemptionHandler(cfg.trainer.preemption_signals).install()
         self._resources.callback(self.preemption.uninstall)
         self.guard = NonFiniteGuard(cfg.trainer.max_consecutive_nonfinite)
@@ -122,7 +124,8 @@ class TrainingRun:
             self.save()
 
     def summarise(self) -> dict:
-        """`summary.json` (rank 0) and the closing lines; the same dict on every rank."""
+        """The run's summary on every rank (collective: the weights digest, `evaluate_final`); rank 0
+        adds the `report` fields, writes `summary.json` and prints the closing lines."""
         summary: dict = {"steps": self.step, "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
                          "param_sha256": parameters_sha256(self.policy.weights),
                          "skipped_nonfinite_updates": self.guard.total}
