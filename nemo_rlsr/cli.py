@@ -60,11 +60,14 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     """Print the memory / step-time plan; exit 1 when the config does not fit the cluster."""
-    from nemo_rlsr.config import load_config
+    from nemo_rlsr.config import ConfigError, load_config
     from nemo_rlsr.planner import format_plan, make_plan, write_launch_env
 
     cfg = load_config(args.config, args.overrides)
-    plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.mode)
+    try:
+        plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.mode)
+    except ValueError as exc:  # what the planner reads cannot be planned (values, the data for the vocabulary)
+        raise ConfigError(str(exc)) from exc
     print(format_plan(plan, args.config))
     if args.launch_env:
         write_launch_env(plan, args.launch_env)
