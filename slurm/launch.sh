@@ -13,8 +13,9 @@
 # 4. the trainer: one `torchrun` per node (c10d rendezvous on the first node), or one task per rank
 # 5. preemption: SIGUSR1 (`#SBATCH --signal=B:USR1@N`) or SIGTERM reaching this shell is sent to the
 #    job step as SIGUSR1 (srun would turn a TERM into a KILL of its tasks); the trainer saves a
-#    checkpoint and exits PREEMPTED_EXIT_CODE (or leaves $RUN_DIR/preempted.json, since torchrun
-#    turns worker exit codes into 1) and this script requeues the job, which resumes with
+#    checkpoint and exits PREEMPTED_EXIT_CODE and leaves $RUN_DIR/preempted.json (the step's own
+#    status may not say 75: torchrun turns worker exit codes into 1, and srun's --kill-on-bad-exit
+#    ends the other ranks' exit once one rank is out) and this script requeues the job, which resumes with
 #    `--resume auto`. docs/launch.md "Preemption" has what each Slurm signal path does.
 # --dry-run prints every command instead of running it (the preflight still runs, locally).
 #

@@ -75,8 +75,14 @@ def test_ray_ready_waits_for_every_node_and_its_gpus():
                              capture_output=True).returncode != 0:
             assert procs[0].poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
-        # The head alone: `ray status` says yes (the old check); the job's 2 nodes are not there.
-        waiting = ray_ready(env, "--nodes", "2", "--gpus-per-node", "1", "--timeout", "5", "--interval", "1")
+        # node.sh execs `ray start` with this node's Slurm address (Ray itself then swaps a loopback
+        # address for the host's own, which is why the test cannot see 127.0.0.1 in ray.nodes()).
+        assert b"--node-ip-address=127.0.0.1\0" in Path(f"/proc/{procs[0].pid}/cmdline").read_bytes()
+        # The head alone: `ray status` says yes (the old check), and it is a 1-node cluster; the
+        # job's 2 nodes are not there.
+        one = ray_ready(env, "--nodes", "1", "--gpus-per-node", "1", "--timeout", "150", "--interval", "1")
+        assert one.returncode == 0, one.stdout + one.stderr
+        waiting = ray_ready(env, "--nodes", "2", "--gpus-per-node", "1", "--timeout", "3", "--interval", "1")
         assert waiting.returncode == 1, waiting.stdout + waiting.stderr
         assert "1 of 2 nodes with 1 GPUs each" in waiting.stdout, waiting.stdout
 

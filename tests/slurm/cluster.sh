@@ -38,10 +38,9 @@ install_packages() {
   command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null &&
     command -v sbatch >/dev/null && return 0
   say "installing slurmctld slurmd munge slurm-client (apt)"
-  local packages=(slurmctld slurmd munge slurm-client)
-  export DEBIAN_FRONTEND=noninteractive
-  "${sudo[@]}" apt-get install -y -q "${packages[@]}" >/dev/null ||
-    { "${sudo[@]}" apt-get update -q >/dev/null && "${sudo[@]}" apt-get install -y -q "${packages[@]}" >/dev/null; }
+  local packages=(slurmctld slurmd munge slurm-client) apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
+  "${apt[@]}" install -y -q "${packages[@]}" >/dev/null ||
+    { "${apt[@]}" update -q >/dev/null && "${apt[@]}" install -y -q "${packages[@]}" >/dev/null; }
 }
 
 write_config() {
