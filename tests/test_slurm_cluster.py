@@ -115,6 +115,7 @@ def uninterrupted(cluster, tmp_path_factory):
 def test_tiny_recipe_runs_to_completion_with_its_files_where_the_docs_say(uninterrupted):
     tiny, state = uninterrupted
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", f"{state}\n{tiny.logs()}"
+    assert state["Restarts"] == "0"
     # docs/launch.md "Logs": the batch output in the submit directory, the run under
     # $NEMO_RLSR_RUNS/<config name>, the launcher's files under its slurm/<job id>/.
     assert "job step exited with 0" in tiny.out.read_text()
@@ -182,6 +183,17 @@ def test_sigterm_to_the_job_step_mid_step_saves_that_step(cluster, tmp_path):
     slurm(tiny.env, "scancel", tiny.id)
     assert_saved_step_3(tiny, "SIGTERM")
     assert "death signal" not in (tiny.log_dir / f"{HOST}.log").read_text()
+
+
+def test_a_failed_run_is_not_requeued(cluster, tmp_path):
+    """Only a preemption is requeued: a trainer that stops on its own error (here the NaN guard,
+    exit 3) fails the job, or a requeueable job would loop on its bug."""
+    tiny = TinyJob(cluster, tmp_path, "trainer.debug_inject_nan_steps=[1,2]", "trainer.max_consecutive_nonfinite=2")
+    state = tiny.wait_done()
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", f"{state}\n{tiny.logs()}"
+    assert "2 consecutive updates with a non-finite loss" in (tiny.log_dir / f"{HOST}.log").read_text()
+    launch_log = (tiny.log_dir / "launch.log").read_text()
+    assert "job step exited with 1" in launch_log and "requeueing" not in launch_log, tiny.logs()
 
 
 def test_a_ray_srun_that_dies_ends_the_job_at_once(cluster, tmp_path):
