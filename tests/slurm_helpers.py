@@ -1,6 +1,6 @@
 """The local Slurm of tests/slurm/cluster.sh, as the Slurm tests use it: find it, submit, poll.
 
-.ci/run starts the cluster before `make test` and stops it afterwards; a developer runs
+`make test` starts the cluster before the suite and stops it afterwards; a developer runs
 `tests/slurm/cluster.sh start` once. Without it the tests that need it skip, except under CI=true,
 where they fail: a CI run that skipped them would have checked nothing.
 """
@@ -33,9 +33,18 @@ def cluster_env() -> dict[str, str]:
     return env | {"SLURM_CONF": conf}
 
 
-def slurm(env: dict, *args: str, check: bool = True, cwd: Path | None = None) -> str:
-    """stdout of a Slurm client command (`sbatch`, `scontrol`, `scancel`, ...), run in `cwd`."""
-    result = subprocess.run(list(args), env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+def slurm(env: dict, *args: str, check: bool = True, cwd: Path | None = None, retries: int = 0) -> str:
+    """stdout of a Slurm client command (`sbatch`, `scontrol`, `scancel`, ...), run in `cwd`.
+
+    `retries`: for read-only queries, how often to ask again after a transient failure: a client
+    killed by a signal (seen: `scontrol show job` dying of SIGPIPE when slurmctld dropped the
+    connection on a machine at load 25) or slurmctld not answering in time."""
+    for attempt in range(retries + 1):
+        result = subprocess.run(list(args), env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+        transient = result.returncode < 0 or "timed out" in result.stderr or "Unable to contact" in result.stderr
+        if result.returncode == 0 or not transient or attempt == retries:
+            break
+        time.sleep(2.0)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr}")
     return result.stdout
@@ -43,7 +52,7 @@ def slurm(env: dict, *args: str, check: bool = True, cwd: Path | None = None) ->
 
 def job(env: dict, job_id: str) -> dict[str, str]:
     """`scontrol show job -o`: {JobState, Restarts, ExitCode, Reason, ...}."""
-    line = slurm(env, "scontrol", "show", "job", "-o", job_id)
+    line = slurm(env, "scontrol", "show", "job", "-o", job_id, retries=3)
     return dict(re.findall(r"(\w+)=(\S*)", line))
 
 

@@ -2,8 +2,9 @@
 
 Every job is the tiny recipe, `sbatch slurm/rlsr_tiny.sh` (2 gloo ranks on the one node, the bare
 runtime with this test's Python environment), a few short steps, submitted and signalled with the
-real sbatch / scancel / scontrol. Rank 1 sleeps 6 s at the start of step 3 (trainer.debug_stall_*),
-so a signal sent 1 s after step 2 is logged lands inside step 3: the trainer must finish step 3,
+real sbatch / scancel / scontrol. Rank 1 sleeps 15 s at the start of step 3 (trainer.debug_stall_*),
+so a signal sent 1 s after step 2 is logged lands inside step 3 even on a loaded machine (seen: 6 s
+was not enough at load 25): the trainer must finish step 3,
 save it and exit 75. A requeued job waits for its begin time, now + the credential lifetime (120 s:
 slurmctld job_mgr.c sets begin_time = now + cred_expire + 1 on requeue, so that the new launch
 credential postdates the revoked one); the tests move it to now with `scontrol update
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["trainer.heldout_eval=false", "trainer.steps=6", "trainer.checkpoint_every=2",
-         "trainer.debug_stall_step=3", "trainer.debug_stall_s=6"]
+         "trainer.debug_stall_step=3", "trainer.debug_stall_s=15"]
 HOST = socket.gethostname().split(".")[0]  # srun's %N: the per-node log is <host>.log
 JOB_TIMEOUT = 600
 
