@@ -3,8 +3,8 @@
 Every job is the tiny recipe, `sbatch slurm/rlsr_tiny.sh` (2 gloo ranks on the one node, the bare
 runtime with this test's Python environment), a few short steps, submitted and signalled with the
 real sbatch / scancel / scontrol. Rank 1 sleeps 15 s at the start of step 3 (trainer.debug_stall_*),
-so a signal sent 1 s after step 2 is logged lands inside step 3 even on a loaded machine (seen: 6 s
-was not enough at load 25): the trainer must finish step 3,
+so a signal sent 1 s after step 2 is logged lands inside step 3, with a margin for a loaded machine
+(one unexplained failure of the requeue test at load 25 with 6 s): the trainer must finish step 3,
 save it and exit 75. A requeued job waits for its begin time, now + the credential lifetime (120 s:
 slurmctld job_mgr.c sets begin_time = now + cred_expire + 1 on requeue, so that the new launch
 credential postdates the revoked one); the tests move it to now with `scontrol update
