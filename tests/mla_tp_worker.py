@@ -24,6 +24,7 @@ import torch.distributed as dist
 from distributed_helpers import VOCAB, nll_loss, token_batch, worker_main
 from moe_worker import tiny_moe_config
 from nemo_rlsr.config import ModelConfig, OptimizerConfig
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models import mla
 from nemo_rlsr.models.policy import MegatronPolicy
@@ -93,7 +94,7 @@ def full_weights(model) -> dict[str, torch.Tensor]:
 def run_layout(model_cfg: ModelConfig, index: int, layout: dict, weights: dict | None) -> tuple[dict, dict]:
     from megatron.core import parallel_state
 
-    ctx = init_distributed(seed=index + 1, **layout)
+    ctx = init_distributed(ParallelDims(seed=index + 1, **layout))
     policy = MegatronPolicy(model_cfg, OPTIMIZER, VOCAB, ctx)
     model, tp = policy.module, ctx.tp
     weights = weights or full_weights(model)

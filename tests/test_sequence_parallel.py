@@ -30,7 +30,7 @@ def test_norm_is_torch_norm_with_megatron_names_and_tag(single_rank):
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                       max_sequence_length=32, qk_layernorm=True)
-    config = transformer_config(cfg, tp=1, pp=1)
+    config = transformer_config(cfg)
     config.sequence_parallel = True  # as at TP>1 (transformer_config switches it off at TP=1)
     norm = SequenceParallelNorm(config, hidden_size=64, eps=1e-6)
     assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-6

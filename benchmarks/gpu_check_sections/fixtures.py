@@ -54,9 +54,10 @@ def device() -> torch.device:
 
 def start_megatron(seed: int = 0):
     """One process, TP=PP=1: NCCL on a GPU, gloo with the CPU compatibility layer on a CPU."""
+    from nemo_rlsr.distributed.dims import ParallelDims
     from nemo_rlsr.distributed.parallel import init_distributed
 
-    return init_distributed(tp=1, pp=1, seed=seed)
+    return init_distributed(ParallelDims(seed=seed))
 
 
 def randomize_norms(module: torch.nn.Module) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from nemo_rlsr.config import ModelConfig
+from nemo_rlsr.distributed.dims import ParallelDims
 
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
@@ -33,15 +34,15 @@ def moe_layer_freq(cfg: ModelConfig) -> list[int]:
     return [0] * dense + [1] * (cfg.num_layers - dense)
 
 
-def moe_transformer_kwargs(cfg: ModelConfig, ep: int = 1, etp: int = 1) -> dict:
-    """TransformerConfig fields of the MoE layers; empty for a dense model."""
+def moe_transformer_kwargs(cfg: ModelConfig, dims: ParallelDims) -> dict:
+    """TransformerConfig fields of the MoE layers split as `dims`; empty for a dense model."""
     if not cfg.num_moe_experts:
         return {}
     if cfg.moe_router_score_function not in ROUTER_SCORE_FUNCTIONS:
         raise ValueError(f"model.moe_router_score_function={cfg.moe_router_score_function!r}: choose one of "
                          f"{', '.join(ROUTER_SCORE_FUNCTIONS)}")
-    if cfg.num_moe_experts % ep:
-        raise ValueError(f"model.num_moe_experts={cfg.num_moe_experts} is not divisible by expert_parallel={ep}")
+    if cfg.num_moe_experts % dims.ep:
+        raise ValueError(f"model.num_moe_experts={cfg.num_moe_experts} is not divisible by expert_parallel={dims.ep}")
     return {
         "num_moe_experts": cfg.num_moe_experts,
         "moe_router_topk": cfg.moe_router_topk,
@@ -60,8 +61,8 @@ def moe_transformer_kwargs(cfg: ModelConfig, ep: int = 1, etp: int = 1) -> dict:
         "moe_token_dispatcher_type": "alltoall" if torch.cuda.is_available() else "allgather",
         "moe_grouped_gemm": False,
         "moe_permute_fusion": False,
-        "expert_model_parallel_size": ep,
-        "expert_tensor_parallel_size": etp,
+        "expert_model_parallel_size": dims.ep,
+        "expert_tensor_parallel_size": dims.etp,
     }
 
 

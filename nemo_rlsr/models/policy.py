@@ -186,16 +186,11 @@ class MegatronPolicy:
         self.vocab_size = vocab_size
         self.temperature = temperature
         # One GPTModel per virtual pipeline stage of this rank (interleaved schedule), else just one.
-        self.chunks = [
-            build_gpt(model_cfg, vocab_size, ctx.tp, ctx.pp, ctx.ep, ctx.etp, ctx.stage_layers,
-                      vpp=ctx.vpp, vp_stage=stage if ctx.vpp else None, sequence_parallel=ctx.sequence_parallel,
-                      cp=ctx.cp)
-            for stage in range(ctx.vpp or 1)
-        ]
+        self.chunks = [build_gpt(model_cfg, vocab_size, ctx, vp_stage=stage if ctx.vpp else None)
+                       for stage in range(ctx.virtual_stages)]
         # Batches are padded to this length multiple (FP8 GEMM alignment; TP under sequence parallelism;
         # 2 x CP chunks under context parallelism).
-        self.sequence_multiple = sequence_multiple(model_cfg, ctx.tp, cp=ctx.cp,
-                                                   sequence_parallel=ctx.sequence_parallel)
+        self.sequence_multiple = sequence_multiple(model_cfg, ctx)
         self.config = self.chunks[0].config
         self.optimizer = None
         self.models = list(self.chunks)  # what the schedule runs: the chunks, each under DDP when training
