@@ -14,8 +14,8 @@ import torch
 
 from nemo_rlsr.config import ModelConfig
 from nemo_rlsr.distributed.dims import ParallelDims
-from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs, reduce_expert_grads_over_expert_dp
-from nemo_rlsr.models.norm import with_sequence_parallel_norms
+from nemo_rlsr.models.mla import mla_transformer_kwargs
+from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs
 from nemo_rlsr.models.precision import (
     gpu_capability,
     installed_te_version,
@@ -41,8 +41,6 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
 def transformer_config(cfg: ModelConfig, dims: ParallelDims = ParallelDims()):
     """megatron's TransformerConfig of `cfg` split as `dims` (parameters in `cfg.params_dtype`)."""
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
-
-    from nemo_rlsr.models.mla import mla_transformer_kwargs  # imports megatron
 
     if cfg.num_layers % dims.pp != 0 and not dims.uneven_stages:  # uneven splits: megatron checks them
         raise ValueError(f"model.num_layers={cfg.num_layers} is not divisible by pipeline_parallel={dims.pp}")
@@ -130,16 +128,17 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, dims: ParallelDims = ParallelDi
     TP); with `dims.vpp` chunks per rank (interleaved pipeline), chunk `vp_stage` of them: its
     layers, and the embedding / output layer only on the first chunk of the first rank / the last
     chunk of the last rank. `dims.sequence_parallel`: megatron's sequence parallelism over the TP
-    group (models/norm.py makes the local spec's norms support it). `dims.cp`: context parallelism
+    group (compat/megatron.py makes the local spec's norms support it). `dims.cp`: context parallelism
     (models/context_parallel.py)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     from megatron.core.transformer.enums import AttnMaskType
 
+    from nemo_rlsr.compat.megatron import mark_gradient_reductions, patch_module_globals, with_sequence_parallel_norms
     from nemo_rlsr.models.context_parallel import with_context_parallel_attention  # imports megatron
-    from nemo_rlsr.models.mla import average_latent_norm_grads
 
+    patch_module_globals()  # megatron-core 0.16's, before anything is built (compat/megatron.py)
     config = transformer_config(cfg, dims)
     te = use_transformer_engine(cfg)
     if cfg.num_moe_experts or cfg.multi_latent_attention:
@@ -148,7 +147,7 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, dims: ParallelDims = ParallelDi
         spec = dense_layer_spec(cfg, te)
     if te:  # TE's attention would ignore the batch's own mask under `causal` (models/spec.py)
         spec = with_attention_mask_type(spec, AttnMaskType.arbitrary)
-    else:  # norms that support sequence parallelism (models/norm.py); TE's do already
+    else:  # norms that support sequence parallelism (compat/megatron.py); TE's do already
         spec = with_sequence_parallel_norms(spec, config, vp_stage)
         # all-gather-KV context parallelism (models/context_parallel.py); refused on the TE spec (distributed/layout.py)
         spec = with_context_parallel_attention(spec)
@@ -162,13 +161,12 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, dims: ParallelDims = ParallelDi
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="yarn" if hasattr(config, "yarn_rotary_scaling_factor") else "rope",
+        position_embedding_type="yarn" if gpt_yarn_attributes(cfg) else "rope",
         rotary_base=cfg.rotary_base,
         rotary_percent=cfg.rotary_percent,
         vp_stage=vp_stage,
     )
-    reduce_expert_grads_over_expert_dp(model)  # megatron-core 0.16 at EP=1, ETP != TP (models/moe.py)
-    average_latent_norm_grads(model)  # MLA's q latent norm at TP>1 without SP (models/mla.py)
+    mark_gradient_reductions(model)  # experts at EP=1, ETP != TP; MLA's q latent norm (compat/megatron.py)
     if cfg.rope_scaling_factor is not None:  # before the first forward: megatron caches the frequencies
         rotary = model.rotary_pos_emb
         rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,

@@ -373,10 +373,11 @@ class MegatronPolicy:
         `is_loading=True` builds the dict to load into (the optimizer then allocates its state so
         there is something to load into). The DistributedOptimizer's state is saved in the
         `dp_reshardable` format: one shard per DP rank, no gather, reshardable across DP sizes only
-        (its other formats fail or gather everything on DP rank 0). `metadata=` is the keyword
-        that megatron-core 0.16 and 0.19 both accept (`sharding_type=` is deprecated).
+        (megatron's default format fails; compat/megatron.py).
         """
-        metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+        from nemo_rlsr.compat.megatron import checkpoint_metadata
+
+        metadata = checkpoint_metadata()
         state = {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in zip(self._chunk_keys, self.chunks)}
         model_sd = state["model"] if len(self.chunks) == 1 else dict(state)
         if include_optimizer and self.optimizer is not None:
