@@ -78,3 +78,18 @@ def test_init_distributed_returns_the_dims_it_was_given_and_refuses_a_bad_split(
     # before megatron's groups or the RNGs are touched: the session's single rank is left as it was
     with pytest.raises(ConfigError, match="world size 1 is not divisible by tensor x pipeline x context parallel"):
         init_distributed(ParallelDims(tp=2))
+
+
+def test_megatron_takes_the_sizes_under_these_names():
+    """initialize_model_parallel and TransformerConfig of the installed megatron-core both take them."""
+    import inspect
+
+    from megatron.core.parallel_state import initialize_model_parallel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    sizes = ParallelDims(tp=2, pp=3, cp=5, ep=7, etp=11, vpp=13).megatron_sizes()
+    assert sorted(sizes.values()) == [2, 3, 5, 7, 11, 13]
+    assert set(sizes) <= set(inspect.signature(initialize_model_parallel).parameters)
+    assert set(sizes) <= {f.name for f in dataclasses.fields(TransformerConfig)}
+    dense = ParallelDims(tp=2, ep=7, etp=11).megatron_sizes(experts=False)
+    assert "expert_model_parallel_size" not in dense and "expert_tensor_parallel_size" not in dense

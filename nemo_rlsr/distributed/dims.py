@@ -50,6 +50,16 @@ class ParallelDims:
         """This object's ParallelDims fields, to build a subclass around them (parallel.ParallelContext)."""
         return {f.name: getattr(self, f.name) for f in fields(ParallelDims)}
 
+    def megatron_sizes(self, experts: bool = True) -> dict[str, int | None]:
+        """The split in megatron-core's keywords, which `initialize_model_parallel` and
+        `TransformerConfig` share; `experts=False`: without the two expert sizes (a dense model's
+        config leaves them at megatron's defaults)."""
+        sizes = {"tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
+                 "context_parallel_size": self.cp, "virtual_pipeline_model_parallel_size": self.vpp}
+        if experts:
+            sizes.update(expert_model_parallel_size=self.ep, expert_tensor_parallel_size=self.etp)
+        return sizes
+
     @property
     def model_parallel(self) -> int:
         """Ranks that hold one copy of the model's dense weights between them: tp x cp x pp."""

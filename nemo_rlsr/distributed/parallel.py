@@ -92,15 +92,8 @@ def init_distributed(dims: ParallelDims = ParallelDims()) -> ParallelContext:
     world_size = dist.get_world_size()
     dims.validate(world_size)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=dims.tp,
-            pipeline_model_parallel_size=dims.pp,
-            context_parallel_size=dims.cp,
-            expert_model_parallel_size=dims.ep,
-            expert_tensor_parallel_size=dims.etp,
-            # set here, megatron's get_forward_backward_func picks the interleaved schedule
-            virtual_pipeline_model_parallel_size=dims.vpp,
-        )
+        # vpp set here: megatron's get_forward_backward_func then picks the interleaved schedule
+        parallel_state.initialize_model_parallel(**dims.megatron_sizes())
     torch.manual_seed(dims.seed)
     model_parallel_cuda_manual_seed(dims.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

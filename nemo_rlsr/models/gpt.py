@@ -61,15 +61,12 @@ def transformer_config(cfg: ModelConfig, dims: ParallelDims = ParallelDims()):
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
         layernorm_epsilon=cfg.layernorm_epsilon,
-        tensor_model_parallel_size=dims.tp,
+        **dims.megatron_sizes(experts=False),  # the expert sizes come with the MoE fields (models/moe.py)
         # Sequence parallelism splits the sequence over TP: nothing to split at TP=1 (a no-op, as in
         # megatron's linears, which switch it off there with a warning; ParallelDims.problems refuses it).
         sequence_parallel=dims.sequence_parallel and dims.tp > 1,
-        context_parallel_size=dims.cp,
-        pipeline_model_parallel_size=dims.pp,
         num_layers_in_first_pipeline_stage=dims.first_stage_layers,
         num_layers_in_last_pipeline_stage=dims.last_stage_layers,
-        virtual_pipeline_model_parallel_size=dims.vpp,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         **mixed_precision_flags(dtype),  # bf16 / fp16: megatron's local attention then upcasts its softmax
