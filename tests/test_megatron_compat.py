@@ -35,7 +35,7 @@ MLA = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidde
 def fresh_megatron(code: str) -> object:
     """What `code` prints (JSON, last line) in a new interpreter: megatron's modules as they import,
     before any of our patches."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
