@@ -125,11 +125,12 @@ def hf_llama(module: torch.nn.Module, cfg: ModelConfig, vocab: int):
     from nemo_rlsr.models.hf import adapter_for
     from nemo_rlsr.weight_sync.source import hf_named_tensors
 
-    fields = adapter_for("llama").hf_config(dataclasses.replace(cfg, vocab_size=vocab, params_dtype="float32"))
+    llama = adapter_for("llama")
+    fields = llama.hf_config(dataclasses.replace(cfg, vocab_size=vocab, params_dtype="float32"))
     config = LlamaConfig(**fields)
     config._attn_implementation = "eager"  # fully masked (left-pad) query rows stay finite
     hf = LlamaForCausalLM(config)
-    state = {name: tensor.detach().float().cpu() for name, tensor in hf_named_tensors(module, cfg, vocab)}
+    state = {name: tensor.detach().float().cpu() for name, tensor in hf_named_tensors(module, llama, cfg, vocab)}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"refit names do not match LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
