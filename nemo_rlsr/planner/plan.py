@@ -100,7 +100,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
     lay, shape, cfg = plan.layout, plan.shape, plan.cfg
     lines = [f"nemo-rlsr plan {title} (mode {plan.mode})".replace("  ", " "),
              f"cluster: {lay.nodes} node(s) x {lay.gpus_per_node} {plan.device.name} = {lay.world} devices; "
-             f"TP {lay.tp} PP {lay.pp} (virtual {lay.vpp}) CP {lay.cp} EP {lay.ep} DP {lay.dp}"
+             f"TP {lay.tp} PP {lay.pp} (virtual {lay.virtual_stages}) CP {lay.cp} EP {lay.ep} DP {lay.dp}"
              + (f"; rollout {cfg.rollout.engine}, {lay.engines} engine(s) of {lay.engine_tp} GPU(s)"
                 if plan.mode == "rlsr" else ""),
              f"model: {_count(shape.total_params())} parameters, {_count(shape.active_params())} active "

@@ -24,6 +24,7 @@ from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict
 from nemo_rlsr.data.dataset import TrainingExample, load_training_data
 from nemo_rlsr.data.instructions import InstructionExample
 from nemo_rlsr.data.sampler import PromptSampler
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
 from nemo_rlsr.generation.interface import SamplingParams
 from nemo_rlsr.generation.factory import build_engine
@@ -96,16 +97,7 @@ class RLSRTrainer:
 
     def __init__(self, cfg: RLSRConfig, resume: str | None = None) -> None:
         self.cfg = cfg = with_hf_model(cfg)  # model.hf_path: the shape from its config.json
-        self.ctx: ParallelContext = init_distributed(
-            cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.seed,
-            cfg.parallel.collective_timeout_s,
-            ep=cfg.parallel.expert_parallel, etp=cfg.parallel.expert_tensor_parallel,
-            stage_layers=(cfg.parallel.num_layers_in_first_pipeline_stage,
-                          cfg.parallel.num_layers_in_last_pipeline_stage),
-            vpp=cfg.parallel.virtual_pipeline_parallel,
-            sequence_parallel=cfg.parallel.sequence_parallel,
-            cp=cfg.parallel.context_parallel,
-        )
+        self.ctx: ParallelContext = init_distributed(ParallelDims.from_config(cfg.parallel))
         self.run_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.base_dir = self.run_dir / "base"

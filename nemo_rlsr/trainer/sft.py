@@ -31,6 +31,7 @@ from nemo_rlsr.data.chat import Tokenizer
 from nemo_rlsr.data.dataset import TrainingExample, load_training_data
 from nemo_rlsr.data.packing import packed_sft_batch
 from nemo_rlsr.data.sampler import PromptSampler
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import init_distributed
 from nemo_rlsr.models.hf.start import load_hf_policy, with_hf_model
 from nemo_rlsr.models.policy import MegatronPolicy, TokenBatch
@@ -104,14 +105,7 @@ def lr_at(step: int, total: int, max_lr: float, warmup: int, min_ratio: float) -
 class SFTTrainer:
     def __init__(self, cfg: RLSRConfig, resume: str | None = None) -> None:
         self.cfg = cfg = with_hf_model(cfg)  # model.hf_path: the shape from its config.json
-        self.ctx = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                                    cfg.parallel.seed, cfg.parallel.collective_timeout_s,
-                                    ep=cfg.parallel.expert_parallel, etp=cfg.parallel.expert_tensor_parallel,
-                                    stage_layers=(cfg.parallel.num_layers_in_first_pipeline_stage,
-                                                  cfg.parallel.num_layers_in_last_pipeline_stage),
-                                    vpp=cfg.parallel.virtual_pipeline_parallel,
-                                    sequence_parallel=cfg.parallel.sequence_parallel,
-                                    cp=cfg.parallel.context_parallel)
+        self.ctx = init_distributed(ParallelDims.from_config(cfg.parallel))
         # Every start-up rule at once at this job's world size: the ones `nemo-rlsr plan --mode sft` checks.
         check_startup(cfg, Machine.here(self.ctx.world_size), "sft")
         s = cfg.sft
