@@ -8,6 +8,7 @@ only in the image, at its first import.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,13 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_holds_every_module_and_asset(tmp_path):
+    # Built from a copy of the checkout's files (tracked, and new ones git does not ignore): a build in
+    # the checkout itself would reuse a stale nemo_rlsr.egg-info/SOURCES.txt and include what the
+    # configuration no longer selects.
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    files = [f for f in files if f and (REPO / f).is_file()]
+    source = tmp_path / "src"
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                             "--wheel-dir", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+                             "--wheel-dir", str(tmp_path / "dist"), str(source)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    (wheel,) = tmp_path.glob("nemo_rlsr-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("nemo_rlsr-*.whl")
     packaged = set(zipfile.ZipFile(wheel).namelist())
-    tracked = subprocess.run(["git", "ls-files", "nemo_rlsr"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.split()
-    sources = {p for p in tracked if p.endswith((".py", ".jsonl"))}
-    assert len(sources) > 50  # the listing worked
-    assert sorted(sources - packaged) == []
+    modules = {f for f in files if f.startswith("nemo_rlsr/") and f.endswith((".py", ".jsonl"))}
+    assert len(modules) > 50  # the listing worked
+    assert sorted(modules - packaged) == []
