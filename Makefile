@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nemo_rlsr_installed
 DEMO_DIR ?= runs/rlsr_tiny
 
-.PHONY: install demo test clean recipes-table
+.PHONY: install demo test test-fast clean recipes-table
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The inner loop: every test not marked `slow` (those start processes or run end to end). CI runs `test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # docs/recipes.md: every recipe planned on H100 and H200 (nemo_rlsr/planner).
 recipes-table: $(STAMP)

@@ -88,6 +88,7 @@ def test_a_hanging_or_failing_section_is_recorded_and_the_next_one_still_runs(tm
     assert report["summary"] == {"timeout": 1, "error": 1, "ok": 1}
 
 
+@pytest.mark.slow
 def test_sections_that_cannot_finish_in_the_budget_are_not_started(tmp_path):
     from gpu_check import MIN_START_S, section_time_limit
 

@@ -153,6 +153,7 @@ def test_trainer_refuses_recipe_keys_it_cannot_act_on():
         RLSRTrainer._validate(SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(world_size=32)))
 
 
+@pytest.mark.slow
 def test_docs_recipe_table_is_generated_from_the_planner():
     result = run_python([str(REPO / "docs/make_recipe_table.py"), "--check"])
     assert result.returncode == 0, result.stderr

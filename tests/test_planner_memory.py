@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cli_runner import REPO, run_python
 from nemo_rlsr.config import load_config
 from nemo_rlsr.planner import make_plan
@@ -31,6 +33,7 @@ VARIANTS = [
 TRAIN_STEP_ITEMS = ("weights", "grads", "optimizer", "activations")
 
 
+@pytest.mark.slow
 def test_predicted_train_step_memory_is_within_15_percent_of_measured_peak():
     result = run_python([str(REPO / "tests/memory_probe.py"), str(REPO / "conf/rlsr_tiny.yaml"), json.dumps(VARIANTS)])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -80,6 +80,7 @@ def test_trainers_raise_every_startup_problem_at_once():
         assert key in str(err.value)
 
 
+@pytest.mark.slow
 def test_sft_cli_refuses_with_the_startup_problems():
     output = cli("sft", "sft_tiny.yaml", ["pretrain.steps=5", "trainer.keep_last_checkpoints=-1"], timeout=300, expect=2)
     assert "`pretrain.steps` must be 0" in output and "trainer.keep_last_checkpoints" in output

@@ -71,12 +71,14 @@ def test_torchrun_two_ranks(tmp_path, layout):
     assert all(0.0 < r["num_tokens"] for r in logged.values())
 
 
+@pytest.mark.slow
 def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
     output = run([f"trainer.output_dir={tmp_path}"], timeout=300, expect=2)
     assert "--resume" in output and str(tmp_path) in output
 
 
+@pytest.mark.slow
 def test_config_error_exit_code_and_message(tmp_path):
     output = run(["grpo.num_generatons=4"], timeout=300, expect=2)
     assert "unknown key `grpo.num_generatons`" in output and "<command line>" in output

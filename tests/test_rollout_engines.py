@@ -359,6 +359,7 @@ def test_trainer_uses_sampling_options_and_logs_tis(tmp_path):
     assert "needs CUDA GPUs" in refused
 
 
+@pytest.mark.slow
 def test_generation_benchmark_smoke():
     import json
 

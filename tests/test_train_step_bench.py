@@ -21,6 +21,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_tiny_bench_prints_throughput_and_ratio():
     result = bench("--tiny", "--steps", "1", "--warmup", "1")
     lines = {fields(line).get("variant"): fields(line) for line in result.stdout.splitlines() if "variant=" in line}
