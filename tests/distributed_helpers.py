@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from cli_runner import logs, start_ranks, wait_all
+# free_port lives in cli_runner; the Slurm tests (tests/test_slurm*.py) import it from here
+from cli_runner import free_port, logs, start_ranks, wait_all  # noqa: F401
 from nemo_rlsr.config import ModelConfig, OptimizerConfig
 from nemo_rlsr.models.policy import TokenBatch
 
