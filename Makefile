@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nemo_rlsr_installed
 DEMO_DIR ?= runs/rlsr_tiny
 
-.PHONY: install demo test clean recipes-table
+.PHONY: install demo test test-fast clean recipes-table
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	@bash tests/slurm/cluster.sh start >/dev/null || echo "make test: no local Slurm cluster; its tests skip (fail under CI=true)" >&2
 	@status=0; $(PY) -m pytest -q || status=$$?; bash tests/slurm/cluster.sh stop; exit $$status
+
+# The inner loop: every test not marked `slow` (those start processes or run end to end). CI runs `test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # docs/recipes.md: every recipe planned on H100 and H200 (nemo_rlsr/planner).
 recipes-table: $(STAMP)
