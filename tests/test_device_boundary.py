@@ -122,8 +122,11 @@ def test_rlsr_trainer_step_runs_on_the_device(single_rank, tmp_path, monkeypatch
                    "grpo.tis_cap=2.0")
     with fake_accelerator():
         trainer = RLSRTrainer(cfg)
-        assert trainer.policy.device == DEVICE
-        metrics = trainer.train_step()
+        try:
+            assert trainer.policy.device == DEVICE
+            metrics = trainer.train_step()
+        finally:
+            trainer.preemption.uninstall()  # a trainer built without fit() must not leave its handler behind
     assert -1.0 <= metrics["reward/mean"] <= 1.0 and metrics["num_tokens"] > 0
     assert {"reward/length_corr", "tis/weight_mean", "token_mult_prob_error"} <= set(metrics)
 
@@ -135,8 +138,11 @@ def test_sft_trainer_step_runs_on_the_device(single_rank, tmp_path, pack):
     cfg = tiny_run(tmp_path, "sft_tiny.yaml", "sft.steps=1", f"sft.pack_sequences={str(pack).lower()}")
     with fake_accelerator():
         trainer = SFTTrainer(cfg)
-        before = trainer.heldout_nll()
-        metrics = trainer.train_step()
+        try:
+            before = trainer.heldout_nll()
+            metrics = trainer.train_step()
+        finally:
+            trainer.preemption.uninstall()
     assert metrics["num_tokens"] > 0 and before > 0
 
 
