@@ -105,9 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iterations", type=int, default=2)
     args = parser.parse_args(argv)
 
+    from nemo_rlsr.distributed.dims import ParallelDims
+
     from nemo_rlsr.distributed.parallel import init_distributed
 
-    init_distributed(tp=1, pp=1, seed=0)
+    init_distributed(ParallelDims(seed=0))
     cfg, vocab = SHAPES[args.model]
     dtype = torch.bfloat16 if torch.cuda.is_available() and args.model != "tiny" else torch.float32
     module, hf = build_pair(cfg, vocab, dtype)

@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None, lines: list[dict] | None = None) -> list
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (MFU denominator)")
     args = parser.parse_args(argv)
 
+    from nemo_rlsr.distributed.dims import ParallelDims
+
     from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 
     shape = TINY if args.tiny else QWEN25_1_5B
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None, lines: list[dict] | None = None) -> list
     del step
     free_memory()
 
-    ctx = init_distributed(tp=1, pp=1, seed=0)
+    ctx = init_distributed(ParallelDims(seed=0))
     try:
         for name, recipe in (("megatron", None), ("megatron_fp8", args.fp8_recipe)):
             model_cfg = megatron_model_config(shape, seq, dtype, recipe)

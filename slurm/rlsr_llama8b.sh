@@ -5,7 +5,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --time=08:00:00
-#SBATCH --signal=B:USR1@300
+#SBATCH --signal=B:USR1@360
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out

@@ -10,10 +10,11 @@ def single_rank():
 
     init_distributed puts MASTER_ADDR/MASTER_PORT into os.environ; they are taken out again, else
     every CLI subprocess launched later in the session inherits them and fails to bind that port."""
+    from nemo_rlsr.distributed.dims import ParallelDims
     from nemo_rlsr.distributed.parallel import init_distributed
 
     saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
-    ctx = init_distributed(tp=1, pp=1, seed=1234)
+    ctx = init_distributed(ParallelDims(seed=1234))
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

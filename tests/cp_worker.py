@@ -23,6 +23,7 @@ import torch
 from distributed_helpers import (VOCAB, nll_loss, optimizer_config, randomize_norms, share_weights, tiny_model_config,
                                  token_batch, worker_main)
 from moe_worker import tiny_moe_config
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.generation.interface import SamplingParams
 from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
@@ -57,9 +58,9 @@ def scenario_attention(out: Path) -> dict:
     from nemo_rlsr.models.gpt import transformer_config
     from nemo_rlsr.models.policy import attention_mask
 
-    init_distributed(cp=2, seed=1)
+    init_distributed(ParallelDims(cp=2, seed=1))
     cfg = dataclasses.replace(MODEL, hidden_size=HEADS * DIM, num_attention_heads=HEADS, num_query_groups=GROUPS)
-    attention = ContextParallelAttention(transformer_config(cfg, 1, 1, cp=2), layer_number=1,
+    attention = ContextParallelAttention(transformer_config(cfg, ParallelDims(cp=2)), layer_number=1,
                                          attn_mask_type=AttnMaskType.causal, attention_type="self")
     x = attention_inputs()
     local = {k: split_for_cp(x[k], dim=0).requires_grad_() for k in ("q", "k", "v")}
@@ -85,7 +86,8 @@ def packed_batch() -> TokenBatch:
 
 
 def run_layout(out: Path, index: int, model, distributed: bool, **layout) -> dict:
-    ctx = init_distributed(seed=index + 1, **layout)  # another seed per layout: weights come from the checkpoint
+    # another seed per layout: weights come from the checkpoint
+    ctx = init_distributed(ParallelDims(seed=index + 1, **layout))
     policy = MegatronPolicy(model, optimizer_config(distributed), VOCAB, ctx)
     share_weights(policy, out, first=index == 0, prepare=randomize_norms)
     engine = TorchRolloutEngine(policy.module, pad_id=0, eos_id=VOCAB - 1, vocab_size=VOCAB)
@@ -114,7 +116,7 @@ def scenario_policy(out: Path, tp: int = 1, model=MODEL, distributed: bool = Fal
     destroy_distributed()
     results["cp2"] = run_layout(out, 1, model, distributed, tp=tp, cp=2)
     destroy_distributed()
-    ctx = init_distributed(tp=tp, cp=1, seed=7)
+    ctx = init_distributed(ParallelDims(tp=tp, cp=1, seed=7))
     policy = MegatronPolicy(model, optimizer_config(distributed), VOCAB, ctx)
     load_checkpoint(out / "ckpt_cp" / "step_0000001", policy)
     results["reloaded"] = {k: v.detach().clone() for k, v in policy.module.named_parameters()}

@@ -13,13 +13,14 @@ import torch
 
 from distributed_helpers import VOCAB, nll_loss, optimizer_config, tiny_model_config, token_batch, worker_main
 from fake_accelerator import DEVICE, HostTensorOnDevice, fake_accelerator, place
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import init_distributed
 from nemo_rlsr.models.policy import MegatronPolicy
 from nemo_rlsr.trainer.rollout_metrics import gather_over_dp
 
 
 def scenario_dp2(out: Path) -> dict:
-    ctx = init_distributed(tp=1, seed=1)
+    ctx = init_distributed(ParallelDims(seed=1))
     rewards = torch.tensor([[0.5, -0.25], [1.0, 0.75]][ctx.dp_rank])  # host, as the encoders return them
     with fake_accelerator():
         gathered = gather_over_dp(rewards, DEVICE)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from distributed_helpers import worker_main, nll_loss, optimizer_config, tiny_model_config, token_batch, VOCAB
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.gpt import mask_padded_vocab
 from nemo_rlsr.models.policy import MegatronPolicy, attention_mask, vocab_parallel_entropy
@@ -51,7 +52,7 @@ def dp_half(rank: int):
 
 def scenario_tp(out: Path) -> dict:
     batch = token_batch()
-    ctx = init_distributed(tp=1, seed=1)
+    ctx = init_distributed(ParallelDims(seed=1))
     policy = MegatronPolicy(tiny_model_config(), None, VOCAB, ctx)
     logprobs_tp1 = policy.logprobs(batch, MICRO_BATCH)
     logits = full_vocab_logits(policy)
@@ -61,7 +62,7 @@ def scenario_tp(out: Path) -> dict:
     save_checkpoint(out / "ckpt", 0, policy, {})
     destroy_distributed()
 
-    ctx = init_distributed(tp=2, seed=2)  # another seed: the weights must come from the checkpoint
+    ctx = init_distributed(ParallelDims(tp=2, seed=2))  # another seed: the weights must come from the checkpoint
     policy = MegatronPolicy(tiny_model_config(), None, VOCAB, ctx)
     load_checkpoint(out / "ckpt" / "step_0000000", policy)
     logprobs_tp2 = policy.logprobs(batch, MICRO_BATCH)
@@ -83,14 +84,14 @@ def scenario_tp(out: Path) -> dict:
 def scenario_pp(out: Path) -> dict:
     batch = token_batch()
     # PP=1 on 2 ranks is DP=2; both ranks get the whole batch, which is the same step as DP=1.
-    ctx = init_distributed(pp=1, seed=1)
+    ctx = init_distributed(ParallelDims(seed=1))
     policy = MegatronPolicy(tiny_model_config(), optimizer_config(), VOCAB, ctx)
     save_checkpoint(out / "ckpt", 0, policy, {})
     metrics_pp1 = policy.train_step(batch, MICRO_BATCH, nll_loss)
     logprobs_pp1 = policy.logprobs(batch, MICRO_BATCH)
     destroy_distributed()
 
-    ctx = init_distributed(pp=2, seed=2)
+    ctx = init_distributed(ParallelDims(pp=2, seed=2))
     policy = MegatronPolicy(tiny_model_config(), optimizer_config(), VOCAB, ctx)
     load_checkpoint(out / "ckpt" / "step_0000000", policy)
     metrics_pp2 = policy.train_step(batch, MICRO_BATCH, nll_loss)
@@ -100,7 +101,7 @@ def scenario_pp(out: Path) -> dict:
 
 def scenario_dp_reference(out: Path) -> dict:
     """World size 1: the whole batch in one process."""
-    ctx = init_distributed(seed=1)
+    ctx = init_distributed(ParallelDims(seed=1))
     policy = MegatronPolicy(tiny_model_config(), optimizer_config(), VOCAB, ctx)
     save_checkpoint(out / "ckpt", 0, policy, {})
     return {"metrics": policy.train_step(token_batch(), MICRO_BATCH, nll_loss)}
@@ -112,7 +113,7 @@ def scenario_dp_split(out: Path) -> dict:
     handler = logging.Handler()
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger("nemo_rlsr.trainer.checkpoint").addHandler(handler)
-    ctx = init_distributed(seed=2)
+    ctx = init_distributed(ParallelDims(seed=2))
     policy = MegatronPolicy(tiny_model_config(), optimizer_config(), VOCAB, ctx)
     load_checkpoint(out / "ckpt" / "step_0000000", policy)
     half = dp_half(ctx.dp_rank)
@@ -136,7 +137,7 @@ def rng_draws() -> dict:
 def scenario_roundtrip(out: Path, distributed_optimizer: bool) -> dict:
     """DP=2, each rank its own half: train, save, train; then re-init, load, train the same step."""
     root = out / "ckpt"
-    ctx = init_distributed(seed=1)
+    ctx = init_distributed(ParallelDims(seed=1))
     policy = MegatronPolicy(tiny_model_config(), optimizer_config(distributed_optimizer), VOCAB, ctx)
     half = dp_half(ctx.dp_rank)
     policy.train_step(half, 1, nll_loss)
@@ -152,7 +153,7 @@ def scenario_roundtrip(out: Path, distributed_optimizer: bool) -> dict:
     latest_after_2 = (root / "latest").read_text().strip()
     destroy_distributed()
 
-    ctx = init_distributed(seed=2)
+    ctx = init_distributed(ParallelDims(seed=2))
     policy = MegatronPolicy(tiny_model_config(), optimizer_config(distributed_optimizer), VOCAB, ctx)
     hash_fresh = param_hash(policy)
     extra_loaded = load_checkpoint(root / "step_0000001", policy)

@@ -7,17 +7,14 @@ parallel state is global per process.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+# free_port lives in cli_runner; the Slurm tests (tests/test_slurm*.py) import it from here
+from cli_runner import free_port, logs, start_ranks, wait_all  # noqa: F401
 from nemo_rlsr.config import ModelConfig, OptimizerConfig
 from nemo_rlsr.models.policy import TokenBatch
 
@@ -98,12 +95,6 @@ def nll_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
     return loss, {"loss": loss.detach()}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def worker_main(scenarios: dict[str, Callable[[Path], dict]]) -> None:
     """A worker script's entry point: run scenario argv[1] with output folder argv[2] and save this
     rank's result dict as rank<R>.pt (what `run_workers` reads back)."""
@@ -121,54 +112,18 @@ def worker_main(scenarios: dict[str, Callable[[Path], dict]]) -> None:
 def run_workers(
     scenario: str, out_dir: Path, nprocs: int = 2, timeout_s: float = 120.0, worker: Path = WORKER
 ) -> list[dict]:
-    """Run `<worker> scenario out_dir` (dist_worker.py unless told) on `nprocs` ranks; return each
-    rank's result dict.
+    """Run `<worker> scenario out_dir` (dist_worker.py unless told) on `nprocs` ranks
+    (cli_runner.start_ranks); return each rank's result dict.
 
     When a rank fails the others are killed at once (they would wait on collectives until the
-    timeout); the error shows every rank's stderr.
+    timeout); the error shows every rank's output.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    procs, logs = [], []
-    for rank in range(nprocs):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(nprocs),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-            "OMP_NUM_THREADS": "1",  # 2 ranks on 2 cores: no oversubscription
-            "PYTHONWARNINGS": "ignore",
-        }
-        log = out_dir / f"rank{rank}.log"
-        logs.append(log)
-        with open(log, "w") as sink:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(worker), scenario, str(out_dir)],
-                    env=env, stdout=sink, stderr=subprocess.STDOUT,
-                    start_new_session=True,  # so a kill also reaches the checkpoint writer's helpers
-                )
-            )
-    deadline = time.monotonic() + timeout_s
-    problem = ""
-    while not problem and any(proc.poll() is None for proc in procs):
-        if any(proc.poll() not in (None, 0) for proc in procs):
-            problem = "a rank failed"
-        elif time.monotonic() > deadline:
-            problem = f"timed out after {timeout_s:.0f}s"
-        else:
-            time.sleep(0.1)
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    if problem or any(proc.returncode != 0 for proc in procs):
-        details = "\n\n".join(
-            f"--- rank {rank} (exit {proc.returncode}) ---\n{log.read_text()[-6000:]}"
-            for rank, (proc, log) in enumerate(zip(procs, logs))
-        )
-        raise AssertionError(f"scenario {scenario!r}: {problem or 'a rank failed'}\n{details}")
+    procs = start_ranks([str(worker), scenario, str(out_dir)], out_dir, nprocs, tag=scenario)
+    try:
+        codes = wait_all(procs, timeout_s)
+    except AssertionError as timeout:
+        raise AssertionError(f"scenario {scenario!r}: {timeout}\n{logs(out_dir, scenario, tail=6000)}") from None
+    if codes != [0] * nprocs:
+        raise AssertionError(f"scenario {scenario!r}: exit codes {codes}\n{logs(out_dir, scenario, tail=6000)}")
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(nprocs)]

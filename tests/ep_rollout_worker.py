@@ -19,6 +19,7 @@ import torch
 
 from distributed_helpers import VOCAB, optimizer_config, share_weights, worker_main
 from moe_worker import tiny_moe_config
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.generation.interface import SamplingParams
 from nemo_rlsr.generation.lockstep import lockstep_group
@@ -65,7 +66,8 @@ def eos_token(module, sets, params) -> int:
 def scenario_rollout(out: Path) -> dict:
     result = {}
     for ep in (1, 2):
-        ctx = init_distributed(seed=ep, ep=ep)  # another seed per layout: weights come from the checkpoint
+        # another seed per layout: weights come from the checkpoint
+        ctx = init_distributed(ParallelDims(seed=ep, ep=ep))
         policy = MegatronPolicy(tiny_moe_config(), optimizer_config(), VOCAB, ctx)
         share_weights(policy, out, first=ep == 1, prepare=randomize)
         result[f"lockstep_ep{ep}"] = lockstep_group() is not None
@@ -79,7 +81,7 @@ def scenario_rollout(out: Path) -> dict:
                 result[f"{name}_ep2"] = outputs(engine.generate((set0, set1)[ctx.dp_rank], params, SEED))
         result["dp_rank"] = ctx.dp_rank
         destroy_distributed()
-    init_distributed(tp=2, ep=2)  # both ranks hold the same prompts (one TP group): nothing to lock
+    init_distributed(ParallelDims(tp=2, ep=2))  # both ranks hold the same prompts (one TP group): nothing to lock
     result["lockstep_tp2_ep2"] = lockstep_group() is not None
     return result
 

@@ -47,6 +47,7 @@ def megatron_logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor | None
 
 @torch.no_grad()
 def main(scenario: str, out: Path) -> None:
+    from nemo_rlsr.distributed.dims import ParallelDims
     from nemo_rlsr.distributed.parallel import init_distributed
     from nemo_rlsr.models.gpt import build_gpt
     from nemo_rlsr.models.hf import adapter_and_config
@@ -54,11 +55,11 @@ def main(scenario: str, out: Path) -> None:
     from nemo_rlsr.models.hf.save import iter_all_hf_tensors, save_hf_checkpoint
 
     tp, pp = LAYOUTS[scenario]
-    init_distributed(tp=tp, pp=pp, seed=1)
+    ctx = init_distributed(ParallelDims(tp=tp, pp=pp, seed=1))
     results = {}
     for hf_dir in sorted((out / "hf").iterdir()):
         adapter, cfg = adapter_and_config(hf_dir)
-        model = build_gpt(cfg, cfg.vocab_size, tp, pp).eval()
+        model = build_gpt(cfg, cfg.vocab_size, ctx).eval()
         load_hf_weights(model, adapter, cfg, hf_dir)
         results[hf_dir.name] = megatron_logits(model, input_ids(cfg.vocab_size), cfg.vocab_size)
         results[f"{hf_dir.name}/all_stages"] = {name: tensor.clone()

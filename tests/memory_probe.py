@@ -57,13 +57,14 @@ def profiled_peak_increase(step) -> int:
 def measure(config: str, overrides: list[str]) -> dict:
     from nemo_rlsr.algorithms.grpo import GRPOLossConfig
     from nemo_rlsr.config import load_config
+    from nemo_rlsr.distributed.dims import ParallelDims
     from nemo_rlsr.distributed.parallel import init_distributed
     from nemo_rlsr.models.policy import MegatronPolicy, TokenBatch
     from nemo_rlsr.planner.plan import vocab_size
     from nemo_rlsr.trainer.rlsr import grpo_loss_fn
 
     cfg = load_config(config, overrides)
-    ctx = init_distributed(1, 1, cfg.parallel.seed)
+    ctx = init_distributed(ParallelDims(seed=cfg.parallel.seed))
     vocab = vocab_size(cfg)
     gc.collect()
     before = live_tensor_bytes()

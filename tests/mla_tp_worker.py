@@ -9,7 +9,7 @@ parallelism. Every layout loads its shard of one seeded full state dict and repo
 parameter's gradient and updated weight gathered back to the full (TP=1) tensor, so the test
 compares each parameter, not only the global gradient norm.
 
-`dense_unfixed` runs the dense layouts with megatron's own MLA gradients (models/mla.py's two
+`dense_unfixed` runs the dense layouts with megatron's own MLA gradients (compat/megatron.py's two
 fixes undone in this process), to show what the comparison catches.
 """
 
@@ -23,9 +23,10 @@ import torch.distributed as dist
 
 from distributed_helpers import VOCAB, nll_loss, token_batch, worker_main
 from moe_worker import tiny_moe_config
+from nemo_rlsr.compat import megatron as compat
 from nemo_rlsr.config import ModelConfig, OptimizerConfig
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
-from nemo_rlsr.models import mla
 from nemo_rlsr.models.policy import MegatronPolicy
 
 MICRO_BATCH = 2
@@ -93,7 +94,7 @@ def full_weights(model) -> dict[str, torch.Tensor]:
 def run_layout(model_cfg: ModelConfig, index: int, layout: dict, weights: dict | None) -> tuple[dict, dict]:
     from megatron.core import parallel_state
 
-    ctx = init_distributed(seed=index + 1, **layout)
+    ctx = init_distributed(ParallelDims(seed=index + 1, **layout))
     policy = MegatronPolicy(model_cfg, OPTIMIZER, VOCAB, ctx)
     model, tp = policy.module, ctx.tp
     weights = weights or full_weights(model)
@@ -117,10 +118,8 @@ def run_layout(model_cfg: ModelConfig, index: int, layout: dict, weights: dict |
 
 def scenario(name: str, fixes: bool):
     def run(out: Path) -> dict:
-        if not fixes:  # megatron's own MLA gradients
-            local = mla.LocalMLASelfAttention
-            local.get_query_key_value_tensors = mla.MLASelfAttention.get_query_key_value_tensors
-            mla.average_latent_norm_grads = lambda model: None
+        if not fixes:  # megatron's own MLA gradients: the two shims' gates closed, as for a release that fixed them
+            compat.MLA_ROPE_KEY_GRAD = compat.MLA_LATENT_NORM_GRAD = compat.Gate(fixed_in=(0, 0))
         results, weights = {}, None
         for i, (layout, kwargs) in enumerate(LAYOUTS[name]):
             if i:  # worker_main tears the last one down

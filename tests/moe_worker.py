@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from distributed_helpers import VOCAB, nll_loss, optimizer_config, share_weights, token_batch
 from nemo_rlsr.config import ModelConfig
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.gpt import build_gpt
 from nemo_rlsr.models.hf import adapter_and_config
@@ -69,8 +70,8 @@ def layouts_logits(out: Path, model_name: str) -> dict:
     adapter, cfg = adapter_and_config(hf_dir)
     result = {"input_ids": INPUT_IDS}
     for name, layout in LAYOUTS:
-        ctx = init_distributed(seed=7, **layout)  # the weights must all come from the checkpoint
-        model = build_gpt(cfg, cfg.vocab_size, ctx.tp, ctx.pp, ctx.ep, ctx.etp)
+        ctx = init_distributed(ParallelDims(seed=7, **layout))  # the weights must all come from the checkpoint
+        model = build_gpt(cfg, cfg.vocab_size, ctx)
         load_hf_weights(model, adapter, cfg, hf_dir)
         logits = megatron_logits(model, INPUT_IDS)
         if logits is not None:
@@ -90,7 +91,8 @@ def tiny_moe_config() -> ModelConfig:
 def scenario_train_ep(out: Path) -> dict:
     result = {}
     for ep in (1, 2):
-        ctx = init_distributed(seed=ep, ep=ep)  # another seed per layout: weights come from the checkpoint
+        # another seed per layout: weights come from the checkpoint
+        ctx = init_distributed(ParallelDims(seed=ep, ep=ep))
         policy = MegatronPolicy(tiny_moe_config(), optimizer_config(), VOCAB, ctx)
         share_weights(policy, out, first=ep == 1)
         half = token_batch().slice(2 * ctx.dp_rank, 2 * ctx.dp_rank + 2)  # 16 vs 15 loss tokens

@@ -19,6 +19,7 @@ import torch
 from distributed_helpers import (VOCAB, nll_loss, optimizer_config, randomize_norms, share_weights, tiny_model_config,
                                  token_batch, worker_main)
 from moe_worker import tiny_moe_config
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.generation.interface import SamplingParams
 from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
@@ -52,7 +53,8 @@ def replicated_weights(policy: MegatronPolicy) -> dict[str, torch.Tensor]:
 
 
 def run_layout(model_cfg, out: Path, index: int, layout: dict, tagged: bool) -> dict:
-    ctx = init_distributed(seed=index + 1, **layout)  # another seed per layout: weights come from the checkpoint
+    # another seed per layout: weights come from the checkpoint
+    ctx = init_distributed(ParallelDims(seed=index + 1, **layout))
     policy = MegatronPolicy(model_cfg, optimizer_config(), VOCAB, ctx)
     share_weights(policy, out, first=index == 0, prepare=randomize_norms)
     tags = {name: getattr(p, "sequence_parallel", None) for name, p in policy.module.named_parameters()

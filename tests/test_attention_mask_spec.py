@@ -42,7 +42,7 @@ def test_every_attention_of_dense_and_moe_mla_specs_gets_the_arbitrary_mask(sing
     from nemo_rlsr.models.spec import with_attention_mask_type
 
     for spec, layers in ((dense_layer_spec(tiny_model_config(), te=False), 1),
-                         (decoder_block_spec(transformer_config(MLA_MOE, 1, 1), False), MLA_MOE.num_layers)):
+                         (decoder_block_spec(transformer_config(MLA_MOE), False), MLA_MOE.num_layers)):
         assert mask_types(spec) == [AttnMaskType.causal] * layers
         rewritten = with_attention_mask_type(spec, AttnMaskType.arbitrary)
         assert mask_types(rewritten) == [AttnMaskType.arbitrary] * layers

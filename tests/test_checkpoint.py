@@ -9,6 +9,7 @@ from distributed_helpers import run_workers
 from nemo_rlsr.trainer.checkpoint import latest_checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["distributed_optimizer", "optimizer"])
 def test_resume_is_bit_identical(tmp_path, optimizer):
     """DP=2, each rank its own half batch. Train step 1, save, train step 2 (loss L2, weights W2).

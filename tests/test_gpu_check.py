@@ -17,24 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from cli_runner import REPO, child_env, run_python
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 SECTIONS = ("environment", "train_step", "bf16_vs_fp32", "torch_sampler", "megatron_engine", "reward_encoder",
             "train_step_1p5b", "cli_train", "cli_train_megatron_engine")
-CUDA_ONLY = ("megatron_engine", "cli_train_megatron_engine")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    # a test session's own process group sets MASTER_ADDR/PORT: a child inheriting them would bind that port
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "PYTHONPATH": str(REPO), **extra}
+CUDA_ONLY = ("cli_train_megatron_engine",)  # check_engine refuses rollout.engine=megatron without CUDA
 
 
 def gpu_check(tmp_path: Path, *args: str, timeout: int = 900) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "check.json"
-    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out), *args],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    result = run_python(["benchmarks/gpu_check.py", "--smoke", "--out", str(out), *args], timeout=timeout)
     return result, json.loads(out.read_text())
 
 
@@ -46,7 +40,7 @@ def test_smoke_mode_runs_every_section_through_the_runner(tmp_path):
     empty.mkdir()
     command = ["bash", "benchmarks/gpu_check.sh", "--smoke", "--hide", "ray,datasets,wandb,mlflow"]
     result = subprocess.run(command, cwd=REPO,
-                            env=clean_env(OUT=str(out), PYTHON=sys.executable, GPU_CHECK_WHEELS=str(empty)),
+                            env=child_env(OUT=str(out), PYTHON=sys.executable, GPU_CHECK_WHEELS=str(empty)),
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
@@ -94,6 +88,7 @@ def test_a_hanging_or_failing_section_is_recorded_and_the_next_one_still_runs(tm
     assert report["summary"] == {"timeout": 1, "error": 1, "ok": 1}
 
 
+@pytest.mark.slow
 def test_sections_that_cannot_finish_in_the_budget_are_not_started(tmp_path):
     from gpu_check import MIN_START_S, section_time_limit
 
@@ -111,7 +106,7 @@ def test_a_stopped_run_keeps_its_json(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out), "--sections",
                              "environment,train_step", "--debug-fail", "environment=stall"], cwd=REPO,
-                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if out.exists() and json.loads(out.read_text())["sections"]["environment"]["status"] == "running":

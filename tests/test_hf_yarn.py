@@ -185,7 +185,7 @@ def test_deepseek_v3_release_rope_scaling_reaches_megatron():
     hf_config = {**hf_config, "rope_parameters": None, "rope_theta": 10000, "max_position_embeddings": 163840,
                  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
                                   "original_max_position_embeddings": 4096, "type": "yarn"}}
-    config = transformer_config(adapter_for("deepseek_v3").model_config(hf_config), tp=1, pp=1)
+    config = transformer_config(adapter_for("deepseek_v3").model_config(hf_config))
     assert (config.rope_type, config.rotary_scaling_factor, config.original_max_position_embeddings,
             config.beta_fast, config.beta_slow, config.mscale, config.mscale_all_dim) == ("yarn", 40.0, 4096, 32.0,
                                                                                             1.0, 1.0, 1.0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nemo_rlsr.config import load_config
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.layout import run_problems
 from nemo_rlsr.models.precision import (
     fp8_problems,
@@ -138,11 +139,11 @@ def test_alignments_and_sequence_multiple():
     assert (gemm_alignment("delayed"), gemm_alignment("mxfp8")) == (16, 32)
     assert (token_multiple("tensorwise"), token_multiple("blockwise"), token_multiple("mxfp8")) == (16, 128, 32)
     m = cfg().model
-    assert sequence_multiple(m, tp=2, cp=1, sequence_parallel=False) == 1
-    assert sequence_multiple(m, tp=2, cp=2, sequence_parallel=True) == 4
+    assert sequence_multiple(m, ParallelDims(tp=2)) == 1
+    assert sequence_multiple(m, ParallelDims(tp=2, cp=2, sequence_parallel=True)) == 4
     m = fp8("model.fp8_recipe=blockwise").model
-    assert sequence_multiple(m, tp=2, cp=2, sequence_parallel=True) == 4 * 128
-    assert sequence_multiple(m, tp=4, cp=1, sequence_parallel=False) == 128
+    assert sequence_multiple(m, ParallelDims(tp=2, cp=2, sequence_parallel=True)) == 4 * 128
+    assert sequence_multiple(m, ParallelDims(tp=4)) == 128
 
 
 def test_te_kwargs_are_transformer_config_fields():

@@ -1,9 +1,9 @@
-"""Multi-latent attention gradients under tensor parallelism (models/mla.py).
+"""Multi-latent attention gradients under tensor parallelism (compat/megatron.py's MLA fixes).
 
 On 2 gloo ranks, one optimizer step of a DeepSeek-V3-style policy from the same full weights at TP=1
 and at TP=2 with and without sequence parallelism (tests/mla_tp_worker.py): every parameter's
 gradient, gathered back to the full tensor, must equal TP=1's up to float32 summation order, and so
-must the weights after the step. Without models/mla.py's fixes the same comparison fails: megatron's
+must the weights after the step. Without compat/megatron.py's fixes the same comparison fails: megatron's
 local spec drops the other TP ranks' part of the rope key's gradient (wrong `linear_kv_down_proj`
 rows and everything before them) and `finalize_model_grads` doubles the q latent norm's gradient at
 TP=2 without sequence parallelism.

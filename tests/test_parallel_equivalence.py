@@ -13,6 +13,7 @@ from distributed_helpers import run_workers
 ATOL = 1e-5
 
 
+@pytest.mark.slow
 def test_tp2_logprobs_and_entropy_match_tp1(tmp_path):
     results = run_workers("tp", tmp_path)
     for rank in results:
@@ -25,6 +26,7 @@ def test_tp2_logprobs_and_entropy_match_tp1(tmp_path):
         torch.testing.assert_close(rank["entropy_tp2_sharded"], rank["entropy_tp2_reference"], atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_pp2_train_step_matches_pp1(tmp_path):
     """One step, 2 micro-batches. At PP=1 the 2 ranks are DP=2 with the same whole batch each,
     which is the same step as DP=1 (the global token count doubles along with the loss sum)."""
@@ -39,6 +41,7 @@ def test_pp2_train_step_matches_pp1(tmp_path):
     assert results[0]["metrics_pp2"] == results[1]["metrics_pp2"]
 
 
+@pytest.mark.slow
 def test_dp2_token_mean_is_global(tmp_path):
     """DP=2 with 16 and 15 loss tokens on the two ranks equals one process on the whole batch:
     gradients are divided by the global token count, not averaged per rank."""

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_runner import run_python
 from nemo_rlsr.cli import main as cli_main
 from nemo_rlsr.config import ConfigError, load_config
 from nemo_rlsr.config.rules import unsupported_problems
@@ -46,7 +45,7 @@ def test_planner_pads_the_vocabulary_like_the_policy_and_does_not_import_torch()
     for vocab in (1, 255, 256, 257, 128256, 151665, 152064, 163840):
         assert planner_padding(vocab) == padded_vocab_size(vocab, 1) == padded_vocab_size(vocab, 8)
     code = "import sys, nemo_rlsr.cli; nemo_rlsr.cli.main(['plan', '--config', 'conf/rlsr_tiny.yaml']); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout
+    out = run_python(["-c", code]).stdout
     assert out.strip().endswith("False")
 
 
@@ -153,9 +152,9 @@ def test_trainer_refuses_recipe_keys_it_cannot_act_on():
         check_startup(cfg, Machine.container(32, (9, 0)))
 
 
+@pytest.mark.slow
 def test_docs_recipe_table_is_generated_from_the_planner():
-    result = subprocess.run([sys.executable, str(REPO / "docs/make_recipe_table.py"), "--check"],
-                            capture_output=True, text=True)
+    result = run_python([str(REPO / "docs/make_recipe_table.py"), "--check"])
     assert result.returncode == 0, result.stderr
     table = (REPO / "docs/recipes.md").read_text()
     assert all(f"`conf/{p.name}`" in table for p in RECIPES)

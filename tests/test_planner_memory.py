@@ -13,15 +13,13 @@ train_step). Its activation model was derived by listing the tensors autograd sa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
+import pytest
+
+from cli_runner import REPO, run_python
 from nemo_rlsr.config import load_config
 from nemo_rlsr.planner import make_plan
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = [
     [],
     ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=2", "model.ffn_hidden_size=256",
@@ -35,12 +33,9 @@ VARIANTS = [
 TRAIN_STEP_ITEMS = ("weights", "grads", "optimizer", "activations")
 
 
+@pytest.mark.slow
 def test_predicted_train_step_memory_is_within_15_percent_of_measured_peak():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests/memory_probe.py"), str(REPO / "conf/rlsr_tiny.yaml"), json.dumps(VARIANTS)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+    result = run_python([str(REPO / "tests/memory_probe.py"), str(REPO / "conf/rlsr_tiny.yaml"), json.dumps(VARIANTS)])
     assert result.returncode == 0, result.stderr[-3000:]
     measured = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(measured) == len(VARIANTS)

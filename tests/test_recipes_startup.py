@@ -11,13 +11,11 @@ it instead of stopping the trainer.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_runner import cli
 from nemo_rlsr.config import ConfigError, load_config
 from nemo_rlsr.planner import make_plan
 from nemo_rlsr.planner.hardware import device
@@ -92,13 +90,10 @@ def test_trainers_raise_every_startup_problem_at_once(tmp_path):
     assert dist.is_initialized() == initialized and not list(tmp_path.iterdir())  # nothing was started
 
 
+@pytest.mark.slow
 def test_sft_cli_refuses_with_the_startup_problems():
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")} | {"PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "nemo_rlsr.cli", "sft", "--config", str(REPO / "conf/sft_tiny.yaml"),
-                             "pretrain.steps=5", "trainer.keep_last_checkpoints=-1"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "`pretrain.steps` must be 0" in result.stderr and "trainer.keep_last_checkpoints" in result.stderr
+    output = cli("sft", "sft_tiny.yaml", ["pretrain.steps=5", "trainer.keep_last_checkpoints=-1"], timeout=300, expect=2)
+    assert "`pretrain.steps` must be 0" in output and "trainer.keep_last_checkpoints" in output
 
 
 @pytest.mark.parametrize("overrides, mode, message", [

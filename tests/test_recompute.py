@@ -5,17 +5,12 @@ as the step without it (CPU, local spec, the real MegatronPolicy)."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from cli_runner import cli
 from tests.distributed_helpers import VOCAB, nll_loss, optimizer_config, tiny_model_config, token_batch
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def one_step(ctx, model_cfg, initial_state):
@@ -57,22 +52,18 @@ def test_recompute_step_equals_plain_step(single_rank, recompute):
     assert moved > 0  # the step did change the weights being compared
 
 
-def cli_train(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def cli_train(tmp_path, *overrides: str, expect: int = 0) -> str:
     args = ["pretrain.steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.micro_batch_size=8",
             "rollout.max_new_tokens=6", "trainer.steps=1", "trainer.heldout_eval=false", "trainer.progress_bar=false",
             f"trainer.output_dir={tmp_path}", *overrides]
-    return subprocess.run([sys.executable, "-m", "nemo_rlsr.cli", "train", "--config",
-                           str(REPO / "conf" / "rlsr_tiny.yaml"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return cli("train", "rlsr_tiny.yaml", args, timeout=300, expect=expect)
 
 
+@pytest.mark.slow
 def test_trainer_runs_with_recompute_and_refuses_incomplete_setting(tmp_path):
-    bad = cli_train(tmp_path / "bad", "model.recompute_granularity=full")
-    assert bad.returncode != 0
-    assert "model.recompute_granularity=full needs model.recompute_method in uniform, block" in bad.stderr
-    assert "model.recompute_num_layers between 1 and the layers per pipeline stage (2)" in bad.stderr
-    good = cli_train(tmp_path / "good", "model.recompute_granularity=full", "model.recompute_method=uniform",
-                     "model.recompute_num_layers=1")
-    assert good.returncode == 0, good.stderr[-3000:]
+    bad = cli_train(tmp_path / "bad", "model.recompute_granularity=full", expect=2)
+    assert "model.recompute_granularity=full needs model.recompute_method in uniform, block" in bad
+    assert "model.recompute_num_layers between 1 and the layers per pipeline stage (2)" in bad
+    cli_train(tmp_path / "good", "model.recompute_granularity=full", "model.recompute_method=uniform",
+              "model.recompute_num_layers=1")
     assert (tmp_path / "good" / "metrics.jsonl").read_text().count("\n") == 1

@@ -5,19 +5,15 @@ reference loaded from a checkpoint, and the same training trajectory of the real
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_runner import cli
 from nemo_rlsr.trainer.fingerprint import module_sha256
 from tests.distributed_helpers import VOCAB, optimizer_config, tiny_model_config, token_batch
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def perturb(module: torch.nn.Module, seed: int) -> None:
@@ -81,14 +77,11 @@ def test_unknown_placement_refused(single_rank):
 
 
 def train(run_dir: Path, placement: str, *extra: str) -> tuple[list[dict], dict]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = ["pretrain.steps=10", "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.micro_batch_size=8",
             "rollout.max_new_tokens=8", "trainer.steps=3", "trainer.checkpoint_every=2", "trainer.heldout_eval=false",
             "trainer.progress_bar=false", "grpo.kl_coef=0.5", "optimizer.lr=3e-3",
             f"grpo.reference_placement={placement}", f"trainer.output_dir={run_dir}", *extra]
-    command = [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config", str(REPO / "conf" / "rlsr_tiny.yaml"), *args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    cli("train", "rlsr_tiny.yaml", args)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return records, json.loads((run_dir / "summary.json").read_text())
 

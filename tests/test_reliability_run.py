@@ -10,67 +10,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from distributed_helpers import free_port
+from cli_runner import cli, kill_all, logs, start_cli, wait_all
 from test_rlsr_run import TINY, records
 
 from nemo_rlsr.trainer.manifest import verify_checkpoint
 from nemo_rlsr.trainer.preemption import PREEMPTED_EXIT_CODE
 
-REPO = Path(__file__).resolve().parents[1]
 # The end-to-end tests' tiny run, except that pre-training length stays the demo's (150 steps).
 SMALL = [arg for arg in TINY if not arg.startswith("pretrain.")] + ["trainer.heldout_eval=false"]
 
 
-def launch(args: list[str], log_dir: Path, nprocs: int = 2, tag: str = "run") -> list[subprocess.Popen]:
-    port = free_port()
-    procs = []
-    for rank in range(nprocs):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
-        command = [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config",
-                   str(REPO / "conf" / "rlsr_tiny.yaml"), *args]
-        log = open(log_dir / f"{tag}.rank{rank}.log", "w")
-        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-        log.close()
-    return procs
-
-
-def kill_all(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
-def wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if any(p.poll() is None for p in procs):
-        kill_all(procs)
-        raise AssertionError(f"ranks still running after {timeout:.0f}s")
-    return [p.returncode for p in procs]
-
-
-def logs(log_dir: Path, tag: str) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(log_dir.glob(f"{tag}.rank*.log")))
+def launch(args: list[str], log_dir: Path, tag: str = "run") -> list:
+    """`nemo-rlsr train` on 2 ranks in the background (cli_runner.start_cli)."""
+    return start_cli("train", "rlsr_tiny.yaml", args, log_dir, nprocs=2, tag=tag)
 
 
 def run_to_end(args: list[str], log_dir: Path, tag: str, timeout: float = 300) -> str:
-    codes = wait(launch(args, log_dir, tag=tag), timeout)
+    codes = wait_all(launch(args, log_dir, tag=tag), timeout)
     assert codes == [0, 0], f"{tag}: exit codes {codes}\n{logs(log_dir, tag)}"
     return logs(log_dir, tag)
 
@@ -93,28 +55,36 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_auto_ends_bit_identical_skipping_a_corrupt_checkpoint(tmp_path):
-    """Reference: 6 steps uninterrupted. Then the same run SIGKILLed (every process) at a random
-    point of a random step, its newest complete checkpoint truncated, and `--resume auto`: it
-    must warn, resume from the previous checkpoint, and end with the reference's weights. A NaN
-    injected at step 2 makes the skip-and-count path part of what must resume exactly."""
-    common = SMALL + ["pretrain.steps=10", "trainer.steps=6", "trainer.checkpoint_every=1",
+# The SIGKILL test's run: a checkpoint every step, a NaN at step 2 (the skip-and-count path is part
+# of what must resume exactly).
+KILLED_RUN = SMALL + ["pretrain.steps=10", "trainer.steps=6", "trainer.checkpoint_every=1",
                       "trainer.keep_last_checkpoints=3", "trainer.debug_inject_nan_steps=[2]"]
-    reference = tmp_path / "reference"
-    run_to_end(common + [f"trainer.output_dir={reference}"], tmp_path, "reference")
-    expected = json.loads((reference / "summary.json").read_text())
-    assert expected["skipped_nonfinite_updates"] == 1
 
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    kill_step, delay = rng.randint(3, 5), rng.uniform(0.0, 0.4)
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The summary of `KILLED_RUN` uninterrupted: what every killed-and-resumed run must end with."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_to_end(KILLED_RUN + [f"trainer.output_dir={root / 'run'}"], root, "reference")
+    expected = json.loads((root / "run" / "summary.json").read_text())
+    assert expected["skipped_nonfinite_updates"] == 1
+    return expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_step, delay", [(3, 0.0), (5, 0.3)], ids=["step3_at_once", "step5_after_0.3s"])
+def test_sigkill_then_resume_auto_ends_bit_identical_skipping_a_corrupt_checkpoint(uninterrupted, kill_step, delay,
+                                                                                   tmp_path):
+    """The run SIGKILLed (every process) `delay` seconds after step `kill_step` was logged (mid-step
+    or mid-save, depending on the machine's speed), its newest complete checkpoint truncated, and
+    `--resume auto`: it must warn, resume from the previous checkpoint, and end with the
+    uninterrupted run's weights."""
     interrupted = tmp_path / "interrupted"
-    procs = launch(common + [f"trainer.output_dir={interrupted}"], tmp_path, tag="killed")
+    procs = launch(KILLED_RUN + [f"trainer.output_dir={interrupted}"], tmp_path, tag="killed")
     wait_for_step(interrupted, kill_step, procs)
     time.sleep(delay)
     kill_all(procs)
-    context = f"(seed {seed}: SIGKILL {delay:.2f}s after step {kill_step} was logged)"
+    context = f"(SIGKILL {delay:.2f}s after step {kill_step} was logged)"
 
     complete = complete_checkpoints(interrupted / "checkpoints")
     assert len(complete) >= 2, f"{context} {complete}"
@@ -122,11 +92,11 @@ def test_sigkill_then_resume_auto_ends_bit_identical_skipping_a_corrupt_checkpoi
     shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
-    output = run_to_end(common + [f"trainer.output_dir={interrupted}", "--resume", "auto"], tmp_path, "resumed")
+    output = run_to_end(KILLED_RUN + [f"trainer.output_dir={interrupted}", "--resume", "auto"], tmp_path, "resumed")
     assert f"skipping incomplete or corrupt checkpoint {newest}" in output, f"{context}\n{output}"
     assert f"resumed from {previous} at step" in output, f"{context}\n{output}"
     summary = json.loads((interrupted / "summary.json").read_text())
-    assert summary["param_sha256"] == expected["param_sha256"], context
+    assert summary["param_sha256"] == uninterrupted["param_sha256"], context
     assert summary["skipped_nonfinite_updates"] == 1, context
     assert sorted(records(interrupted)) == [1, 2, 3, 4, 5, 6]
     assert verify_checkpoint(interrupted / "checkpoints" / "step_0000006") == []
@@ -146,7 +116,7 @@ def test_sigterm_mid_step_saves_a_complete_checkpoint_and_exits_75(tmp_path):
     time.sleep(0.8)
     os.killpg(procs[1].pid, signal.SIGTERM)
     sent = time.monotonic()
-    codes = wait(procs, timeout=120)
+    codes = wait_all(procs, timeout=120, expect=PREEMPTED_EXIT_CODE)
     elapsed = time.monotonic() - sent
     print(f"SIGTERM to exit of both ranks: {elapsed:.1f}s")
     assert codes == [PREEMPTED_EXIT_CODE] * 2, f"{codes}\n{logs(tmp_path, 'run')}"
@@ -174,17 +144,13 @@ def test_sigterm_mid_step_saves_a_complete_checkpoint_and_exits_75(tmp_path):
 def test_injected_nans_are_skipped_counted_and_stop_the_run_after_k_in_a_row(command, tmp_path):
     """Both trainers run the same step loop (trainer/loop.py) and so the same guard."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     own = {"train": ["rlsr_tiny.yaml", *SMALL, "pretrain.steps=0", "trainer.steps=8"],
            "sft": ["sft_tiny.yaml", "sft.steps=8", "trainer.progress_bar=false"]}[command]
-    result = subprocess.run(
-        [sys.executable, "-m", "nemo_rlsr.cli", command, "--config", str(REPO / "conf" / own[0]), *own[1:],
-         "trainer.debug_inject_nan_steps=[2,4,5,6]", "trainer.max_consecutive_nonfinite=3",
-         f"trainer.output_dir={run_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 3, result.stderr[-4000:]
-    assert "3 consecutive updates with a non-finite loss" in result.stderr, result.stderr[-4000:]
-    assert "step 6" in result.stderr and "trainer.max_consecutive_nonfinite=3" in result.stderr
+    output = cli(command, own[0], [*own[1:], "trainer.debug_inject_nan_steps=[2,4,5,6]",
+                                   "trainer.max_consecutive_nonfinite=3", f"trainer.output_dir={run_dir}"],
+                 timeout=300, expect=3)
+    assert "3 consecutive updates with a non-finite loss" in output, output[-4000:]
+    assert "step 6" in output and "trainer.max_consecutive_nonfinite=3" in output
     logged = records(run_dir)
     assert sorted(logged) == [1, 2, 3, 4, 5, 6]
     assert [logged[s]["guard/skipped_updates"] for s in range(1, 7)] == [0, 1, 0, 1, 1, 1]

@@ -1,17 +1,13 @@
 """End-to-end RLSR runs through the command line: artifacts, exact resume, and 2-rank launches."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from distributed_helpers import free_port
+from cli_runner import cli
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "pretrain.steps=20",
     "grpo.prompts_per_step=4",
@@ -22,14 +18,9 @@ TINY = [
 ]
 
 
-def run(args: list[str], launcher: list[str] | None = None, timeout: int = 600) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = (launcher or [sys.executable]) + ["-m", "nemo_rlsr.cli", "train", "--config",
-                                                 str(REPO / "conf" / "rlsr_tiny.yaml"), *args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-6000:]}")
-    return result.stdout + result.stderr
+def run(args: list[str], nprocs: int = 1, timeout: int = 600, expect: int = 0) -> str:
+    """`nemo-rlsr train --config conf/rlsr_tiny.yaml <args>` (cli_runner.cli)."""
+    return cli("train", "rlsr_tiny.yaml", args, nprocs=nprocs, timeout=timeout, expect=expect)
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -73,33 +64,24 @@ def test_run_writes_artifacts_and_resume_reproduces_next_steps_exactly(tmp_path)
 @pytest.mark.parametrize("layout", [["parallel.tensor_parallel=1"], ["parallel.tensor_parallel=2"]],
                          ids=["dp2", "tp2"])
 def test_torchrun_two_ranks(tmp_path, layout):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                f"--master_port={free_port()}"]
     run_dir = tmp_path / "run"
-    run(TINY + layout + ["trainer.steps=2", "trainer.heldout_eval=false", f"trainer.output_dir={run_dir}"],
-        launcher=launcher)
+    run(TINY + layout + ["trainer.steps=2", "trainer.heldout_eval=false", f"trainer.output_dir={run_dir}"], nprocs=2)
     logged = records(run_dir)
     assert sorted(logged) == [1, 2]
     assert all(0.0 < r["num_tokens"] for r in logged.values())
 
 
+@pytest.mark.slow
 def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config", str(REPO / "conf" / "rlsr_tiny.yaml"),
-         f"trainer.output_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "--resume" in result.stderr and str(tmp_path) in result.stderr
+    output = run([f"trainer.output_dir={tmp_path}"], timeout=300, expect=2)
+    assert "--resume" in output and str(tmp_path) in output
 
 
+@pytest.mark.slow
 def test_config_error_exit_code_and_message(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config", str(REPO / "conf" / "rlsr_tiny.yaml"),
-         "grpo.num_generatons=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert "unknown key `grpo.num_generatons`" in result.stderr and "<command line>" in result.stderr
+    output = run(["grpo.num_generatons=4"], timeout=300, expect=2)
+    assert "unknown key `grpo.num_generatons`" in output and "<command line>" in output
 
 
 @pytest.mark.slow

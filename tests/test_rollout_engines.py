@@ -337,50 +337,39 @@ def test_trtllm_engine_after_refit_greedy_equals_torch_sampler(module, tmp_path)
 # ---------------------------------------------------------------- through the trainer
 
 
-def cli_train(tmp_path, *overrides):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def cli_train(tmp_path, *overrides, expect: int = 0) -> str:
+    from cli_runner import cli
 
-    repo = Path(__file__).resolve().parents[1]
-    args = [sys.executable, "-m", "nemo_rlsr.cli", "train", "--config", str(repo / "conf" / "rlsr_tiny.yaml"),
-            "pretrain.steps=5", "grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.micro_batch_size=8",
-            "rollout.max_new_tokens=8", "trainer.progress_bar=false", "trainer.heldout_eval=false",
-            f"trainer.output_dir={tmp_path / 'run'}", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    return cli("train", "rlsr_tiny.yaml", ["pretrain.steps=5", "grpo.prompts_per_step=2", "grpo.num_generations=4",
+                                           "grpo.micro_batch_size=8", "rollout.max_new_tokens=8",
+                                           "trainer.progress_bar=false", "trainer.heldout_eval=false",
+                                           f"trainer.output_dir={tmp_path / 'run'}", *overrides], expect=expect)
 
 
 @pytest.mark.slow
 def test_trainer_uses_sampling_options_and_logs_tis(tmp_path):
     import json
 
-    result = cli_train(tmp_path, "trainer.steps=2", "grpo.tis_cap=2.0", "rollout.top_k=20", "rollout.stop=[the]")
-    assert result.returncode == 0, result.stderr[-4000:]
+    cli_train(tmp_path, "trainer.steps=2", "grpo.tis_cap=2.0", "rollout.top_k=20", "rollout.stop=[the]")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
         assert 1.0 <= row["token_mult_prob_error"] < 1.001  # the torch engine is the trainer's module
         assert row["tis/weight_max"] <= 2.0 and row["tis/weight_mean"] == pytest.approx(1.0, abs=1e-3)
         assert not any(k.startswith("refit/") for k in row)  # the torch engine has nothing to copy
-    refused = cli_train(tmp_path / "megatron", "trainer.steps=1", "rollout.engine=megatron")
-    assert refused.returncode != 0 and "needs CUDA GPUs" in refused.stderr
+    refused = cli_train(tmp_path / "megatron", "trainer.steps=1", "rollout.engine=megatron", expect=2)
+    assert "needs CUDA GPUs" in refused
 
 
+@pytest.mark.slow
 def test_generation_benchmark_smoke():
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    from cli_runner import run_python
+
     code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import generation_bench as g; "
             "print(json.dumps(g.main(['--prompts', '2', '--new-tokens', '4', '--iterations', '1'])))")
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_python(["-c", code], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["identical_rows"] == 2  # same weights, greedy: HF generate and ours agree

@@ -1,4 +1,4 @@
-"""Sequence parallelism on megatron's local layer spec (models/norm.py, models/sequence_parallel.py).
+"""Sequence parallelism on megatron's local layer spec (compat/megatron.py's norms, models/sequence_parallel.py).
 
 On 2 gloo ranks, TP=2 with sequence parallelism against TP=1 from the same weights (tests/sp_worker.py):
 logprobs, one optimizer step (loss, grad norm, logprobs after it, the weights every TP rank holds
@@ -26,11 +26,11 @@ WEIGHT_ATOL = 1e-4
 def test_norm_is_torch_norm_with_megatron_names_and_tag(single_rank):
     from nemo_rlsr.config import ModelConfig
     from nemo_rlsr.models.gpt import build_gpt, transformer_config
-    from nemo_rlsr.models.norm import SequenceParallelNorm
+    from nemo_rlsr.compat.megatron import SequenceParallelNorm
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                       max_sequence_length=32, qk_layernorm=True)
-    config = transformer_config(cfg, tp=1, pp=1)
+    config = transformer_config(cfg)
     config.sequence_parallel = True  # as at TP>1 (transformer_config switches it off at TP=1)
     norm = SequenceParallelNorm(config, hidden_size=64, eps=1e-6)
     assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-6

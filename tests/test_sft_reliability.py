@@ -7,29 +7,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from cli_runner import cli
+from cli_runner import cli, kill_all, logs, start_cli
 from test_reliability_run import complete_checkpoints, wait_for_step
 
 from nemo_rlsr.trainer.preemption import PREEMPTED_EXIT_CODE
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "conf" / "sft_tiny.yaml")
 # 8 steps, no scheduled checkpoint before the last: a checkpoint at step 3 can only be the preemption's.
 # A NaN at step 2 makes the guard's count part of the state that must survive the resume.
 COMMON = ["sft.steps=8", "trainer.checkpoint_every=0", "trainer.progress_bar=false",
           "trainer.debug_inject_nan_steps=[2]"]
-
-
-def sft_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    return env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -48,19 +39,15 @@ def test_sigterm_saves_exits_75_and_resume_auto_matches_an_uninterrupted_run(tmp
     run_dir = tmp_path / "run"
     args = COMMON + ["trainer.debug_stall_step=3", "trainer.debug_stall_s=2", "trainer.watchdog_step_s=1",
                      f"trainer.output_dir={run_dir}"]
-    log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "nemo_rlsr.cli", "sft", "--config", CONFIG, *args], cwd=REPO,
-                            env=sft_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
+    (proc,) = start_cli("sft", "sft_tiny.yaml", args, tmp_path, nprocs=1, tag="run")
     try:
         wait_for_step(run_dir, 2, [proc], timeout=120)
         time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    output = (tmp_path / "run.log").read_text()
+        kill_all([proc])
+    output = logs(tmp_path, "run", tail=100_000)
     assert code == PREEMPTED_EXIT_CODE, output[-4000:]
     assert "preempted by SIGTERM after step 3" in output
     marker = json.loads((run_dir / "preempted.json").read_text())

@@ -174,3 +174,17 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_skips_zero_mass():
 def test_stop_string_end_is_the_earliest_complete_match():
     assert stop_string_end("ab</s>cd\n\n", ["\n\n", "</s>"]) == 6
     assert stop_string_end("abc", ["x"]) is None
+
+
+def test_without_an_expert_group_the_decode_loop_runs_no_collective(policy, monkeypatch):
+    """No MoE collective crosses prompts here, so the decode loop runs `Alone`: no all-reduce per
+    step and no filler rows (lockstep's costs are paid only under expert parallelism)."""
+    import torch.distributed as dist
+
+    from nemo_rlsr.generation.lockstep import Alone, decode_strategy
+
+    reduces = []
+    monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: reduces.append(args))
+    rollouts = TorchRolloutEngine(policy.module, PAD, EOS, VOCAB).generate(PROMPTS, SamplingParams(6, n=2), seed=0)
+    assert reduces == [] and len(rollouts.response_ids) == 2 * len(PROMPTS)
+    assert isinstance(decode_strategy(torch.device("cpu")), Alone)

@@ -3,15 +3,12 @@ and prints the fields the GPU runs are read by."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from cli_runner import run_python
 
 
 def fields(line: str) -> dict[str, str]:
@@ -19,13 +16,12 @@ def fields(line: str) -> dict[str, str]:
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "benchmarks/train_step_bench.py", *args],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_python(["benchmarks/train_step_bench.py", *args])
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
+@pytest.mark.slow
 def test_tiny_bench_prints_throughput_and_ratio():
     result = bench("--tiny", "--steps", "1", "--warmup", "1")
     lines = {fields(line).get("variant"): fields(line) for line in result.stdout.splitlines() if "variant=" in line}

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import ast
 import itertools
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from cli_runner import run_python
 from nemo_rlsr.generation.trtllm import TRTLLMOptions, WORKER_GPU_SHARE, llm_kwargs, placement_kwargs
 from nemo_rlsr.generation.trtllm_placement import check_groups, local_device_index, plan_engines, reserve_and_plan
 
@@ -157,8 +156,7 @@ def test_planned_bundles_hold_the_trainer_gpus_on_a_local_ray():
 
         jobs = [(node_groups[n], list(b), WORKER_GPU_SHARE) for p in plan for n, b in zip(p.nodes, p.bundle_indices)]
         address = ray.get_runtime_context().gcs_address
-        out = subprocess.run([sys.executable, "-c", PROBE, address, pickle.dumps(jobs).hex()],
-                             capture_output=True, text=True, timeout=120)
+        out = run_python(["-c", PROBE, address, pickle.dumps(jobs).hex()], timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         seen = ast.literal_eval(out.stdout.strip().splitlines()[-1])
         assert seen == [[gpus[r] for r in p.ranks] for p in plan]  # worker i on rank i's GPU

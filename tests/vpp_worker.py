@@ -8,6 +8,7 @@ from pathlib import Path
 
 from distributed_helpers import (VOCAB, nll_loss, optimizer_config, share_weights, tiny_model_config, token_batch,
                                  worker_main)
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.hf import adapter_for_model
 from nemo_rlsr.models.hf.load import load_hf_weights
@@ -26,7 +27,7 @@ def scenario_interleaved(out: Path) -> dict:
     then the interleaved layout's checkpoint back into PP=1. HF: the PP=1 start exported and read
     into interleaved chunks; the trained interleaved model exported (compared with PP=1's export)."""
     batch = token_batch()
-    ctx = init_distributed(pp=1, seed=1)
+    ctx = init_distributed(ParallelDims(seed=1))
     policy = MegatronPolicy(FOUR_LAYERS, optimizer_config(), VOCAB, ctx)
     save_checkpoint(out / "plain", 0, policy, {})
     save_hf_checkpoint(policy.module, ADAPTER, FOUR_LAYERS, out / "hf_start")
@@ -35,7 +36,7 @@ def scenario_interleaved(out: Path) -> dict:
     logprobs_pp1 = policy.logprobs(batch, MICRO_BATCH)
     destroy_distributed()
 
-    ctx = init_distributed(pp=2, seed=2, vpp=2)  # another seed: weights from the checkpoint
+    ctx = init_distributed(ParallelDims(pp=2, seed=2, vpp=2))  # another seed: weights from the checkpoint
     policy = MegatronPolicy(FOUR_LAYERS, optimizer_config(), VOCAB, ctx)
     chunk_layers = [[layer.layer_number for layer in chunk.decoder.layers] for chunk in policy.chunks]
     load_checkpoint(out / "plain" / "step_0000000", policy)
@@ -55,7 +56,7 @@ def scenario_interleaved(out: Path) -> dict:
     logprobs_hf_start = from_hf.logprobs(batch, MICRO_BATCH)
     destroy_distributed()
 
-    ctx = init_distributed(pp=1, seed=3)
+    ctx = init_distributed(ParallelDims(seed=3))
     policy = MegatronPolicy(FOUR_LAYERS, optimizer_config(), VOCAB, ctx)
     load_checkpoint(out / "interleaved" / "step_0000001", policy)
     save_hf_checkpoint(policy.module, ADAPTER, FOUR_LAYERS, out / "hf_pp1")
@@ -75,7 +76,7 @@ def scenario_interleaved_dp2(out: Path) -> dict:
     for name, layout in (("pp1", {"pp": 1}), ("vpp", {"pp": 2, "vpp": 2})):
         if result:
             destroy_distributed()
-        ctx = init_distributed(seed=1 + len(result), **layout)
+        ctx = init_distributed(ParallelDims(seed=1 + len(result), **layout))
         policy = MegatronPolicy(FOUR_LAYERS, optimizer_config(distributed=True), VOCAB, ctx)
         share_weights(policy, out, first=name == "pp1")
         rows = len(batch) // ctx.dp

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from distributed_helpers import worker_main, VOCAB, tiny_model_config
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.policy import MegatronPolicy
 from nemo_rlsr.trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -24,12 +25,13 @@ def bucketed_stream(policy) -> dict[str, torch.Tensor]:
 
 
 def scenario_refit(out: Path, tp: int, pp: int) -> dict:
-    ctx = init_distributed(tp=1, seed=1)
+    ctx = init_distributed(ParallelDims(seed=1))
     policy = MegatronPolicy(tiny_model_config(), None, VOCAB, ctx)
     tp1 = bucketed_stream(policy)
     save_checkpoint(out / "ckpt", 0, policy, {})
     destroy_distributed()
-    ctx = init_distributed(tp=tp, pp=pp, seed=2)  # another seed: the weights must come from the checkpoint
+    # another seed: the weights must come from the checkpoint
+    ctx = init_distributed(ParallelDims(tp=tp, pp=pp, seed=2))
     policy = MegatronPolicy(tiny_model_config(), None, VOCAB, ctx)
     load_checkpoint(out / "ckpt" / "step_0000000", policy)
     return {"tp1": tp1, f"{'tp' if tp > 1 else 'pp'}2": bucketed_stream(policy)}

@@ -17,6 +17,7 @@ import torch
 
 from moe_worker import megatron_logits
 from test_hf_yarn import IDS
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.gpt import build_gpt
 from nemo_rlsr.models.hf import adapter_and_config
@@ -29,10 +30,10 @@ LAYOUTS = {"tp2": {"tp": 2}, "pp2": {"pp": 2}}
 def main() -> None:
     layout, out = sys.argv[1], Path(sys.argv[2])
     result = {}
-    ctx = init_distributed(seed=7, **LAYOUTS[layout])  # the weights must all come from the checkpoint
+    ctx = init_distributed(ParallelDims(seed=7, **LAYOUTS[layout]))  # the weights must all come from the checkpoint
     for hf_dir in sorted((out / "hf").iterdir()):
         adapter, cfg = adapter_and_config(hf_dir)
-        model = build_gpt(cfg, cfg.vocab_size, ctx.tp, ctx.pp)
+        model = build_gpt(cfg, cfg.vocab_size, ctx)
         load_hf_weights(model, adapter, cfg, hf_dir)
         logits = megatron_logits(model, IDS)
         if logits is not None:

@@ -35,7 +35,7 @@ SECTIONS = (
             "same weights, params_dtype float32 vs bfloat16: logprob differences (weights vs compute)"),
     Section("torch_sampler", "generation_checks:torch_sampler", False, 120, 120,
             "greedy = teacher-forced argmax, logprobs at T = policy's, seeds, no padded vocab id"),
-    Section("megatron_engine", "engine_checks:megatron_engine", True, 150, 0,
+    Section("megatron_engine", "engine_checks:megatron_engine", False, 150, 150,
             "megatron-core engine: EOS kept, finished, seeds, logprobs at T, training after generate, padded ids"),
     Section("reward_encoder", "reward_checks:reward_encoder", False, 120, 150,
             "MiniLM encoder: our batching = sentence-transformers encode(), sentences/s of both"),

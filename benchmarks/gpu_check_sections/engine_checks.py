@@ -1,5 +1,5 @@
-"""Section `megatron_engine` (CUDA only): megatron-core's inference engine through our adapter
-(generation/megatron_engine.py), held to the behaviour every RolloutEngine documents
+"""Section `megatron_engine`: megatron-core's inference engine through our adapter (on CUDA, and in smoke
+mode on the CPU through cpu_compat; generation/megatron_engine.py), held to the behaviour every RolloutEngine documents
 (generation/interface.py):
 
 * EOS: a response that ends on EOS keeps it (in `response_ids`, `response_mask`, `valid`) and is

@@ -54,9 +54,10 @@ def device() -> torch.device:
 
 def start_megatron(seed: int = 0):
     """One process, TP=PP=1: NCCL on a GPU, gloo with the CPU compatibility layer on a CPU."""
+    from nemo_rlsr.distributed.dims import ParallelDims
     from nemo_rlsr.distributed.parallel import init_distributed
 
-    return init_distributed(tp=1, pp=1, seed=seed)
+    return init_distributed(ParallelDims(seed=seed))
 
 
 def randomize_norms(module: torch.nn.Module) -> None:
@@ -124,11 +125,12 @@ def hf_llama(module: torch.nn.Module, cfg: ModelConfig, vocab: int):
     from nemo_rlsr.models.hf import adapter_for
     from nemo_rlsr.weight_sync.source import hf_named_tensors
 
-    fields = adapter_for("llama").hf_config(dataclasses.replace(cfg, vocab_size=vocab, params_dtype="float32"))
+    llama = adapter_for("llama")
+    fields = llama.hf_config(dataclasses.replace(cfg, vocab_size=vocab, params_dtype="float32"))
     config = LlamaConfig(**fields)
     config._attn_implementation = "eager"  # fully masked (left-pad) query rows stay finite
     hf = LlamaForCausalLM(config)
-    state = {name: tensor.detach().float().cpu() for name, tensor in hf_named_tensors(module, cfg, vocab)}
+    state = {name: tensor.detach().float().cpu() for name, tensor in hf_named_tensors(module, llama, cfg, vocab)}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"refit names do not match LlamaForCausalLM: missing {missing}, unexpected {unexpected}")

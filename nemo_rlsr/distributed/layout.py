@@ -1,6 +1,7 @@
 """The trainer's start-up check of a run's parallel layout, activation recompute and FP8 settings.
 
-The divisibility rules are the planner's (`planner.layout.layout_problems`, one copy of each rule),
+The divisibility rules are the planner's (`planner.layout.layout_problems`, which starts from the
+split's own, `distributed.dims.ParallelDims.problems`: one copy of each rule),
 applied to the world size this job actually got; on top of them come the rules that depend on
 what is installed where the trainer runs (Transformer Engine, a GPU) and on megatron-core's
 recompute options. Every refusal names the keys and the reason, all at once, before any model is

@@ -16,27 +16,19 @@ import torch
 import torch.distributed as dist
 
 from nemo_rlsr.distributed import cpu_compat
+from nemo_rlsr.distributed.dims import ParallelDims
 
 
-@dataclass(frozen=True)
-class ParallelContext:
+@dataclass(frozen=True, kw_only=True)
+class ParallelContext(ParallelDims):
+    """The run's parallel split (distributed/dims.py) as this process has joined it: what
+    `init_distributed` returns, and what the policy, the samplers and the trainers read."""
+
     rank: int
     world_size: int
-    tp: int
-    pp: int
-    dp: int
+    dp: int  # data-parallel size (excludes CP: the CP ranks of one DP rank see the same rows)
     dp_rank: int
     device: torch.device
-    ep: int = 1  # expert parallelism: each rank holds num_moe_experts / ep experts of every MoE layer
-    etp: int = 1  # tensor parallelism inside each expert
-    # Uneven pipeline stages: layers of the first / last stage (None: an even split).
-    stage_layers: tuple[int | None, int | None] = (None, None)
-    # Interleaved pipeline: model chunks per PP rank (None: one chunk, the plain 1F1B schedule).
-    vpp: int | None = None
-    # Sequence parallelism: activations outside the TP regions split over TP by sequence (TP>1 only).
-    sequence_parallel: bool = False
-    # Context parallelism: each sequence split over `cp` ranks (models/context_parallel.py); `dp` excludes it.
-    cp: int = 1
 
     @property
     def is_logging_rank(self) -> bool:
@@ -69,17 +61,13 @@ def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -
     return dist.PrefixStore(f"nemo_rlsr_init_{_GENERATION}", _STORE)
 
 
-def init_distributed(
-    tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: int = 1, etp: int = 1,
-    stage_layers: tuple[int | None, int | None] = (None, None), vpp: int | None = None,
-    sequence_parallel: bool = False, cp: int = 1,
-) -> ParallelContext:
-    """Create the default process group and megatron's TP/PP/DP (and expert EP/ETP) groups; seed
-    every RNG.
+def init_distributed(dims: ParallelDims = ParallelDims()) -> ParallelContext:
+    """Create the default process group and megatron's TP/CP/PP/DP (and expert EP/ETP) groups for
+    `dims`; seed every RNG from `dims.seed`.
 
-    World size must be a multiple of tp*cp*pp; the rest is data parallelism (CP ranks of one DP
-    rank see the same rows, each its part of every sequence). MoE layers regroup the
-    same ranks as etp*ep*(expert DP)*pp, so it must be a multiple of etp*ep*pp too.
+    The world size must satisfy the split's rules (`ParallelDims.problems`: a multiple of tp*cp*pp,
+    the rest being data parallelism, and of etp*ep*pp, how MoE layers regroup the same ranks);
+    ConfigError otherwise, before megatron's groups exist.
     """
     cpu_compat.enable()
     from megatron.core import parallel_state
@@ -93,7 +81,7 @@ def init_distributed(
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = datetime.timedelta(seconds=dims.timeout_s)
         dist.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
             store=_rendezvous_store(rank, world_size, timeout),
@@ -102,41 +90,20 @@ def init_distributed(
             timeout=timeout,
         )
     world_size = dist.get_world_size()
-    if world_size % (tp * cp * pp) != 0:
-        raise ValueError(f"world size {world_size} is not divisible by tensor_parallel*context_parallel*"
-                         f"pipeline_parallel = {tp}*{cp}*{pp}")
-    if world_size % (etp * ep * pp) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by expert_tensor_parallel*expert_parallel*"
-            f"pipeline_parallel = {etp}*{ep}*{pp}"
-        )
+    dims.validate(world_size)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            context_parallel_size=cp,
-            expert_model_parallel_size=ep,
-            expert_tensor_parallel_size=etp,
-            # set here, megatron's get_forward_backward_func picks the interleaved schedule
-            virtual_pipeline_model_parallel_size=vpp,
-        )
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+        # vpp set here: megatron's get_forward_backward_func then picks the interleaved schedule
+        parallel_state.initialize_model_parallel(**dims.megatron_sizes())
+    torch.manual_seed(dims.seed)
+    model_parallel_cuda_manual_seed(dims.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return ParallelContext(
+        **dims.dims_fields(),
         rank=dist.get_rank(),
         world_size=world_size,
-        tp=tp,
-        pp=pp,
         dp=parallel_state.get_data_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
-        ep=ep,
-        etp=etp,
-        stage_layers=stage_layers,
-        vpp=vpp,
-        sequence_parallel=sequence_parallel and tp > 1,
-        cp=cp,
     )
 
 

@@ -55,6 +55,7 @@ def load_policy(checkpoint: str | Path) -> LoadedPolicy:
     """The checkpoint's weights in a TP=1 GPTModel, with the run's config and tokenizer."""
     from megatron.core import dist_checkpointing
 
+    from nemo_rlsr.distributed.dims import ParallelDims
     from nemo_rlsr.distributed.parallel import init_distributed
     from nemo_rlsr.models.policy import MegatronPolicy
     from nemo_rlsr.trainer.checkpoint import load_checkpoint
@@ -66,7 +67,7 @@ def load_policy(checkpoint: str | Path) -> LoadedPolicy:
     extra = dist_checkpointing.load_common_state_dict(str(checkpoint))["extra"]
     cfg = from_dict(extra["config"], f"{checkpoint} (saved config)")
     tokenizer = run_tokenizer(cfg, extra["tokenizer"])
-    ctx = init_distributed(1, 1, cfg.parallel.seed)
+    ctx = init_distributed(ParallelDims(seed=cfg.parallel.seed))  # one process, the whole model
     policy = MegatronPolicy(cfg.model, None, tokenizer.vocab_size, ctx)
     load_checkpoint(checkpoint, policy, load_optimizer=False)
     policy.module.eval()

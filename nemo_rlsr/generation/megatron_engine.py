@@ -2,16 +2,11 @@
 
 Same weights as the trainer: the engine wraps `policy.module`, so `update_weights` has nothing to
 do. It runs megatron-core's static batching path: `TextGenerationController(wrapper, tokenizer)` +
-`StaticInferenceEngine(controller, max_batch_size, legacy=True)` on pre-tokenised `InferenceRequest`s.
-The API moved between releases, hence one switch (`mcore_version`), read in each tag's
-megatron/core/inference/ (core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0; the 0.19.2 wheel's
-engine and controller files are the same as core_v0.19.0's):
-
-* 0.16: `GPTInferenceWrapper(model, InferenceWrapperConfig(hidden_size, params_dtype,
-  inference_batch_times_seqlen_threshold, padded_vocab_size, inference_max_requests,
-  inference_max_seq_length))`.
-* 0.17, 0.18, 0.19: `InferenceWrapperConfig` is gone; the wrapper takes the KV-cache context:
-  `GPTInferenceWrapper(model, StaticInferenceContext(max_batch_size, max_sequence_length))`.
+`StaticInferenceEngine(controller, max_batch_size, legacy=True)` on pre-tokenised `InferenceRequest`s,
+read in each tag's megatron/core/inference/ (core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0;
+the 0.19.2 wheel's engine and controller files are the same as core_v0.19.0's). The wrapper's
+constructor moved between releases (InferenceWrapperConfig up to 0.16, the KV-cache context from
+0.17): `static_inference_wrapper` in compat/megatron.py builds it for the installed one.
 
 What megatron's static path does on its own, and what this adapter does about it (the same in all
 four releases, text_generation_controllers/text_generation_controller.py and engines/static_engine.py):
@@ -30,7 +25,8 @@ four releases, text_generation_controllers/text_generation_controller.py and eng
   logits).
 * `generate_using_legacy_static_engine` reseeds the global torch RNG (`torch.random.manual_seed`), and
   from 0.18 `StaticInferenceEngine.__init__` sets the process-wide `InferenceMode` flag that
-  GPTModel.forward reads and nothing clears: both are restored after each call (`_restored_state`).
+  GPTModel.forward reads and nothing clears: both are restored after each call (`_restored_state`;
+  the flag by compat/megatron.py's `restored_inference_mode`).
 * The KV cache (`StaticInferenceContext`) holds at most `max_batch_size` rows, which build_engine sets
   to this rank's rows per step; a call with more rows runs in turns (megatron's scheduler).
 
@@ -54,13 +50,6 @@ from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 from nemo_rlsr.generation.layout import rollout_batch
 from nemo_rlsr.generation.sampling import next_tokens, request_seeds, row_generators
 from nemo_rlsr.generation.torch_sampler import generation_mode
-
-
-def mcore_version() -> tuple[int, int]:
-    from megatron.core import package_info
-
-    major, minor = package_info.__version__.split(".")[:2]
-    return int(major), int(minor)
 
 
 class _IdTokenizer:
@@ -144,18 +133,11 @@ def response_from_samples(sampled: list[int], logprobs: list[float], engine_toke
 @contextmanager
 def _restored_state() -> Iterator[None]:
     """The global torch RNG (CPU and this GPU) and megatron's InferenceMode flag (0.18+) as they were."""
+    from nemo_rlsr.compat.megatron import restored_inference_mode
+
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    try:
-        from megatron.core.inference.utils import InferenceMode
-    except ImportError:  # megatron-core < 0.18 has no such flag
-        InferenceMode = None
-    active = InferenceMode is not None and InferenceMode.is_active()
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            if InferenceMode is not None and not active:
-                InferenceMode.unset_active()
+    with restored_inference_mode(), torch.random.fork_rng(devices=devices):
+        yield
 
 
 class MegatronRolloutEngine:
@@ -181,23 +163,11 @@ class MegatronRolloutEngine:
 
     def _engine(self, rows: int, sampler: RowSampler):
         from megatron.core.inference.engines import StaticInferenceEngine
-        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+
+        from nemo_rlsr.compat.megatron import static_inference_wrapper
 
         cache_rows = min(rows, self.max_batch_size)
-        if mcore_version() < (0, 17):
-            from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
-                InferenceWrapperConfig,
-            )
-
-            config = InferenceWrapperConfig(
-                hidden_size=self.module.config.hidden_size, params_dtype=self.module.config.params_dtype,
-                inference_batch_times_seqlen_threshold=-1, padded_vocab_size=self.module.vocab_size,
-                inference_max_requests=cache_rows, inference_max_seq_length=self.max_sequence_length)
-            wrapper = GPTInferenceWrapper(self.module, config)
-        else:
-            from megatron.core.inference.contexts import StaticInferenceContext
-
-            wrapper = GPTInferenceWrapper(self.module, StaticInferenceContext(cache_rows, self.max_sequence_length))
+        wrapper = static_inference_wrapper(self.module, cache_rows, self.max_sequence_length)
         controller = _row_sampling_controller(wrapper, _IdTokenizer(self.eos_id, self.pad_id), sampler)
         return StaticInferenceEngine(controller, max_batch_size=cache_rows, legacy=True)
 

@@ -18,10 +18,14 @@ tokens from the (gathered) full-vocabulary logits.
 * Expert parallelism: MoE layers exchange tokens between ranks that sample different prompts, so
   the ranks of `lockstep_group()` run the same prefill and decode steps, with the same shapes (the
   largest prompt length and row counts of the group), until none has a row left; missing rows are
-  filler copies of cache row 0 whose outputs are never read (generation/lockstep.py). One rank (or
-  no MoE collective across prompts) runs no collective at all.
+  filler copies of cache row 0 whose outputs are never read. That is the `Lockstep` strategy of
+  generation/lockstep.py; without such a group the sampler decodes `Alone`: no collective, no filler.
 * Not built: continuous refill (a waiting request taking a finished row's slot). The static
   context keeps one sequence offset for the whole batch, so a new request cannot join mid-way.
+
+Where things are: `TorchRolloutEngine.generate` is the decode loop; `DecodeState` holds one call's
+rows, their KV cache and the stop bookkeeping; the strategy decides the shapes of each forward;
+generation/sampling.py is the sampling rule (shared with megatron-core's engine).
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
-from nemo_rlsr.generation.lockstep import group_max, lockstep_group, pad_rows
+from nemo_rlsr.generation.lockstep import Alone, Lockstep, decode_strategy
 from nemo_rlsr.generation.sampling import next_tokens, request_seeds, row_generators, stop_string_end
 from nemo_rlsr.models.sequence_parallel import sequence_parallel_off
+
+# (token ids [rows, columns], valid keys [rows, columns so far], KV context) -> next-token logits [rows, vocab]
+Forward = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
 @contextmanager
@@ -60,6 +67,105 @@ def select_kv_rows(context, rows: torch.Tensor) -> None:
         # [sequence, batch, ...]: the batch is dim 1
         context.key_value_memory_dict[layer] = (keys.index_select(1, rows), values.index_select(1, rows))
     context.max_batch_size = len(rows)
+
+
+class DecodeState:
+    """One `generate` call's rows in the trainer's layout, the KV cache that runs them, and which
+    have finished. Four index spaces:
+
+    * sequence rows 0..N-1 (N = prompts x n, a prompt's samples contiguous) index the outputs
+      (`ids`, `valid`, `response_mask`, `engine_logprobs`, `finished`, `responses`) and `generators`;
+    * prefill rows: one per distinct prompt when its n samples share its cache, else one per row;
+    * cache rows, the batch dimension of the KV cache and of each forward: cache row i runs sequence
+      row `cache_rows[i]` (a filler repeats cache row 0's);
+    * `live`: the unfinished sequence rows; the first len(live) cache rows run them, in that order.
+
+    Columns: `prompt_len` (the longest prompt of the strategy's group) left-padded prompt columns,
+    then one column per new token; `column` is where the next token goes.
+    """
+
+    def __init__(self, engine: "TorchRolloutEngine", prompts: list[list[int]], params: SamplingParams,
+                 seeds: list[int], strategy: Alone | Lockstep, device: torch.device) -> None:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.engine, self.params, self.strategy = engine, params, strategy
+        self.share = engine.share_prompt_kv and params.n > 1
+        rows = [p for p in prompts for _ in range(params.n)]
+        n = len(rows)
+        own_sizes = [n, len(prompts) if self.share else n, max(len(p) for p in prompts)]
+        self.width, self.prefill_width, self.prompt_len = strategy.agree(own_sizes)
+        total = self.prompt_len + params.max_new_tokens
+        self.ids = torch.full((n, total), engine.pad_id, dtype=torch.long, device=device)
+        self.valid = torch.zeros(n, total, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(rows):
+            self.ids[row, self.prompt_len - len(prompt) : self.prompt_len] = torch.tensor(prompt, device=device)
+            self.valid[row, self.prompt_len - len(prompt) : self.prompt_len] = True
+        self.response_mask = torch.zeros(n, total, dtype=torch.float32, device=device)
+        self.engine_logprobs = torch.zeros(n, total, dtype=torch.float32, device=device)
+        self.finished = torch.zeros(n, dtype=torch.bool, device=device)
+        self.responses: list[list[int]] = [[] for _ in range(n)]
+        self.generators = row_generators(seeds, params.n, device)
+        self.live = torch.arange(n, device=device)
+        self.cache_rows = self.live  # until `prefill` pads them to the agreed width
+        self.column = self.prompt_len
+        self.context = StaticInferenceContext(max_batch_size=self.prefill_width, max_sequence_length=total)
+
+    @property
+    def full(self) -> bool:
+        """Every row has `max_new_tokens` columns of response."""
+        return self.column == self.ids.shape[1]
+
+    def prefill(self, forward: Forward) -> torch.Tensor:
+        """Run the prompts (each distinct one once when shared, then its cache copied into its
+        samples' rows); returns each cache row's next-token logits."""
+        n, samples = len(self.responses), self.params.n
+        first = self.strategy.fill(torch.arange(0, n, samples if self.share else 1, device=self.live.device),
+                                   self.prefill_width)
+        logits = forward(self.ids[first, : self.prompt_len], self.valid[first, : self.prompt_len], self.context)
+        self.cache_rows = self.strategy.fill(self.live, self.width)
+        if self.share:
+            select_kv_rows(self.context, self.cache_rows // samples)
+            logits = logits[self.cache_rows // samples]
+        return logits
+
+    def step(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sample one token for each live row from its cache row's `logits`, record it, and mark the
+        rows it ends (EOS, stop string); returns the positions in `live` of the rows that go on.
+        With no live row (a lockstep rank whose rows have all ended) nothing is sampled."""
+        done = torch.zeros(0, dtype=torch.bool, device=logits.device)
+        if len(self.live):
+            rows = self.live.tolist()
+            token, token_logprob = next_tokens(logits[: len(rows)], self.params, self.engine.vocab_size,
+                                               [self.generators[r] for r in rows])
+            self.ids[self.live, self.column] = token
+            self.valid[self.live, self.column] = True
+            # column t describes the token at t+1 (aligned with TokenBatch.targets)
+            self.response_mask[self.live, self.column - 1] = 1.0
+            self.engine_logprobs[self.live, self.column - 1] = token_logprob
+            for row, value in zip(rows, token.tolist()):
+                self.responses[row].append(value)
+            done = self.engine.ends(token, [self.responses[r] for r in rows], self.params)
+            self.finished[self.live] = done
+        self.column += 1
+        return (~done).nonzero().flatten()
+
+    def compact(self, keep: torch.Tensor, width: int) -> None:
+        """Keep the live rows at positions `keep`, in `width` cache rows (the strategy's fillers
+        after them); drop the rest of the cache."""
+        if len(keep) < len(self.live) or width < len(self.cache_rows):
+            kept = self.strategy.fill(keep, width)
+            select_kv_rows(self.context, kept)
+            self.cache_rows, self.live = self.cache_rows[kept], self.live[keep]
+
+    def forward(self, forward: Forward) -> torch.Tensor:
+        """Feed each cache row's newest token; returns the next-token logits."""
+        newest = self.column - 1
+        return forward(self.ids[self.cache_rows, newest : newest + 1], self.valid[self.cache_rows, : newest + 1],
+                       self.context)
+
+    def batch(self) -> RolloutBatch:
+        return RolloutBatch(self.ids, self.valid, self.response_mask, self.engine_logprobs, self.responses,
+                            ~self.finished)
 
 
 class TorchRolloutEngine:
@@ -89,6 +195,36 @@ class TorchRolloutEngine:
     def close(self) -> None:
         """Nothing to release: the engine runs the trainer's own module."""
 
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seed: int | Sequence[int]) -> RolloutBatch:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if params.stop and self.detokenize is None:
+            raise ValueError("stop strings need the engine's detokenize callback")
+        device = next(self.module.parameters()).device
+        strategy = decode_strategy(device)
+        state = DecodeState(self, prompts, params, request_seeds(seed, len(prompts)), strategy, device)
+        with generation_mode(self.module):
+            logits = state.prefill(self._forward)
+            while True:
+                keep = state.step(logits)
+                width = strategy.agree([len(keep)])[0]  # in lockstep: while any rank of the group has rows
+                if width == 0 or state.full:
+                    break
+                state.compact(keep, width)
+                logits = state.forward(self._forward)
+        return state.batch()
+
+    def ends(self, tokens: torch.Tensor, responses: list[list[int]], params: SamplingParams) -> torch.Tensor:
+        """Which rows a step's `tokens` end: EOS (with `stop_on_eos`), or a response that now
+        contains a stop string."""
+        done = tokens == self.eos_id if params.stop_on_eos else torch.zeros_like(tokens, dtype=torch.bool)
+        if params.stop:
+            done |= torch.tensor([stop_string_end(self.detokenize(r), params.stop) is not None for r in responses],
+                                 device=tokens.device)
+        return done
+
     def _forward(self, ids, valid_keys, context) -> torch.Tensor:
         from nemo_rlsr.models.policy import attention_mask
 
@@ -102,78 +238,3 @@ class TorchRolloutEngine:
         logits = self.module(ids, positions, mask, inference_context=context, runtime_gather_output=True)
         context.sequence_len_offset += length
         return logits[:, -1].float()
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 seed: int | Sequence[int]) -> RolloutBatch:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if params.stop and self.detokenize is None:
-            raise ValueError("stop strings need the engine's detokenize callback")
-        device = next(self.module.parameters()).device
-        seeds = request_seeds(seed, len(prompts))
-        n_samples = params.n
-        rows = [p for p in prompts for _ in range(n_samples)]
-        share = self.share_prompt_kv and n_samples > 1
-        n, prompt_len = len(rows), max(len(p) for p in prompts)
-        width, prefill_width = n, len(prompts) if share else n  # cache rows: all live, no fillers
-        group = lockstep_group()
-        if group is not None:  # every rank of the group runs the same shapes (generation/lockstep.py)
-            width, prefill_width, prompt_len = group_max([width, prefill_width, prompt_len], group, device)
-        total = prompt_len + params.max_new_tokens
-        ids = torch.full((n, total), self.pad_id, dtype=torch.long, device=device)
-        valid = torch.zeros(n, total, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(rows):
-            ids[row, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt, device=device)
-            valid[row, prompt_len - len(prompt) : prompt_len] = True
-        response_mask = torch.zeros(n, total, dtype=torch.float32, device=device)
-        engine_logprobs = torch.zeros(n, total, dtype=torch.float32, device=device)
-        finished = torch.zeros(n, dtype=torch.bool, device=device)
-        generators = row_generators(seeds, n_samples, device)
-        responses: list[list[int]] = [[] for _ in range(n)]
-
-        context = StaticInferenceContext(max_batch_size=prefill_width, max_sequence_length=total)
-        with generation_mode(self.module):
-            # share: prefill each distinct prompt once, then give its n samples copies of its cache.
-            # Filler rows (lockstep only) repeat row 0; their outputs are never read.
-            first = pad_rows(torch.arange(0, n, n_samples if share else 1, device=device), prefill_width)
-            logits = self._forward(ids[first, :prompt_len], valid[first, :prompt_len], context)
-            cache_rows = pad_rows(torch.arange(n, device=device), width)  # the row whose sequence each cache row runs
-            if share:
-                select_kv_rows(context, cache_rows // n_samples)
-                logits = logits[cache_rows // n_samples]
-            live = torch.arange(n, device=device)  # unfinished rows: the first len(live) cache rows
-            for step in range(params.max_new_tokens):
-                column = prompt_len + step
-                done = torch.zeros(0, dtype=torch.bool, device=device)
-                if len(live):  # in lockstep a rank with no rows left still steps, with fillers only
-                    rows = live.tolist()
-                    token, token_logprob = next_tokens(logits[: len(rows)], params, self.vocab_size,
-                                                       [generators[r] for r in rows])
-                    ids[live, column] = token
-                    valid[live, column] = True
-                    response_mask[live, column - 1] = 1.0
-                    engine_logprobs[live, column - 1] = token_logprob
-                    for row, value in zip(rows, token.tolist()):
-                        responses[row].append(value)
-                    done = token == self.eos_id if params.stop_on_eos else torch.zeros_like(token, dtype=torch.bool)
-                    if params.stop:
-                        done |= self._stopped([responses[r] for r in rows], params.stop)
-                    finished[live] = done
-                keep = (~done).nonzero().flatten()
-                # lockstep: one all-reduce per step; the group goes on while any rank has rows left
-                width = len(keep) if group is None else group_max([len(keep)], group, device)[0]
-                if width == 0 or step + 1 == params.max_new_tokens:
-                    break
-                if len(keep) < len(live) or width < len(cache_rows):  # drop finished rows (and fillers)
-                    kept = pad_rows(keep, width)
-                    select_kv_rows(context, kept)
-                    cache_rows, live = cache_rows[kept], live[keep]
-                logits = self._forward(ids[cache_rows, column : column + 1], valid[cache_rows, : column + 1], context)
-        return RolloutBatch(ids, valid, response_mask, engine_logprobs, responses, ~finished)
-
-    def _stopped(self, responses: list[list[int]], stops) -> torch.Tensor:
-        return torch.tensor([stop_string_end(self.detokenize(r), stops) is not None for r in responses],
-                            device=next(self.module.parameters()).device)

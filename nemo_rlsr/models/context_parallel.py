@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from nemo_rlsr.compat.megatron import forget_rotary_tables
 from nemo_rlsr.models.spec import replace_module
 
 
@@ -147,7 +148,7 @@ def context_parallel_off(module: torch.nn.Module) -> Iterator[None]:
     every TransformerConfig held by the model (RoPE's length and our attention read it) and the CP
     group of the rotary embedding (which slices positions when its group has > 1 rank). Restored on
     exit, also on an exception; a no-op for a model built without CP. megatron memoises the rotary
-    table per (module, length) without the group in the key, so that memo is emptied both ways."""
+    table per (module, length) without the group in the key, so that memo is emptied both ways (compat/megatron.py)."""
     configs = {id(m.config): m.config for m in module.modules() if hasattr(m, "config")}
     configs = [c for c in configs.values() if getattr(c, "context_parallel_size", 1) > 1]
     rotaries = [m for m in module.modules()
@@ -157,7 +158,7 @@ def context_parallel_off(module: torch.nn.Module) -> Iterator[None]:
         config.context_parallel_size = 1
     for rotary in rotaries:
         rotary.cp_group = None
-    _forget_rotary_tables(rotaries)
+    forget_rotary_tables(rotaries)
     try:
         yield
     finally:
@@ -165,10 +166,4 @@ def context_parallel_off(module: torch.nn.Module) -> Iterator[None]:
             config.context_parallel_size = cp
         for rotary, group in saved[1]:
             rotary.cp_group = group
-        _forget_rotary_tables(rotaries)
-
-
-def _forget_rotary_tables(rotaries: list[torch.nn.Module]) -> None:
-    for forward in {type(r).forward for r in rotaries}:
-        if hasattr(forward, "cache_clear"):  # functools.lru_cache (megatron 0.16's RotaryEmbedding.forward)
-            forward.cache_clear()
+        forget_rotary_tables(rotaries)

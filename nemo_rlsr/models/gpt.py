@@ -13,8 +13,9 @@ import math
 import torch
 
 from nemo_rlsr.config import ModelConfig
-from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs, reduce_expert_grads_over_expert_dp
-from nemo_rlsr.models.norm import with_sequence_parallel_norms
+from nemo_rlsr.distributed.dims import ParallelDims
+from nemo_rlsr.models.mla import mla_transformer_kwargs
+from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs
 from nemo_rlsr.models.precision import (
     gpu_capability,
     installed_te_version,
@@ -37,21 +38,17 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return int(math.ceil(vocab_size / step) * step)
 
 
-def transformer_config(
-    cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = torch.float32, ep: int = 1, etp: int = 1,
-    stage_layers: tuple[int | None, int | None] = (None, None), vpp: int | None = None,
-    sequence_parallel: bool = False, cp: int = 1,
-):
+def transformer_config(cfg: ModelConfig, dims: ParallelDims = ParallelDims()):
+    """megatron's TransformerConfig of `cfg` split as `dims` (parameters in `cfg.params_dtype`)."""
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-    from nemo_rlsr.models.mla import mla_transformer_kwargs  # imports megatron
-
-    if cfg.num_layers % pp != 0 and stage_layers == (None, None):  # uneven splits: megatron checks them
-        raise ValueError(f"model.num_layers={cfg.num_layers} is not divisible by pipeline_parallel={pp}")
-    if cfg.num_attention_heads % tp != 0:
+    if cfg.num_layers % dims.pp != 0 and not dims.uneven_stages:  # uneven splits: megatron checks them
+        raise ValueError(f"model.num_layers={cfg.num_layers} is not divisible by pipeline_parallel={dims.pp}")
+    if cfg.num_attention_heads % dims.tp != 0:
         raise ValueError(
-            f"model.num_attention_heads={cfg.num_attention_heads} is not divisible by tensor_parallel={tp}"
+            f"model.num_attention_heads={cfg.num_attention_heads} is not divisible by tensor_parallel={dims.tp}"
         )
+    dtype = getattr(torch, cfg.params_dtype)
     config_class = MLATransformerConfig if cfg.multi_latent_attention else TransformerConfig
     config = config_class(
         num_layers=cfg.num_layers,
@@ -64,15 +61,12 @@ def transformer_config(
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
         layernorm_epsilon=cfg.layernorm_epsilon,
-        tensor_model_parallel_size=tp,
+        **dims.megatron_sizes(experts=False),  # the expert sizes come with the MoE fields (models/moe.py)
         # Sequence parallelism splits the sequence over TP: nothing to split at TP=1 (a no-op, as in
-        # megatron's linears, which switch it off there with a warning).
-        sequence_parallel=sequence_parallel and tp > 1,
-        context_parallel_size=cp,
-        pipeline_model_parallel_size=pp,
-        num_layers_in_first_pipeline_stage=stage_layers[0],
-        num_layers_in_last_pipeline_stage=stage_layers[1],
-        virtual_pipeline_model_parallel_size=vpp,
+        # megatron's linears, which switch it off there with a warning; ParallelDims.problems refuses it).
+        sequence_parallel=dims.sequence_parallel and dims.tp > 1,
+        num_layers_in_first_pipeline_stage=dims.first_stage_layers,
+        num_layers_in_last_pipeline_stage=dims.last_stage_layers,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         **mixed_precision_flags(dtype),  # bf16 / fp16: megatron's local attention then upcasts its softmax
@@ -104,7 +98,7 @@ def transformer_config(
         recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers,
         **te_kwargs(cfg),  # FP8 (models/precision.py); empty when model.fp8 is null
-        **moe_transformer_kwargs(cfg, ep, etp),  # models/moe.py; empty for a dense model
+        **moe_transformer_kwargs(cfg, dims),  # models/moe.py; empty for a dense model
         **mla_transformer_kwargs(cfg),  # models/mla.py; empty without multi-latent attention
     )
     for name, value in gpt_yarn_attributes(cfg).items():  # YaRN: not TransformerConfig fields (models/rope.py)
@@ -126,24 +120,23 @@ def dense_layer_spec(cfg: ModelConfig, te: bool):
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
 
 
-def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1,
-              stage_layers: tuple[int | None, int | None] = (None, None), vpp: int | None = None,
-              vp_stage: int | None = None, sequence_parallel: bool = False, cp: int = 1):
-    """The GPTModel chunk for this rank's pipeline stage (vocab padded for TP); with `vpp` chunks per
-    rank (interleaved pipeline), chunk `vp_stage` of them: its layers, and the embedding / output
-    layer only on the first chunk of the first rank / the last chunk of the last rank.
-    `sequence_parallel`: megatron's sequence parallelism over the TP group (models/norm.py makes the
-    local spec's norms support it). `cp`: context parallelism (models/context_parallel.py)."""
+def build_gpt(cfg: ModelConfig, vocab_size: int, dims: ParallelDims = ParallelDims(), vp_stage: int | None = None):
+    """The GPTModel chunk of `cfg` for this rank's pipeline stage under `dims` (vocab padded for
+    TP); with `dims.vpp` chunks per rank (interleaved pipeline), chunk `vp_stage` of them: its
+    layers, and the embedding / output layer only on the first chunk of the first rank / the last
+    chunk of the last rank. `dims.sequence_parallel`: megatron's sequence parallelism over the TP
+    group (compat/megatron.py makes the local spec's norms support it). `dims.cp`: context parallelism
+    (models/context_parallel.py)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     from megatron.core.transformer.enums import AttnMaskType
 
+    from nemo_rlsr.compat.megatron import mark_gradient_reductions, patch_module_globals, with_sequence_parallel_norms
     from nemo_rlsr.models.context_parallel import with_context_parallel_attention  # imports megatron
-    from nemo_rlsr.models.mla import average_latent_norm_grads
 
-    config = transformer_config(cfg, tp, pp, getattr(torch, cfg.params_dtype), ep=ep, etp=etp,
-                                stage_layers=stage_layers, vpp=vpp, sequence_parallel=sequence_parallel, cp=cp)
+    patch_module_globals()  # megatron-core 0.16's, before anything is built (compat/megatron.py)
+    config = transformer_config(cfg, dims)
     te = use_transformer_engine(cfg)
     if cfg.num_moe_experts or cfg.multi_latent_attention:
         spec = decoder_block_spec(config, te, vp_stage)  # per-layer dense/MoE MLPs, MLA (models/moe.py)
@@ -151,7 +144,7 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1, ep: i
         spec = dense_layer_spec(cfg, te)
     if te:  # TE's attention would ignore the batch's own mask under `causal` (models/spec.py)
         spec = with_attention_mask_type(spec, AttnMaskType.arbitrary)
-    else:  # norms that support sequence parallelism (models/norm.py); TE's do already
+    else:  # norms that support sequence parallelism (compat/megatron.py); TE's do already
         spec = with_sequence_parallel_norms(spec, config, vp_stage)
         # all-gather-KV context parallelism (models/context_parallel.py); refused on the TE spec (distributed/layout.py)
         spec = with_context_parallel_attention(spec)
@@ -160,18 +153,17 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1, ep: i
         transformer_layer_spec=spec,
         # model.vocab_size (an HF checkpoint's embedding rows) may exceed the tokenizer's `vocab_size`:
         # the rows are kept (exact HF round trip) and their ids masked like padding.
-        vocab_size=padded_vocab_size(max(vocab_size, cfg.vocab_size or 0), tp),
+        vocab_size=padded_vocab_size(max(vocab_size, cfg.vocab_size or 0), dims.tp),
         max_sequence_length=cfg.max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="yarn" if hasattr(config, "yarn_rotary_scaling_factor") else "rope",
+        position_embedding_type="yarn" if gpt_yarn_attributes(cfg) else "rope",
         rotary_base=cfg.rotary_base,
         rotary_percent=cfg.rotary_percent,
         vp_stage=vp_stage,
     )
-    reduce_expert_grads_over_expert_dp(model)  # megatron-core 0.16 at EP=1, ETP != TP (models/moe.py)
-    average_latent_norm_grads(model)  # MLA's q latent norm at TP>1 without SP (models/mla.py)
+    mark_gradient_reductions(model)  # experts at EP=1, ETP != TP; MLA's q latent norm (compat/megatron.py)
     if cfg.rope_scaling_factor is not None:  # before the first forward: megatron caches the frequencies
         rotary = model.rotary_pos_emb
         rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from nemo_rlsr.config import ModelConfig
+from nemo_rlsr.distributed.dims import ParallelDims
 
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
@@ -33,15 +34,15 @@ def moe_layer_freq(cfg: ModelConfig) -> list[int]:
     return [0] * dense + [1] * (cfg.num_layers - dense)
 
 
-def moe_transformer_kwargs(cfg: ModelConfig, ep: int = 1, etp: int = 1) -> dict:
-    """TransformerConfig fields of the MoE layers; empty for a dense model."""
+def moe_transformer_kwargs(cfg: ModelConfig, dims: ParallelDims) -> dict:
+    """TransformerConfig fields of the MoE layers split as `dims`; empty for a dense model."""
     if not cfg.num_moe_experts:
         return {}
     if cfg.moe_router_score_function not in ROUTER_SCORE_FUNCTIONS:
         raise ValueError(f"model.moe_router_score_function={cfg.moe_router_score_function!r}: choose one of "
                          f"{', '.join(ROUTER_SCORE_FUNCTIONS)}")
-    if cfg.num_moe_experts % ep:
-        raise ValueError(f"model.num_moe_experts={cfg.num_moe_experts} is not divisible by expert_parallel={ep}")
+    if cfg.num_moe_experts % dims.ep:
+        raise ValueError(f"model.num_moe_experts={cfg.num_moe_experts} is not divisible by expert_parallel={dims.ep}")
     return {
         "num_moe_experts": cfg.num_moe_experts,
         "moe_router_topk": cfg.moe_router_topk,
@@ -60,8 +61,8 @@ def moe_transformer_kwargs(cfg: ModelConfig, ep: int = 1, etp: int = 1) -> dict:
         "moe_token_dispatcher_type": "alltoall" if torch.cuda.is_available() else "allgather",
         "moe_grouped_gemm": False,
         "moe_permute_fusion": False,
-        "expert_model_parallel_size": ep,
-        "expert_tensor_parallel_size": etp,
+        "expert_model_parallel_size": dims.ep,
+        "expert_tensor_parallel_size": dims.etp,
     }
 
 
@@ -73,43 +74,11 @@ def decoder_block_spec(config, use_transformer_engine: bool = False, vp_stage: i
     express DeepSeek-V3's first dense layers."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    from nemo_rlsr.models.mla import patch_mla_without_te, with_local_mla_attention
+    from nemo_rlsr.compat.megatron import with_local_mla_attention
 
-    patch_missing_te_gemm()
-    patch_mla_without_te()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine, normalization="RMSNorm",
                                       vp_stage=vp_stage)  # interleaved pipeline: this chunk's layers
     if config.multi_latent_attention and not use_transformer_engine:
         for layer in spec.layer_specs:
             with_local_mla_attention(layer)
     return spec
-
-
-def patch_missing_te_gemm() -> None:
-    """megatron-core 0.16's router GEMM reads the name `te_general_gemm`, which is only defined
-    when Transformer Engine imports (NameError otherwise); None selects its plain-torch path."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
-def reduce_expert_grads_over_expert_dp(model: torch.nn.Module) -> None:
-    """Mark the expert weights for megatron's expert-data-parallel gradient reduction when
-    expert_tensor_parallel != tensor_parallel at EP=1, as megatron-core 0.19 does itself.
-
-    megatron-core 0.16 marks them (`allreduce=False`) only at EP>1. At EP=1 with, e.g., TP=2 and
-    ETP=1, each TP rank holds every expert whole and (under sequence parallelism) routes its own
-    half of the tokens, so each rank's expert gradient is a partial sum; unmarked, DDP reduces it
-    over the dense data-parallel group, which excludes the TP peers, and the ranks' experts drift
-    apart. Marked, DDP and the optimizer use the expert-data-parallel group, which includes them.
-    Call before DDP wraps the model (it sorts parameters into its buffers by this flag)."""
-    config = model.config
-    if not config.num_moe_experts or config.expert_model_parallel_size > 1:
-        return
-    if config.expert_tensor_parallel_size == config.tensor_model_parallel_size:
-        return
-    for module in model.modules():
-        if getattr(module, "is_expert", False):
-            for param in module.parameters(recurse=False):
-                param.allreduce = False

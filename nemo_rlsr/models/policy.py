@@ -184,16 +184,11 @@ class MegatronPolicy:
         self.model_cfg = model_cfg
         self.vocab_size = vocab_size
         # One GPTModel per virtual pipeline stage of this rank (interleaved schedule), else just one.
-        self.chunks = [
-            build_gpt(model_cfg, vocab_size, ctx.tp, ctx.pp, ctx.ep, ctx.etp, ctx.stage_layers,
-                      vpp=ctx.vpp, vp_stage=stage if ctx.vpp else None, sequence_parallel=ctx.sequence_parallel,
-                      cp=ctx.cp)
-            for stage in range(ctx.vpp or 1)
-        ]
+        self.chunks = [build_gpt(model_cfg, vocab_size, ctx, vp_stage=stage if ctx.vpp else None)
+                       for stage in range(ctx.virtual_stages)]
         # Batches are padded to this length multiple (FP8 GEMM alignment; TP under sequence parallelism;
         # 2 x CP chunks under context parallelism).
-        self.sequence_multiple = sequence_multiple(model_cfg, ctx.tp, cp=ctx.cp,
-                                                   sequence_parallel=ctx.sequence_parallel)
+        self.sequence_multiple = sequence_multiple(model_cfg, ctx)
         self.config = self.chunks[0].config
         self.optimizer = None
         self.models = list(self.chunks)  # what the schedule runs: the chunks, each under DDP when training
@@ -390,10 +385,11 @@ class MegatronPolicy:
         `is_loading=True` builds the dict to load into (the optimizer then allocates its state so
         there is something to load into). The DistributedOptimizer's state is saved in the
         `dp_reshardable` format: one shard per DP rank, no gather, reshardable across DP sizes only
-        (its other formats fail or gather everything on DP rank 0). `metadata=` is the keyword
-        that megatron-core 0.16 and 0.19 both accept (`sharding_type=` is deprecated).
+        (megatron's default format fails; compat/megatron.py).
         """
-        metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+        from nemo_rlsr.compat.megatron import checkpoint_metadata
+
+        metadata = checkpoint_metadata()
         state = {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in zip(self._chunk_keys, self.chunks)}
         model_sd = state["model"] if len(self.chunks) == 1 else dict(state)
         if include_optimizer and self.optimizer is not None:

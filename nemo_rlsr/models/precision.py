@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from nemo_rlsr.config import ModelConfig, RLSRConfig
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.models.fp8_support import recipe_support_problems, version_tuple
 
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -86,15 +87,16 @@ def token_multiple(recipe: str) -> int:
     return 128 if recipe == "blockwise" else gemm_alignment(recipe)
 
 
-def sequence_multiple(cfg: ModelConfig, tp: int, cp: int, sequence_parallel: bool) -> int:
-    """The multiple a batch's sequence length must be padded to before the forward pass.
+def sequence_multiple(cfg: ModelConfig, dims: ParallelDims) -> int:
+    """The multiple a batch's sequence length must be padded to before the forward pass of `cfg`
+    split as `dims`.
 
     Context parallelism splits each sequence into 2 x CP chunks (load balancing of the causal
     mask); sequence parallelism splits it over TP; with FP8 each rank's share must still be a
     multiple of `token_multiple`.
     """
-    shards = cp * (tp if sequence_parallel else 1)
-    multiple = math.lcm(2 * cp if cp > 1 else 1, shards)
+    shards = dims.cp * (dims.tp if dims.sequence_parallel else 1)
+    multiple = math.lcm(2 * dims.cp if dims.cp > 1 else 1, shards)
     if cfg.fp8:
         multiple = math.lcm(multiple, shards * token_multiple(cfg.fp8_recipe))
     return multiple

@@ -5,6 +5,7 @@ shapes.py    parameter counts and per-token sizes of the model, reward encoders
 layout.py    the parallel layout and megatron's divisibility rules
 activations.py / memory.py   per-GPU memory, phase by phase
 timing.py    step-time estimate
+checkpoint.py  checkpoint save time and the preemption warning a Slurm job needs
 plan.py      `make_plan`, the report, the launcher's env file
 """
 

@@ -49,7 +49,7 @@ class StageParams:
 def stage_params(shape: ModelShape, lay: Layout) -> list[StageParams]:
     """Each pipeline stage's parameters per GPU (contiguous layer blocks, as megatron assigns)."""
     stages, start = [], 0
-    for s, count in enumerate(lay.stage_layers(shape.cfg.num_layers)):
+    for s, count in enumerate(lay.layers_per_stage(shape.cfg.num_layers)):
         layers, start = list(range(start, start + count)), start + count
         dense = sum(shape.layer_params(i)[0] for i in layers) / lay.tp
         expert = sum(shape.layer_params(i)[1] for i in layers) / (lay.ep * lay.etp)
@@ -114,8 +114,8 @@ def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageP
         per_layer.append(replicated / split_seq + split / lay.tp)
     kept = recomputed_elements(cfg, per_layer, cfg.model.hidden_size / split_seq)
     in_flight = min(lay.pp - stage, in_flight_batches)
-    if lay.vpp > 1:
-        in_flight *= 1 + (lay.pp - 1) / (lay.pp * lay.vpp)
+    if lay.virtual_stages > 1:
+        in_flight *= 1 + (lay.pp - 1) / (lay.pp * lay.virtual_stages)
     total = kept * tokens * pb * in_flight
     if st.last:
         total += final_elements(profile, cfg.model.hidden_size) / split_seq * tokens * pb

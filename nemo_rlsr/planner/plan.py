@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nemo_rlsr.config import ConfigError, RLSRConfig
 from nemo_rlsr.config.rules import size_problems
+from nemo_rlsr.planner.checkpoint import CheckpointTime, checkpoint_time, preemption_lead_s
 from nemo_rlsr.planner.hardware import GiB, Device, device
 from nemo_rlsr.planner.layout import Layout
 from nemo_rlsr.planner.memory import Memory, plan_memory
@@ -40,11 +41,19 @@ class Plan:
     shape: ModelShape
     memory: Memory | None = None
     time: StepTime | None = None
+    checkpoint: CheckpointTime | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
         return not self.problems
+
+    @property
+    def preemption_lead_s(self) -> int | None:
+        """The `#SBATCH --signal=B:USR1@N` a job of this plan needs (planner/checkpoint.py)."""
+        if self.time is None or self.checkpoint is None:
+            return None
+        return preemption_lead_s(self.time.total, self.checkpoint.seconds)
 
     @property
     def needs_ray(self) -> bool:
@@ -73,6 +82,7 @@ def make_plan(cfg: RLSRConfig, nodes: int | None = None, gpus_per_node: int | No
         return plan
     plan.memory = plan_memory(cfg, shape, lay, dev, mode)
     plan.time = plan_time(cfg, shape, lay, dev, plan.memory, mode)
+    plan.checkpoint = checkpoint_time(cfg, shape, lay)
     if plan.memory.peak > plan.memory.usable:
         m = plan.memory
         biggest = m.largest(m.peak_phase)
@@ -92,7 +102,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
     lay, shape, cfg = plan.layout, plan.shape, plan.cfg
     lines = [f"nemo-rlsr plan {title} (mode {plan.mode})".replace("  ", " "),
              f"cluster: {lay.nodes} node(s) x {lay.gpus_per_node} {plan.device.name} = {lay.world} devices; "
-             f"TP {lay.tp} PP {lay.pp} (virtual {lay.vpp}) CP {lay.cp} EP {lay.ep} DP {lay.dp}"
+             f"TP {lay.tp} PP {lay.pp} (virtual {lay.virtual_stages}) CP {lay.cp} EP {lay.ep} DP {lay.dp}"
              + (f"; rollout {cfg.rollout.engine}, {lay.engines} engine(s) of {lay.engine_tp} GPU(s)"
                 if plan.mode == "rlsr" else ""),
              f"model: {_count(shape.total_params())} parameters, {_count(shape.active_params())} active "
@@ -112,6 +122,11 @@ def format_plan(plan: Plan, title: str = "") -> str:
         lines += [f"  {name:<24}{value:9.1f}" for name, value in t.phases.items()]
         lines.append(f"  {'total':<24}{t.total:9.1f}")
         lines += [f"  note: {n}" for n in t.notes]
+    if plan.checkpoint:
+        c = plan.checkpoint
+        lines.append(f"checkpoint: {c.total_bytes / 1e9:.1f} GB, {c.busiest_node_bytes / 1e9:.1f} GB from the busiest "
+                     f"node: save {c.write_s:.0f} s + checksums {c.verify_s:.0f} s (planner/checkpoint.py)")
+        lines.append(f"preemption warning: {plan.preemption_lead_s} s (#SBATCH --signal=B:USR1@{plan.preemption_lead_s})")
     lines.append("verdict: fits" if plan.fits else "verdict: DOES NOT FIT\n  " + "\n  ".join(plan.problems))
     return "\n".join(lines)
 
@@ -123,6 +138,7 @@ def write_launch_env(plan: Plan, path: str | Path) -> None:
         "NEMO_RLSR_WORLD_SIZE": plan.layout.world,
         "NEMO_RLSR_NEEDS_RAY": int(plan.needs_ray),
         "NEMO_RLSR_PEAK_GIB": f"{plan.memory.peak / GiB:.1f}" if plan.memory else "unknown",
+        "NEMO_RLSR_SIGNAL_LEAD_S": plan.preemption_lead_s or "unknown",
         "NEMO_RLSR_OUTPUT_DIR": plan.cfg.trainer.output_dir,
     }
     Path(path).write_text("".join(f"{k}='{v}'\n" for k, v in values.items()))

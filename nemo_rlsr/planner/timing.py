@@ -53,13 +53,13 @@ def _link(dev: Device, lay: Layout, group: int) -> float:
 
 
 def _bubble(lay: Layout, micro_batches: float) -> float:
-    return 1 + (lay.pp - 1) / (lay.vpp * max(micro_batches, 1))
+    return 1 + (lay.pp - 1) / (lay.virtual_stages * max(micro_batches, 1))
 
 
 def _model_comm(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, tokens_per_dp: float) -> float:
     """One forward pass's tensor-parallel collectives and MoE all-to-alls on one GPU (a backward
     pass moves the same bytes again, a recomputed forward once more)."""
-    h, layers = cfg.model.hidden_size, max(lay.stage_layers(cfg.model.num_layers))
+    h, layers = cfg.model.hidden_size, max(lay.layers_per_stage(cfg.model.num_layers))
     seconds = 0.0
     if lay.tp > 1:  # 2 all-gathers + 2 reduce-scatters (or 2 all-reduces) per layer
         seconds += layers * 4 * tokens_per_dp / lay.cp * h * 2 * (lay.tp - 1) / lay.tp / _link(dev, lay, lay.tp)
@@ -139,7 +139,7 @@ def recomputed_layer_fraction(cfg: RLSRConfig, lay: Layout) -> float:
         return 0.0
     if m.recompute_method != "block":
         return 1.0
-    per_stage = m.num_layers / (lay.pp * lay.vpp)
+    per_stage = m.num_layers / (lay.pp * lay.virtual_stages)
     return min((m.recompute_num_layers or 1) / per_stage, 1.0)
 
 

@@ -94,33 +94,6 @@ def _optimizer_has_state(policy: MegatronPolicy) -> bool:
     return policy.optimizer is not None and len(policy.optimizer.state) > 0
 
 
-def _allocate_optimizer_state(policy: MegatronPolicy) -> None:
-    """Give a never-stepped optimizer its state by one zero-gradient step of the inner torch
-    optimizers (what megatron's own FSDP loader does). Without TE/apex the DistributedOptimizer
-    reads the Adam `step` out of that state to build its state dict and asserts when it is empty;
-    the values are overwritten by the load (the weights too, so weight decay does not matter)."""
-    for part in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
-        for group in part.optimizer.param_groups:
-            for param in group["params"]:
-                param.grad = torch.zeros_like(param)
-        part.optimizer.step()
-        part.optimizer.zero_grad()
-
-
-def _unshare_adam_steps(policy: MegatronPolicy) -> None:
-    """Give every parameter its own Adam `step` tensor after a load.
-
-    Without TE/apex, megatron's DistributedOptimizer (0.16 to 0.19) loads ONE `step` tensor into
-    every parameter's state and torch Adam increments each parameter's step in place, so after a
-    resume the shared step advanced once per parameter per update: wrong bias correction, and
-    weights that drift from the uninterrupted run's.
-    """
-    for part in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
-        for state in part.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
-
-
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST_FILE}.tmp"
     tmp.write_text(name + "\n")
@@ -207,6 +180,8 @@ def load_checkpoint(path: str | Path, policy: MegatronPolicy, load_optimizer: bo
     """
     from megatron.core import dist_checkpointing
 
+    from nemo_rlsr.compat.megatron import allocate_optimizer_state, unshare_adam_steps
+
     path = Path(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
     same_world = common.get("world_size") == _world_size()
@@ -218,7 +193,7 @@ def load_checkpoint(path: str | Path, policy: MegatronPolicy, load_optimizer: bo
 
     with_optimizer = load_optimizer and policy.optimizer is not None and common.get("optimizer_saved", False)
     if with_optimizer and not _optimizer_has_state(policy):
-        _allocate_optimizer_state(policy)
+        allocate_optimizer_state(policy.optimizer)  # megatron asserts on an empty state (compat/megatron.py)
     state = policy.state_dict_for_checkpoint(is_loading=True, include_optimizer=with_optimizer)
     if same_world:
         state["rng_state"] = _rng_sharded_object(None)
@@ -230,7 +205,7 @@ def load_checkpoint(path: str | Path, policy: MegatronPolicy, load_optimizer: bo
         policy.load_model_state(loaded)
         if with_optimizer:
             policy.optimizer.load_state_dict(loaded["optimizer"])
-            _unshare_adam_steps(policy)
+            unshare_adam_steps(policy.optimizer)  # megatron loads one Adam step for all (compat/megatron.py)
         elif policy.optimizer is not None:
             # Mixed-precision optimizers keep fp32 main copies of the weights: refresh them.
             policy.optimizer.reload_model_params()

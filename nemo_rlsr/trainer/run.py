@@ -35,6 +35,7 @@ from tqdm import tqdm
 from nemo_rlsr.config import OptimizerConfig, RLSRConfig, to_dict
 from nemo_rlsr.data.dataset import TrainingData, load_training_data
 from nemo_rlsr.data.sampler import PromptSampler
+from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import ParallelContext, init_distributed
 from nemo_rlsr.models.interface import Policy
 from nemo_rlsr.models.policy import MegatronPolicy
@@ -80,16 +81,7 @@ class TrainingRun:
         self._set_up = True
         self.cfg = cfg = resolved_config(self.cfg)
         check_startup(cfg, Machine.here(launched_world_size()), self.mode)
-        self.ctx: ParallelContext = init_distributed(
-            cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.seed,
-            cfg.parallel.collective_timeout_s,
-            ep=cfg.parallel.expert_parallel, etp=cfg.parallel.expert_tensor_parallel,
-            stage_layers=(cfg.parallel.num_layers_in_first_pipeline_stage,
-                          cfg.parallel.num_layers_in_last_pipeline_stage),
-            vpp=cfg.parallel.virtual_pipeline_parallel,
-            sequence_parallel=cfg.parallel.sequence_parallel,
-            cp=cfg.parallel.context_parallel,
-        )
+        self.ctx: ParallelContext = init_distributed(ParallelDims.from_config(cfg.parallel))
         # Early: a signal during setup or base pre-training stops the run after its first step, saved.
         self.preemption = PreemptionHandler(cfg.trainer.preemption_signals).install()
         self._resources.callback(self.preemption.uninstall)

@@ -1,0 +1,1 @@
+"""Compatibility with the libraries we build on, where it depends on their release (megatron.py)."""
