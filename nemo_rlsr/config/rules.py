@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 
+from nemo_rlsr.config.reward_terms import term_problems
 from nemo_rlsr.config.schema import DataConfig, RewardConfig, RLSRConfig
 
 REWARD_BACKENDS = ("local", "ray")
@@ -207,7 +208,7 @@ def rlsr_problems(cfg: RLSRConfig) -> list[str]:
     if r.max_new_tokens >= cfg.model.max_sequence_length:
         out.append(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
                    f"model.max_sequence_length={cfg.model.max_sequence_length}")
-    return out + reward_problems(cfg.reward)
+    return out + reward_problems(cfg.reward) + term_problems(cfg.reward, r.max_new_tokens)
 
 
 def data_problems(cfg: RLSRConfig, mode: str) -> list[str]:
