@@ -1,4 +1,4 @@
-"""RLSR rewards: embedding similarity to the human reference, with a repetition penalty.
+"""RLSR rewards: embedding similarity to the human reference, with a repetition penalty, and more terms.
 
     actor.py              RewardActor protocol; build_reward_actor(reward config) -> local or Ray
     embedding.py          EmbeddingSimilarityReward: the in-process actor (reference cache, checks)
@@ -9,6 +9,7 @@
     ray_pool.py           RayRewardPool: Ray actors shared by all ranks, restart + retry
     result.py             RewardResult (per-rollout outputs) and its range check
     diagnostics.py        per-step reward-hacking metrics
+    terms.py              the trained reward as named terms (reward.terms), weighted or group-normalised
     random_qwen.py        a random-weight Qwen3-Embedding-shaped folder, for tests and benchmarks
 """
 
