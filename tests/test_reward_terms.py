@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_rlsr.config import RLSRConfig, RewardConfig, RewardTermConfig, from_dict, load_config, to_dict
+from nemo_rlsr.config import ConfigError, RLSRConfig, RewardConfig, RewardTermConfig, from_dict, load_config, to_dict
 from nemo_rlsr.config.rules import config_problems
 from nemo_rlsr.rewards.diagnostics import length_ratios, slope, tied_group_fraction
 from nemo_rlsr.rewards.result import RewardResult
@@ -178,7 +178,8 @@ def test_user_function_from_a_file_outside_the_package(tmp_path, monkeypatch):
 
 def test_user_function_returning_nan_is_an_error(tmp_path):
     (tmp_path / "t.py").write_text(USER_TERM)
-    terms = terms_of(RewardTermConfig(kind="cosine"), RewardTermConfig(kind="function", function=f"{tmp_path}/t.py:broken"))
+    terms = terms_of(RewardTermConfig(kind="cosine"),
+                     RewardTermConfig(kind="function", function=f"{tmp_path}/t.py:broken"))
     with pytest.raises(ValueError, match="'function'.*returned nan for rollout 0"):
         terms.evaluate(result([0.0], [False]), ["p"], ["x"], ["y"], torch.ones(1), 1)
 
@@ -212,6 +213,19 @@ def test_bad_term_config_names_the_key(terms, combine, key):
     base["reward"] |= {"terms": terms, "combine": combine}
     problems = config_problems(from_dict(base, "test"), "rlsr")
     assert len(problems) >= 1 and any(key in p for p in problems), problems
+
+
+def test_unknown_or_mistyped_term_key_names_key_and_file(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("reward:\n  terms:\n    - {kind: cosine, wieght: 2}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key `reward\.terms\[0\]\.wieght`"):
+        load_config(conf)
+    conf.write_text("reward:\n  terms:\n    - {kind: cosine, weight: heavy}\n")
+    with pytest.raises(ConfigError, match=r"`reward\.terms\[0\]\.weight` must be float"):
+        load_config(conf)
+    conf.write_text("reward:\n  terms: [cosine]\n")
+    with pytest.raises(ConfigError, match=r"`reward\.terms\[0\]` must be a mapping"):
+        load_config(conf)
 
 
 def test_group_normalized_with_a_non_replacing_repetition_term_is_accepted():
