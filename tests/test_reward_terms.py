@@ -17,7 +17,7 @@ import torch
 
 from nemo_rlsr.config import ConfigError, RLSRConfig, RewardConfig, RewardTermConfig, from_dict, load_config, to_dict
 from nemo_rlsr.config.rules import config_problems
-from nemo_rlsr.rewards.diagnostics import length_ratios, slope, tied_group_fraction
+from nemo_rlsr.rewards.diagnostics import TrendWindow, length_ratios, slope, tied_group_fraction
 from nemo_rlsr.rewards.result import RewardResult
 from nemo_rlsr.rewards.terms import RewardTerms, combine_terms, overlong_penalty
 
@@ -261,6 +261,15 @@ def test_tied_groups_length_ratio_and_slope_by_hand():
     assert slope([3.0, 2.5, 2.0, 1.5]) == pytest.approx(-0.5)
     assert slope([1.0, 2.0, 2.0, 5.0]) == pytest.approx(1.2)  # least squares: (-1.5, -.5, .5, 1.5) . y / 5
     assert slope([4.0]) == 0.0
+
+
+def test_the_trend_window_keeps_its_last_values_and_restores_them():
+    window = TrendWindow(3)
+    assert [window.add(v) for v in (1.0, 3.0)] == [0.0, pytest.approx(2.0)]
+    assert window.add(5.0) == pytest.approx(2.0) and window.add(4.0) == pytest.approx(0.5)  # window 3, 5, 4
+    restored = TrendWindow(3)
+    restored.load_state_dict(json.loads(json.dumps(window.state_dict())))  # as the checkpoint's extra stores it
+    assert restored.add(0.0) == window.add(0.0) == pytest.approx(-2.5)  # 5, 4, 0
 
 
 # ---- through the trainer ------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from nemo_rlsr.algorithms.grpo import ZERO_STD
 
 from .result import RewardResult
 
-__all__ = ["HIST_BINS", "length_ratios", "reward_diagnostics", "slope", "tied_group_fraction"]
+__all__ = ["HIST_BINS", "TrendWindow", "length_ratios", "reward_diagnostics", "slope", "tied_group_fraction"]
 
 HIST_BINS = 10  # over [-1, 1]: bin k counts cosines in [-1 + 0.2k, -1 + 0.2(k+1)), the last bin includes 1
 
@@ -74,3 +74,23 @@ def slope(values: list[float]) -> float:
     x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
     y = torch.tensor(values, dtype=torch.float64)
     return float((x * (y - y.mean())).sum() / x.square().sum())
+
+
+class TrendWindow:
+    """The last `size` values of a per-step metric and their `slope`; saved in the checkpoint's run
+    state (trainer/state.py), so a resumed run logs the trend the uninterrupted one would."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: list[float] = []
+
+    def add(self, value: float) -> float:
+        """Record this step's value; returns the slope over the window."""
+        self.values = (self.values + [float(value)])[-self.size:]
+        return slope(self.values)
+
+    def state_dict(self) -> dict:
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = [float(v) for v in state["values"]][-self.size:]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from nemo_rlsr.models.hf.start import load_hf_policy
 from nemo_rlsr.models.policy import LossFn, TokenBatch
 from nemo_rlsr.models.reference import build_reference
 from nemo_rlsr.rewards import RewardActor, build_reward_actor
-from nemo_rlsr.rewards.diagnostics import slope
+from nemo_rlsr.rewards.diagnostics import TrendWindow
 from nemo_rlsr.rewards.terms import RewardTerms
 from nemo_rlsr.trainer.checkpoint import find_resumable_checkpoint
 from nemo_rlsr.trainer.fingerprint import parameters_sha256
@@ -123,7 +122,7 @@ class RLSRTrainer(TrainingRun):
         self.reward: RewardActor = self.own(build_reward_actor(cfg.reward, str(self.ctx.device), self.ctx.world_size))
         self.reward_terms = RewardTerms(cfg.reward, cfg.rollout.max_new_tokens, cfg.grpo.num_generations,
                                         cfg.grpo.advantage_eps)
-        self.entropy_window: deque[float] = deque(maxlen=ENTROPY_TREND_STEPS)
+        self.entropy_trend = TrendWindow(ENTROPY_TREND_STEPS)
         self.loss_fn = grpo_loss_fn(GRPOLossConfig(cfg.grpo.clip_low, cfg.grpo.clip_high, cfg.grpo.kl_coef,
                                                    cfg.grpo.tis_cap))
         self.sampling = SamplingParams(cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -132,6 +131,9 @@ class RLSRTrainer(TrainingRun):
                                        n=cfg.grpo.num_generations)
         return PromptSampler(len(self.train), cfg.grpo.prompts_per_step // self.ctx.dp, self.ctx.dp_rank,
                              self.ctx.dp, seed=cfg.data.shuffle_seed)
+
+    def trackers(self) -> dict:
+        return {"entropy_trend": self.entropy_trend}
 
     def checkpoint_roots(self) -> list:
         # No RLSR checkpoint yet: the base checkpoint is the state at step 0.
@@ -238,8 +240,7 @@ class RLSRTrainer(TrainingRun):
         metrics.update(rollout_metrics(batch, rollouts.truncated, scores, self.policy.device))
         metrics.update(reward_term_metrics(terms, scores.rewards, texts, references, cfg.grpo.num_generations,
                                            self.policy.device))
-        self.entropy_window.append(metrics["entropy"])
-        metrics["entropy/trend"] = slope(list(self.entropy_window))
+        metrics["entropy/trend"] = self.entropy_trend.add(metrics["entropy"])
         if cfg.grpo.tis_cap is not None:
             weights = tis_weights(batch.extras["old_logprobs"], batch.extras["engine_logprobs"], batch.loss_mask,
                                   cfg.grpo.tis_cap)
