@@ -275,7 +275,14 @@ class RewardConfig:
     `ray_num_actors` actors with `ray_cpus_per_actor` CPUs and `ray_gpus_per_actor` GPUs each,
     shared by all ranks, on the Ray cluster at `ray_address` / $RAY_ADDRESS, else a local one). An
     actor that dies is restarted and its requests retried, up to `ray_max_restarts` times; a call
-    that takes longer than `ray_timeout_s` is an error.
+    that takes longer than `ray_timeout_s` is an error. "openai": embeddings from an OpenAI-compatible
+    server (text-embeddings-inference, vLLM, infinity) at `endpoint_url` (the base URL, e.g.
+    `http://host:7997/v1`; `/embeddings` is appended) serving `endpoint_model`; the API key is read
+    from the environment variable named by `endpoint_api_key_env` (never written in a config).
+    Requests hold at most `batch_size` texts and `endpoint_chars_per_batch` characters (rows x the
+    longest; the client has no tokenizer); each waits `endpoint_timeout_s`, and a connection error,
+    timeout or HTTP 408/429/5xx is retried `endpoint_retries` times after `endpoint_backoff_s` x 2^k
+    (rewards/endpoint.py). The server decides truncation: `long_response` must be "truncate".
 
     Reward terms (docs/rewards.md): `terms` lists what the trained reward is made of
     (RewardTermConfig); empty means [cosine, repetition with replace], the reward above exactly.
@@ -306,6 +313,13 @@ class RewardConfig:
     ray_gpus_per_actor: float = 0.0
     ray_max_restarts: int = 3
     ray_timeout_s: float = 600.0
+    endpoint_url: str | None = None
+    endpoint_model: str | None = None
+    endpoint_api_key_env: str | None = None
+    endpoint_timeout_s: float = 60.0
+    endpoint_retries: int = 3
+    endpoint_backoff_s: float = 1.0
+    endpoint_chars_per_batch: int = 65536
     terms: list[RewardTermConfig] = field(default_factory=list)
     combine: str = "weighted_sum"
 
