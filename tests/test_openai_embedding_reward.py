@@ -43,7 +43,7 @@ def openai_config(url: str, **keys) -> RewardConfig:
                         endpoint_api_key_env=KEY_ENV, **keys)
 
 
-# ---- the real server ------------------------------------------------------------------------------
+# ---- the real server (a process: these tests are `slow`) ------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,7 @@ def key_env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
 
 
+@pytest.mark.slow  # starts the server
 def test_rewards_equal_in_process_minilm(server, in_process, key_env):
     remote = build_reward_actor(openai_config(server.url, batch_size=3, endpoint_chars_per_batch=4000), "cpu")
     try:
@@ -82,6 +83,7 @@ def test_rewards_equal_in_process_minilm(server, in_process, key_env):
         remote.close()
 
 
+@pytest.mark.slow  # starts the server
 def test_references_embedded_once(server, key_env):
     remote = build_reward_actor(openai_config(server.url), "cpu")  # one request per call's texts
     try:
@@ -94,6 +96,7 @@ def test_references_embedded_once(server, key_env):
         remote.close()
 
 
+@pytest.mark.slow  # starts the server
 def test_wrong_key_refused_at_once_without_echo(server, monkeypatch, caplog):
     monkeypatch.setenv(KEY_ENV, "wrong-" + KEY)
     remote = build_reward_actor(openai_config(server.url, endpoint_retries=3, endpoint_backoff_s=5.0), "cpu")
@@ -106,6 +109,7 @@ def test_wrong_key_refused_at_once_without_echo(server, monkeypatch, caplog):
     remote.close()
 
 
+@pytest.mark.slow  # starts the server
 def test_killed_server_retried_then_named(tmp_path, key_env, caplog):
     srv = EmbeddingServer(tmp_path / "server.log", api_key=KEY)
     remote = build_reward_actor(openai_config(srv.url, endpoint_retries=2, endpoint_backoff_s=0.1), "cpu")
