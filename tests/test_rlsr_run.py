@@ -56,7 +56,8 @@ def test_run_writes_artifacts_and_resume_reproduces_next_steps_exactly(tmp_path)
     again = records(resumed)
     assert sorted(again) == [1, 2, 3, 4]
     for step in (3, 4):
-        for key in ["loss", "grad_norm", "reward/mean", "kl", "entropy"]:
+        for key in ["loss", "grad_norm", "reward/mean", "kl", "entropy", "entropy/trend", "reward/tied_group_fraction",
+                    "reward/term/cosine/mean"]:  # the trend's window comes back from the checkpoint
             assert again[step][key] == logged[step][key], (step, key)
 
 

@@ -28,7 +28,7 @@ from nemo_rlsr.trainer.preemption import MARKER, PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(REPO.glob("slurm/*.sh")) + sorted(REPO.glob("containers/*.sh")) + [
-    REPO / "tests/slurm/cluster.sh", REPO / ".ci/run"]
+    REPO / "tests/slurm/cluster.sh", REPO / "tests/embedding_server/install.sh", REPO / ".ci/run"]
 RECIPES = [p for p in sorted(REPO.glob("slurm/*.sh")) if re.search(r"^#SBATCH ", p.read_text(), re.M)]
 sys.path.insert(0, str(REPO / "slurm"))
 import set_signal_lead  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 # Groups whose reward std is at or below this carry no learning signal.
-_ZERO_STD = 1e-8
+ZERO_STD = 1e-8
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
@@ -39,7 +39,7 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     std = grouped.std(dim=1, keepdim=True)  # unbiased
     adv = (grouped - mean) / (std + eps)
     # `~(std > t)` is also True for NaN std (group_size == 1).
-    adv = torch.where(~(std > _ZERO_STD), torch.zeros_like(adv), adv)
+    adv = torch.where(~(std > ZERO_STD), torch.zeros_like(adv), adv)
     return adv.view(-1)
 
 

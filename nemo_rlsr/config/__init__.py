@@ -14,6 +14,7 @@ from nemo_rlsr.config.schema import (
     ParallelConfig,
     PretrainConfig,
     RewardConfig,
+    RewardTermConfig,
     RLSRConfig,
     RolloutConfig,
     SFTConfig,
@@ -22,6 +23,6 @@ from nemo_rlsr.config.schema import (
 
 __all__ = [
     "COMMAND_LINE", "ClusterConfig", "ConfigError", "DataConfig", "GRPOConfig", "LoggingConfig", "ModelConfig",
-    "OptimizerConfig", "ParallelConfig", "PretrainConfig", "RLSRConfig", "RewardConfig", "RolloutConfig",
+    "OptimizerConfig", "ParallelConfig", "PretrainConfig", "RLSRConfig", "RewardConfig", "RewardTermConfig", "RolloutConfig",
     "SFTConfig", "TrainerConfig", "from_dict", "load_config", "to_dict",
 ]

@@ -78,6 +78,10 @@ def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: `{key}` must be a list, got {type(value).__name__} {value!r}")
         return [_check_type(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):  # a list of sections, e.g. reward.terms
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: `{key}` must be a mapping, got {value!r}")
+        return _build(hint, value, key + ".", {}, source)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):

@@ -10,11 +10,13 @@ Python: the planner runs it without importing torch.
 
 from __future__ import annotations
 
+import re
 import signal
 
+from nemo_rlsr.config.reward_terms import term_problems
 from nemo_rlsr.config.schema import DataConfig, RewardConfig, RLSRConfig
 
-REWARD_BACKENDS = ("local", "ray")
+REWARD_BACKENDS = ("local", "ray", "openai")
 # `reward.encoder` names (the planner's, planner/shapes.py) -> family: "sb" (Sentence-BERT, mean
 # pooling) or "qwen-em" (Qwen3-Embedding: last-token pooling, an instruction before queries)
 ENCODER_FAMILIES = ({name: "sb" for name in ("minilm-l6", "mpnet-base-v2")}
@@ -112,10 +114,51 @@ def signal_problems(signal_names: list[str]) -> list[str]:
             if name not in signal.Signals.__members__]
 
 
+# Keys of an in-process encoder: with `reward.backend: openai` the server loads and runs its own model.
+_LOCAL_ENCODER_KEYS = ("encoder_path", "encoder_prompt_name", "encoder_max_tokens", "tokens_per_batch",
+                       "offload_between_steps")
+
+
+def endpoint_problems(cfg: RewardConfig) -> list[str]:
+    """The `reward.endpoint_*` keys of `reward.backend: openai` (rewards/endpoint.py), and the keys
+    of an in-process encoder it cannot act on."""
+    if cfg.backend != "openai":
+        return [] if cfg.endpoint_url is None else [
+            f"reward.endpoint_url is read by reward.backend=openai only (backend is {cfg.backend!r})"]
+    out = []
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", cfg.endpoint_url or ""):
+        out.append(f"reward.endpoint_url must be an http:// or https:// URL (the API base, e.g. "
+                   f"http://host:7997/v1), got {cfg.endpoint_url!r}")
+    if not cfg.endpoint_model:
+        out.append("reward.endpoint_model must name the model the server serves (the request's `model`)")
+    key_env = cfg.endpoint_api_key_env
+    if key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+        # Not echoed: a key pasted here by mistake must not reach the logs.
+        out.append("reward.endpoint_api_key_env must be the NAME of an environment variable holding the key "
+                   "(letters, digits, _), not the key itself")
+    if cfg.endpoint_timeout_s <= 0:
+        out.append(f"reward.endpoint_timeout_s must be > 0, got {cfg.endpoint_timeout_s}")
+    if cfg.endpoint_retries < 0:
+        out.append(f"reward.endpoint_retries must be >= 0, got {cfg.endpoint_retries}")
+    if cfg.endpoint_backoff_s < 0:
+        out.append(f"reward.endpoint_backoff_s must be >= 0, got {cfg.endpoint_backoff_s}")
+    if cfg.endpoint_chars_per_batch < 1:
+        out.append(f"reward.endpoint_chars_per_batch must be >= 1, got {cfg.endpoint_chars_per_batch}")
+    if cfg.long_response != "truncate":
+        out.append(f"reward.long_response={cfg.long_response!r}: with reward.backend=openai the server decides "
+                   f"how a long text is cut; only 'truncate' applies")
+    default = RewardConfig()
+    out += [f"reward.{key}={getattr(cfg, key)!r} is read by an in-process encoder only; reward.backend=openai "
+            f"embeds on the server" for key in _LOCAL_ENCODER_KEYS if getattr(cfg, key) != getattr(default, key)]
+    return out
+
+
 def reward_problems(cfg: RewardConfig) -> list[str]:
     """Every `reward.*` value the reward actors refuse, before any encoder is loaded."""
     out = [] if cfg.backend in REWARD_BACKENDS else [f"reward.backend={cfg.backend!r} is not one of {REWARD_BACKENDS}"]
-    out += encoder_problems(cfg.encoder, cfg.encoder_path, cfg.long_response)
+    if cfg.backend != "openai":  # the server's model, not ours
+        out += encoder_problems(cfg.encoder, cfg.encoder_path, cfg.long_response)
+    out += endpoint_problems(cfg)
     out += penalty_problems(cfg.repetition_mode, cfg.repetition_min_chars, cfg.repetition_min_reference_fraction,
                             cfg.repetition_penalty, prefix="reward.repetition_")
     out += [f"reward.{key} must be >= 0, got {getattr(cfg, key)}"
@@ -207,7 +250,7 @@ def rlsr_problems(cfg: RLSRConfig) -> list[str]:
     if r.max_new_tokens >= cfg.model.max_sequence_length:
         out.append(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
                    f"model.max_sequence_length={cfg.model.max_sequence_length}")
-    return out + reward_problems(cfg.reward)
+    return out + reward_problems(cfg.reward) + term_problems(cfg.reward, r.max_new_tokens)
 
 
 def data_problems(cfg: RLSRConfig, mode: str) -> list[str]:

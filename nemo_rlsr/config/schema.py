@@ -223,6 +223,32 @@ class OptimizerConfig:
 
 
 @dataclass
+class RewardTermConfig:
+    """One named term of the training reward (`reward.terms`; nemo_rlsr/rewards/terms.py, docs/rewards.md).
+
+    `kind`: "cosine" (the embedding cosine to the reference), "repetition" (`reward.repetition_penalty`
+    where the repetition check fires, else 0), "overlong" (DAPO's soft overlong penalty on the
+    response's token count: 0 up to `max_tokens` - `buffer_tokens`, falling linearly to -1 at
+    `max_tokens`, -1 beyond; null `max_tokens`: rollout.max_new_tokens), "regex" (1 where
+    `pattern` is found in the response by re.search, else 0) or "function" (a user function
+    `module:function` or `path/to/file.py:function`, called per rollout as
+    fn(prompt=..., response=..., reference=..., step=...) -> float). `name` (default: the kind)
+    names the term's step metrics, reward/term/<name>/mean and /std. `weight` multiplies the term
+    in the sum; 0 logs the term without training on it. `replace` (repetition only, weight 0 or 1):
+    where the term fires, the reward becomes its value instead of the sum (today's rule).
+    """
+
+    kind: str = "cosine"
+    name: str | None = None
+    weight: float = 1.0
+    replace: bool = False
+    pattern: str | None = None
+    function: str | None = None
+    max_tokens: int | None = None
+    buffer_tokens: int = 0
+
+
+@dataclass
 class RewardConfig:
     """Embedding-similarity reward (nemo_rlsr/rewards/ says why each piece is built as it is).
 
@@ -249,7 +275,21 @@ class RewardConfig:
     `ray_num_actors` actors with `ray_cpus_per_actor` CPUs and `ray_gpus_per_actor` GPUs each,
     shared by all ranks, on the Ray cluster at `ray_address` / $RAY_ADDRESS, else a local one). An
     actor that dies is restarted and its requests retried, up to `ray_max_restarts` times; a call
-    that takes longer than `ray_timeout_s` is an error.
+    that takes longer than `ray_timeout_s` is an error. "openai": embeddings from an OpenAI-compatible
+    server (text-embeddings-inference, vLLM, infinity) at `endpoint_url` (the base URL, e.g.
+    `http://host:7997/v1`; `/embeddings` is appended) serving `endpoint_model`; the API key is read
+    from the environment variable named by `endpoint_api_key_env` (never written in a config).
+    Requests hold at most `batch_size` texts and `endpoint_chars_per_batch` characters (rows x the
+    longest; the client has no tokenizer); each waits `endpoint_timeout_s`, and a connection error,
+    timeout or HTTP 408/429/5xx is retried `endpoint_retries` times after `endpoint_backoff_s` x 2^k
+    (rewards/endpoint.py). The server decides truncation: `long_response` must be "truncate".
+
+    Reward terms (docs/rewards.md): `terms` lists what the trained reward is made of
+    (RewardTermConfig); empty means [cosine, repetition with replace], the reward above exactly.
+    `combine`: "weighted_sum" (sum of weight x term, then the replacing term) or
+    "group_normalized" (each term normalised within its prompt's group like an advantage, then
+    the weighted sum; GDPO). The terms run in the trainer on what the reward actor returns, so
+    they work with either backend; held-out evaluation reports the embedding reward alone.
     """
 
     encoder: str = "minilm-l6"
@@ -273,6 +313,15 @@ class RewardConfig:
     ray_gpus_per_actor: float = 0.0
     ray_max_restarts: int = 3
     ray_timeout_s: float = 600.0
+    endpoint_url: str | None = None
+    endpoint_model: str | None = None
+    endpoint_api_key_env: str | None = None
+    endpoint_timeout_s: float = 60.0
+    endpoint_retries: int = 3
+    endpoint_backoff_s: float = 1.0
+    endpoint_chars_per_batch: int = 65536
+    terms: list[RewardTermConfig] = field(default_factory=list)
+    combine: str = "weighted_sum"
 
 
 @dataclass

@@ -15,7 +15,7 @@ Phases, colocated on the same GPUs (the NeMo-RL / verl arrangement; ASSUMED for 
 The reward encoder is on every GPU (`reward.backend: local`) or on the GPUs of the Ray pool's
 actors (`ray`, when `ray_gpus_per_actor` > 0; counted once, as if colocated with a training rank);
 with `reward.offload_between_steps` it is on the GPU only around scoring, i.e. not in the
-logprobs and training phases.
+logprobs and training phases. With `reward.backend: openai` it is on a server outside the job: 0.
 """
 
 from __future__ import annotations
@@ -170,8 +170,8 @@ def encoder_window(cfg: RLSRConfig) -> int:
 def reward_bytes(cfg: RLSRConfig, on_gpu: bool) -> float:
     """The encoder's weights and one batch's live intermediates on a GPU that holds it."""
     r = cfg.reward
-    if r.backend == "ray" and r.ray_gpus_per_actor == 0:
-        return 0.0  # CPU actors
+    if r.backend == "openai" or (r.backend == "ray" and r.ray_gpus_per_actor == 0):
+        return 0.0  # a remote embeddings server, or CPU actors
     enc, dtype = ENCODERS[r.encoder], (2 if on_gpu else 4)
     tokens = r.tokens_per_batch or r.batch_size * min(cfg.rollout.max_new_tokens, encoder_window(cfg))
     return enc.params * dtype + tokens * enc.hidden * ENCODER_WORK_ELEMENTS * dtype

@@ -122,6 +122,8 @@ def _dp_sync(cfg, shape, lay, dev) -> float:
 def _reward(cfg, lay, dev, rollouts: int, n: Lengths) -> float:
     """Encoder FLOPs over the responses (and each prompt's reference) on the devices that run it."""
     r, eff = cfg.reward, EFFICIENCY
+    if r.backend == "openai":
+        return 0.0  # the server's hardware is not part of the plan
     enc = ENCODERS[r.encoder]
     per_text = n.response if r.long_response == "chunk" else min(n.response, encoder_window(cfg))
     flops = 2 * enc.params * (rollouts + cfg.grpo.prompts_per_step) * per_text
@@ -162,6 +164,8 @@ def plan_time(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, memo
     rollouts = g.prompts_per_step * g.num_generations
     tokens = rollouts * n.sequence
     reward = _reward(cfg, lay, dev, rollouts, n)
+    if cfg.reward.backend == "openai":
+        notes.append("reward: a remote embeddings endpoint, its time not modelled (0 s)")
 
     rows = rollouts / lay.dp
     fwd = tokens * (2 * shape.active_params() + shape.attention_flops_per_token(n.sequence))

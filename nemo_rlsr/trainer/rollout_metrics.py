@@ -6,8 +6,9 @@ import torch
 import torch.distributed as dist
 
 from nemo_rlsr.models.policy import TokenBatch
-from nemo_rlsr.rewards.diagnostics import reward_diagnostics
+from nemo_rlsr.rewards.diagnostics import length_ratios, reward_diagnostics, tied_group_fraction
 from nemo_rlsr.rewards.result import RewardResult
+from nemo_rlsr.rewards.terms import TermValues
 
 
 def gather_over_dp(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -48,4 +49,19 @@ def rollout_metrics(batch: TokenBatch, truncated: torch.Tensor, scores: RewardRe
     }
     # Reward-hacking diagnostics over every rank's rollouts (cosine histogram, empty, length corr, ...).
     metrics.update(reward_diagnostics(scores.map(lambda t: gather_over_dp(t.float(), device)), lengths))
+    return metrics
+
+
+def reward_term_metrics(terms: TermValues, rewards: torch.Tensor, responses: list[str], references: list[str],
+                        group_size: int, device: torch.device) -> dict[str, float]:
+    """Each reward term's mean and std (weight-0 terms too), and the reward-hacking signals that
+    span terms, over every DP rank's rollouts (each rank's rows are whole groups)."""
+    metrics = {}
+    for k, name in enumerate(terms.names):
+        values = gather_over_dp(terms.values[:, k].contiguous(), device).double()
+        metrics[f"reward/term/{name}/mean"] = float(values.mean())
+        metrics[f"reward/term/{name}/std"] = float(values.std()) if values.numel() > 1 else 0.0
+    metrics["reward/tied_group_fraction"] = tied_group_fraction(gather_over_dp(rewards, device), group_size)
+    metrics["reward/length_ratio_to_reference"] = float(
+        gather_over_dp(length_ratios(responses, references), device).mean())
     return metrics

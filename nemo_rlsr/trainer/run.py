@@ -89,7 +89,8 @@ class TrainingRun:
         data = load_training_data(cfg.data, self.print)
         self.tokenizer = data.tokenizer
         self.policy: Policy = MegatronPolicy(cfg.model, self.first_optimizer(), self.tokenizer.vocab_size, self.ctx)
-        self.state = RunState(self.tokenizer, self.build(data), self.guard, to_dict(cfg), stage=self.stage)
+        self.state = RunState(self.tokenizer, self.build(data), self.guard, to_dict(cfg), stage=self.stage,
+                              trackers=self.trackers())
         self.logger = self.own(MetricsLogger(self.run_dir, self.ctx.is_logging_rank, cfg.logging, to_dict(cfg)))
         if not (self.resume and self._resume()):
             if any(latest_checkpoint(root) for root in self.checkpoint_roots()):
@@ -191,6 +192,10 @@ class TrainingRun:
     def build(self, data: TrainingData) -> PromptSampler:
         """The trainer's components over `data` (after the policy); returns the prompt sampler."""
         raise NotImplementedError
+
+    def trackers(self) -> dict:
+        """Stateful metric helpers (after `build`) the checkpoint saves with the run state."""
+        return {}
 
     def checkpoint_roots(self) -> list[Path]:
         """Where this run's checkpoints live, in the order `--resume auto` searches them."""

@@ -7,13 +7,14 @@ composes its Stateful components. Its keys are the checkpoint format: `step`, `s
 `tokenizer` (the serialized tokenizer: a checkpoint only means something with the ids it was
 trained on), `config` (the run's config as a dict: `export-hf` and `eval` rebuild the model from it),
 `base_heldout` (RLSR: the base policy's held-out score, printed next to the trained one), `guard`,
-and `stage: "sft"` in SFT checkpoints. Both trainers write the same keys, so an SFT checkpoint is
+`trackers` (the trainer's stateful metric windows, e.g. RLSR's entropy trend; absent when it has
+none) and `stage: "sft"` in SFT checkpoints. Both trainers write the same keys, so an SFT checkpoint is
 what an RLSR run's `pretrain.init_checkpoint` loads and what `export-hf` / `eval` read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,13 @@ class RunState:
     step: int = 0
     base_heldout: dict | None = None
     stage: str | None = None
+    trackers: dict[str, Any] = field(default_factory=dict)  # name -> object with state_dict / load_state_dict
 
     def state_dict(self) -> dict[str, Any]:
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "tokenizer": self.tokenizer.to_json(),
                  "config": self.config, "base_heldout": self.base_heldout, "guard": self.guard.state_dict()}
+        if self.trackers:
+            state["trackers"] = {name: t.state_dict() for name, t in self.trackers.items()}
         return state | ({"stage": self.stage} if self.stage else {})
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
@@ -48,6 +52,10 @@ class RunState:
         self.base_heldout = state.get("base_heldout")
         # checkpoints written before the guard existed have no count: none was skipped then
         self.guard.load_state_dict(state.get("guard", {"consecutive": 0, "total": 0}))
+        saved = state.get("trackers", {})  # an SFT checkpoint (or an older one) has none: they start empty
+        for name, tracker in self.trackers.items():
+            if name in saved:
+                tracker.load_state_dict(saved[name])
 
     def save(self, root: Path, policy: MegatronPolicy, cfg: TrainerConfig) -> Path:
         """Collectively save the policy and this state as `root/step_{step:07d}` (checkpoint.py)."""
