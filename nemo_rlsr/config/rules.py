@@ -164,7 +164,7 @@ def reward_problems(cfg: RewardConfig) -> list[str]:
     out += [f"reward.{key} must be >= 0, got {getattr(cfg, key)}"
             for key in ("repetition_workers", "repetition_measure_first", "ray_max_restarts") if getattr(cfg, key) < 0]
     out += [f"reward.{key} must be >= 1, got {getattr(cfg, key)}"
-            for key in ("batch_size", "tokens_per_batch", "ray_num_actors")
+            for key in ("batch_size", "tokens_per_batch", "ray_num_actors", "overlap_chunks")
             if getattr(cfg, key) is not None and getattr(cfg, key) < 1]
     if cfg.ray_timeout_s <= 0:
         out.append(f"reward.ray_timeout_s must be > 0, got {cfg.ray_timeout_s}")
@@ -247,6 +247,9 @@ def rlsr_problems(cfg: RLSRConfig) -> list[str]:
         out.append(f"grpo.reference_placement={g.reference_placement!r}: choose one of {', '.join(REFERENCE_PLACEMENTS)}")
     if g.tis_cap is not None and g.tis_cap <= 0:
         out.append(f"grpo.tis_cap must be > 0 (or null: off), got {g.tis_cap}")
+    if cfg.reward.overlap_chunks > g.prompts_per_step:
+        out.append(f"reward.overlap_chunks={cfg.reward.overlap_chunks} exceeds grpo.prompts_per_step="
+                   f"{g.prompts_per_step}: a chunk holds at least one prompt's whole group")
     if r.max_new_tokens >= cfg.model.max_sequence_length:
         out.append(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
                    f"model.max_sequence_length={cfg.model.max_sequence_length}")

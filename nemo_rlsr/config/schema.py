@@ -290,6 +290,10 @@ class RewardConfig:
     "group_normalized" (each term normalised within its prompt's group like an advantage, then
     the weighted sum; GDPO). The terms run in the trainer on what the reward actor returns, so
     they work with either backend; held-out evaluation reports the embedding reward alone.
+
+    `overlap_chunks`: generate a step's prompts in this many chunks of whole groups and score each
+    chunk in a background thread while the next one generates (rewards/overlap.py); 1 generates
+    and scores the whole step at once. At most one chunk per prompt of a data-parallel rank.
     """
 
     encoder: str = "minilm-l6"
@@ -322,6 +326,7 @@ class RewardConfig:
     endpoint_chars_per_batch: int = 65536
     terms: list[RewardTermConfig] = field(default_factory=list)
     combine: str = "weighted_sum"
+    overlap_chunks: int = 1
 
 
 @dataclass

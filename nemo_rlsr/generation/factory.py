@@ -46,6 +46,14 @@ def engine_problems(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> lis
          f"rollout.engine={engine} at parallel.context_parallel={parallel.context_parallel} is not built: "
          f"use rollout.engine=torch")
     if engine == "trtllm":
+        # TensorRT-LLM's TorchSampler draws every request's tokens from one generator seeded once
+        # (tensorrt_llm/_torch/pyexecutor/sampler.py, `get_generator`, `_global_seed = 42`, in the
+        # 1.2-line source read at commit 28edbcdbab): a request's samples depend on the batch it
+        # runs in, so generating a step in chunks would change them. Our torch and megatron engines
+        # seed a generator per sample from its request's seed (generation/sampling.py).
+        need(cfg.reward.overlap_chunks == 1,
+             f"reward.overlap_chunks={cfg.reward.overlap_chunks} with rollout.engine=trtllm is refused: its "
+             f"sampler ignores per-request seeds, so chunked generation would change the samples; use 1")
         need(not rollout.stop, "rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos "
                                "or rollout.engine=torch")
         model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel

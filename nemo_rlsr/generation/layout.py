@@ -41,3 +41,23 @@ def rollout_batch(prompts: list[list[int]], responses: list[list[int]], logprobs
         engine_logprobs[row, prompt_len - 1 : end - 1] = torch.tensor(lps, dtype=torch.float32)
     return RolloutBatch(ids.to(device), valid.to(device), response_mask.to(device), engine_logprobs.to(device),
                         [list(r) for r in responses], torch.tensor([not f for f in finished], device=device))
+
+
+def concat_rollouts(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """The rows of `batches` in order, as one batch in the same layout (a step generated in chunks,
+    reward.overlap_chunks). Every batch has `max_new_tokens` columns after its own longest prompt;
+    narrower ones get more left padding, so each row's response starts in the same column as in a
+    batch generated in one call."""
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def left_pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    return RolloutBatch(
+        torch.cat([left_pad(b.input_ids, pad_id) for b in batches]),
+        torch.cat([left_pad(b.valid, False) for b in batches]),
+        torch.cat([left_pad(b.response_mask, 0.0) for b in batches]),
+        torch.cat([left_pad(b.engine_logprobs, 0.0) for b in batches]),
+        [r for b in batches for r in b.response_ids],
+        torch.cat([b.truncated for b in batches]),
+    )

@@ -29,11 +29,15 @@ from nemo_rlsr.data.instructions import DatasetError, InstructionExample
 from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.generation.factory import build_engine
 from nemo_rlsr.generation.interface import RolloutEngine, SamplingParams
+from nemo_rlsr.generation.layout import concat_rollouts
+from nemo_rlsr.generation.sampling import request_seeds
 from nemo_rlsr.models.hf.start import load_hf_policy
 from nemo_rlsr.models.policy import LossFn, TokenBatch
 from nemo_rlsr.models.reference import build_reference
 from nemo_rlsr.rewards import RewardActor, build_reward_actor
 from nemo_rlsr.rewards.diagnostics import TrendWindow
+from nemo_rlsr.rewards.overlap import OverlappedScoring, chunk_bounds
+from nemo_rlsr.rewards.replica import ReplicaScoring
 from nemo_rlsr.rewards.terms import RewardTerms
 from nemo_rlsr.trainer.checkpoint import find_resumable_checkpoint
 from nemo_rlsr.trainer.fingerprint import parameters_sha256
@@ -120,6 +124,7 @@ class RLSRTrainer(TrainingRun):
         self.engine: RolloutEngine = self.own(build_engine(cfg, self.policy, self.tokenizer, self.run_dir))
         self._engine_stale = True  # the engine's weights lag the policy's until the next refit
         self.reward: RewardActor = self.own(build_reward_actor(cfg.reward, str(self.ctx.device), self.ctx.world_size))
+        self.replica = ReplicaScoring(self.ctx.dp_rank, self.ctx.device)
         self.reward_terms = RewardTerms(cfg.reward, cfg.rollout.max_new_tokens, cfg.grpo.num_generations,
                                         cfg.grpo.advantage_eps)
         self.entropy_trend = TrendWindow(ENTROPY_TREND_STEPS)
@@ -182,23 +187,44 @@ class RLSRTrainer(TrainingRun):
     def _rollout(self, prompts: Prompts, rows: list[int], seed: int, timings: dict | None = None):
         """n samples per prompt (the engine shares each prompt's KV prefix among them), decoded and
         rewarded. Rows are group-contiguous. The engine is refitted first when the policy has changed
-        since its last refit, woken for generation and put back to sleep. Fills `timings` (when
-        given) with time/generate, time/reward and the refit's metrics."""
+        since its last refit, woken for generation and put back to sleep.
+
+        The prompts generate in `reward.overlap_chunks` chunks; each chunk is scored in the
+        background while the next generates (rewards/overlap.py). Every prompt keeps the seed it has
+        in one call (`request_seeds`), so the samples are those of an unchunked call. Only the
+        replica's scorer scores; the other ranks of its model-parallel group receive its result
+        (rewards/replica.py). Fills `timings` (when given) with time/generate, time/reward (the
+        wait for scores after the last chunk generated), time/reward_overlapped (scoring hidden
+        behind generation), reward/scored_rows and the refit's metrics."""
         group = self.cfg.grpo.num_generations
         examples = [prompts.examples[i] for i in rows for _ in range(group)]
+        seeds = request_seeds(seed, len(rows))
+        chunks = chunk_bounds(len(rows), self.cfg.reward.overlap_chunks)
         refit = self.engine.update_weights() if self._engine_stale else {}
         self._engine_stale = False
-        start = time.perf_counter()
-        self.engine.wake()
-        rollouts = self.engine.generate([prompts.token_ids[i] for i in rows], self.sampling, seed)
-        self.engine.sleep()
-        generated = time.perf_counter()
-        texts = [self.tokenizer.decode(r) for r in rollouts.response_ids]
-        scores = self.reward.score([e.prompt for e in examples], texts, [e.reference for e in examples])
+        parts, texts = [], []
+        with OverlappedScoring(self.reward) as scoring:
+            start = time.perf_counter()
+            self.engine.wake()
+            for a, b in chunks:
+                part = self.engine.generate([prompts.token_ids[i] for i in rows[a:b]], self.sampling, seeds[a:b])
+                chunk_texts = [self.tokenizer.decode(r) for r in part.response_ids]
+                if self.replica.is_scorer:
+                    chunk = examples[a * group : b * group]
+                    scoring.submit([e.prompt for e in chunk], chunk_texts, [e.reference for e in chunk])
+                parts.append(part)
+                texts += chunk_texts
+            self.engine.sleep()
+            generated = time.perf_counter()
+            scores = scoring.join() if self.replica.is_scorer else None
+        scores = self.replica.share(scores, len(texts))
         scores.check([e.prompt for e in examples])  # any RewardActor: never train on a bad number
+        rollouts = parts[0] if len(parts) == 1 else concat_rollouts(parts, self.tokenizer.pad_id)
         if timings is not None:
             timings["time/generate"] = generated - start
             timings["time/reward"] = time.perf_counter() - generated
+            timings["time/reward_overlapped"] = scoring.hidden_seconds(generated)
+            timings["reward/scored_rows"] = self.replica.scored_rows(len(texts))
             timings.update(refit)
         return rollouts, texts, examples, scores
 
