@@ -4,6 +4,7 @@ config rules around it. The reward is the bundled MiniLM; the engine our torch s
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_runner import cli
 from nemo_rlsr.config import load_config
 from nemo_rlsr.rewards import EmbeddingSimilarityReward, RewardResult
 from nemo_rlsr.rewards.overlap import OverlappedScoring, chunk_bounds
@@ -163,3 +165,25 @@ def test_a_failed_chunk_fails_the_rollout_and_leaves_no_scoring_thread(trainer):
         trainer.reward = real
     time.sleep(0.05)
     assert not scoring_threads()
+
+
+TINY_RUN = ["pretrain.steps=20", "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.micro_batch_size=8",
+            "rollout.max_new_tokens=12", "trainer.progress_bar=false", "trainer.heldout_eval=false", "trainer.steps=1"]
+
+
+def first_step(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+
+
+@pytest.mark.slow
+def test_tp2_scores_each_rollout_once_and_gets_the_tp1_rewards(tmp_path):
+    """Both TP ranks of the replica hold the same 16 rollouts: one of them scores (16 rows counted
+    over the world, not 32), the other receives the result; the rewards are the TP=1 run's."""
+    cli("train", "rlsr_tiny.yaml", TINY_RUN + [f"trainer.output_dir={tmp_path / 'tp1'}"])
+    cli("train", "rlsr_tiny.yaml", TINY_RUN + ["parallel.tensor_parallel=2", "reward.overlap_chunks=2",
+                                               f"trainer.output_dir={tmp_path / 'tp2'}"], nprocs=2)
+    one, two = first_step(tmp_path / "tp1"), first_step(tmp_path / "tp2")
+    assert one["reward/scored_rows"] == 16
+    assert two["reward/scored_rows"] == 16
+    for key in ("reward/mean", "reward/std", "reward/min", "reward/max"):
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key

@@ -70,6 +70,7 @@ def test_torchrun_two_ranks(tmp_path, layout):
     logged = records(run_dir)
     assert sorted(logged) == [1, 2]
     assert all(0.0 < r["num_tokens"] for r in logged.values())
+    assert all(r["reward/scored_rows"] == 16 for r in logged.values())  # each rollout scored once, by one rank
 
 
 @pytest.mark.slow
