@@ -187,3 +187,15 @@ def test_tp2_scores_each_rollout_once_and_gets_the_tp1_rewards(tmp_path):
     assert two["reward/scored_rows"] == 16
     for key in ("reward/mean", "reward/std", "reward/min", "reward/max"):
         assert two[key] == pytest.approx(one[key], abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_overlap_benchmark_prints_both_shares_and_their_ratio():
+    from cli_runner import run_python
+
+    result = run_python(["benchmarks/reward_overlap_bench.py", "--chunks", "2", "--steps", "1",
+                         "--set", "grpo.prompts_per_step=4", "--set", "grpo.num_generations=4",
+                         "--set", "grpo.micro_batch_size=8", "--set", "rollout.max_new_tokens=8"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "overlap_chunks=1: reward share" in result.stdout and "overlap_chunks=2: reward share" in result.stdout
+    assert "reward share, overlap_chunks=2 / overlap_chunks=1:" in result.stdout

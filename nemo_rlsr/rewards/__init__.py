@@ -10,6 +10,8 @@
     ray_pool.py           RayRewardPool: Ray actors shared by all ranks, restart + retry
     result.py             RewardResult (per-rollout outputs) and its range check
     diagnostics.py        per-step reward-hacking metrics
+    overlap.py            scoring a step's chunks in a background thread while the next chunk generates
+    replica.py            one score per data-parallel replica, broadcast to its TP/PP/CP ranks
     terms.py              the trained reward as named terms (reward.terms), weighted or group-normalised
     random_qwen.py        a random-weight Qwen3-Embedding-shaped folder, for tests and benchmarks
 """

@@ -40,9 +40,10 @@ def chunk_bounds(prompts: int, chunks: int) -> list[tuple[int, int]]:
 class OverlappedScoring:
     """Submits scoring jobs to one background thread and joins them in order, timing each job."""
 
-    def __init__(self, reward: RewardActor) -> None:
+    def __init__(self, reward: RewardActor, background: bool = True) -> None:
+        """`background=False` (one chunk: nothing to overlap) scores in the calling thread at submit."""
         self.reward = reward
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemo_rlsr_scoring")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemo_rlsr_scoring") if background else None
         self._jobs: list[Future] = []
         self.intervals: list[tuple[float, float]] = []  # (start, end) perf_counter of each finished job
 
@@ -60,8 +61,16 @@ class OverlappedScoring:
             self.intervals.append((start, time.perf_counter()))
 
     def submit(self, prompts: list[str], responses: list[str], references: list[str]) -> None:
-        """Queue one chunk's scoring and return at once."""
-        self._jobs.append(self._pool.submit(self._score, list(prompts), list(responses), list(references)))
+        """Queue one chunk's scoring and return at once (or score it now, without a thread)."""
+        if self._pool is not None:
+            self._jobs.append(self._pool.submit(self._score, list(prompts), list(responses), list(references)))
+            return
+        job: Future = Future()
+        try:
+            job.set_result(self._score(list(prompts), list(responses), list(references)))
+        except Exception as exc:  # raised by join, like a background job's
+            job.set_exception(exc)
+        self._jobs.append(job)
 
     def join(self) -> RewardResult:
         """Every submitted chunk's result, concatenated in submission order; otherwise the first
@@ -84,4 +93,5 @@ class OverlappedScoring:
 
     def close(self) -> None:
         """Cancel what has not started, wait for what runs, and end the thread."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

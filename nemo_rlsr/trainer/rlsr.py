@@ -203,7 +203,7 @@ class RLSRTrainer(TrainingRun):
         refit = self.engine.update_weights() if self._engine_stale else {}
         self._engine_stale = False
         parts, texts = [], []
-        with OverlappedScoring(self.reward) as scoring:
+        with OverlappedScoring(self.reward, background=len(chunks) > 1) as scoring:  # 1 chunk: in this thread
             start = time.perf_counter()
             self.engine.wake()
             for a, b in chunks:
