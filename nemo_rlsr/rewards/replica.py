@@ -66,9 +66,10 @@ class ReplicaScoring:
         packed = packed.cpu()
         return RewardResult(**{name: packed[i].to(dtypes[name]) for i, name in enumerate(_FIELDS)})
 
-    def scored_rows(self, rows: int) -> int:
-        """Rollouts scored this step over every rank: `rows` from each scorer, summed over the world."""
-        count = torch.tensor([rows if self.is_scorer else 0], dtype=torch.long, device=self.device)
+    def scored_rows(self, local: int) -> int:
+        """Rollouts scored this step over every rank: each rank's `local` count (its rows if it is a
+        scorer, else 0), summed over the world (a collective: every rank calls it)."""
+        count = torch.tensor([local], dtype=torch.long, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(count)
         return int(count)

@@ -224,7 +224,7 @@ class RLSRTrainer(TrainingRun):
             timings["time/generate"] = generated - start
             timings["time/reward"] = time.perf_counter() - generated
             timings["time/reward_overlapped"] = scoring.hidden_seconds(generated)
-            timings["reward/scored_rows"] = self.replica.scored_rows(len(texts))
+            timings["reward/scored_rows"] = len(texts) if self.replica.is_scorer else 0  # this rank's; summed in train_step
             timings.update(refit)
         return rollouts, texts, examples, scores
 
@@ -275,6 +275,9 @@ class RLSRTrainer(TrainingRun):
                         "time/step": t4 - t0})
         metrics.update(step_throughput(batch.valid.sum(), self.policy.num_parameters, t4 - t0, self.ctx))
         metrics.update(timings)
+        # Summed over the world after the update, not before it: a collective of its own ahead of the
+        # gradient all-reduce would be where a rank waits for a slow peer (the watchdog's stacks show it).
+        metrics["reward/scored_rows"] = self.replica.scored_rows(timings["reward/scored_rows"])
         metrics["sample/response"] = texts[0]
         return metrics
 
