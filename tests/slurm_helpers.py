@@ -70,3 +70,32 @@ def wait_for_state(env: dict, job_id: str, states: set[str], timeout: float, des
     wait_for(lambda: job(env, job_id)["JobState"] in states, timeout, f"job {job_id} in {states}",
              lambda: f"{job(env, job_id)}\n{describe()}")
     return job(env, job_id)
+
+
+def daemon_log_lines(env: dict, job_id: str, tail: int = 60) -> str:
+    """The last lines of slurmctld.log and slurmd.log that name job `job_id` (cluster.sh keeps both
+    under the cluster's folder, next to etc/): why Slurm failed or held a job, for an assertion message."""
+    log_dir = Path(env["SLURM_CONF"]).parents[1] / "log"
+    pattern = re.compile(rf"\b(?:JobId|job_id|[Jj]ob|StepId)[= ]?{job_id}\b")
+    parts = []
+    for name in ("slurmctld.log", "slurmd.log"):
+        path = log_dir / name
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        parts.append(f"--- {path} (lines naming job {job_id})\n" + "\n".join([l for l in lines if pattern.search(l)][-tail:]))
+    return "\n".join(parts)
+
+
+def job_steps_alive(job_id: str) -> list[str]:
+    """The slurmstepd processes of job `job_id` on this machine, by the title slurmstepd gives itself
+    ("slurmstepd: [7.1]", "slurmstepd: [7.batch]"): the single-node test cluster's view of which
+    steps of the job are still being run or torn down."""
+    title = re.compile(rf"^slurmstepd: \[{job_id}\.[^\]]+\]")
+    alive = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # the process ended while we looked
+            continue
+        if title.match(text):
+            alive.append(text)
+    return alive

@@ -8,7 +8,11 @@ so a signal sent 1 s after step 2 is logged lands inside step 3, with a margin f
 save it and exit 75. A requeued job waits for its begin time, now + the credential lifetime (120 s:
 slurmctld job_mgr.c sets begin_time = now + cred_expire + 1 on requeue, so that the new launch
 credential postdates the revoked one); the tests move it to now with `scontrol update
-StartTime=now`, as an admin would, once the requeue is done.
+StartTime=now`, as an admin would, once the requeue is done and every slurmstepd of the first attempt
+has exited. That delay also covers the old steps' teardown, which slurmctld does not wait for: in one run
+(slurmd.log) the first attempt's step 6.1 ended 1 s after the requeued job's batch script had started
+and 1.5 s before the new attempt launched its own step 6.1; a requeued job released at once could launch
+a step whose id the old slurmstepd still holds (CI once saw the requeued job FAIL at this point).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from distributed_helpers import free_port
-from slurm_helpers import cluster_env, job, slurm, wait_for, wait_for_state
+from slurm_helpers import cluster_env, daemon_log_lines, job, job_steps_alive, slurm, wait_for, wait_for_state
 from test_rlsr_run import TINY
 
 from nemo_rlsr.config import load_config
@@ -70,7 +74,8 @@ class TinyJob:
 
     def logs(self) -> str:
         parts = [self.out, *sorted(self.log_dir.glob("*.log"))] if self.log_dir.exists() else [self.out]
-        return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in parts if p.exists())
+        files = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in parts if p.exists())
+        return f"{files}\n{daemon_log_lines(self.env, self.id)}"
 
     def steps_logged(self) -> int:
         metrics = self.run_dir / "metrics.jsonl"
@@ -91,6 +96,13 @@ class TinyJob:
         wait_for(lambda: job(self.env, self.id)["Reason"] == "BeginTime", 60, "Reason=BeginTime",
                  lambda: str(job(self.env, self.id)))
         return job(self.env, self.id)
+
+    def release_requeued(self) -> None:
+        """Start the requeued job now instead of after its begin-time delay, once the first attempt's
+        slurmstepd processes are gone (the delay would have covered their teardown)."""
+        wait_for(lambda: not job_steps_alive(self.id), 120, f"the slurmstepd processes of job {self.id} to exit",
+                 lambda: "\n".join(job_steps_alive(self.id)))
+        slurm(self.env, "scontrol", "update", f"JobId={self.id}", "StartTime=now")
 
     def wait_done(self) -> dict:
         return wait_for_state(self.env, self.id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, JOB_TIMEOUT, self.logs)
@@ -145,9 +157,10 @@ def test_time_limit_warning_checkpoints_exits_75_and_the_requeued_job_resumes_to
     assert_saved_step_3(tiny, "SIGUSR1")
     node_log = (tiny.log_dir / f"{HOST}.log").read_text()
     assert f"exiting with {PREEMPTED_EXIT_CODE}" in node_log  # each rank; torchrun then exits 1
-    slurm(tiny.env, "scontrol", "update", f"JobId={tiny.id}", "StartTime=now")
+    tiny.release_requeued()
     state = tiny.wait_done()
-    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1" and state["JobId"] == tiny.id, state
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1" and state["JobId"] == tiny.id, \
+        f"{state}\n{tiny.logs()}"
     launch_log = (tiny.log_dir / "launch.log").read_text()
     assert f"preempted: requeueing job {tiny.id} (attempt 1)" in launch_log
     assert f"job {tiny.id} attempt 1," in launch_log
