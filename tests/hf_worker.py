@@ -1,10 +1,11 @@
-"""One rank of the HF conversion tests: `python hf_worker.py <tp2|pp2> <out_dir>`.
+"""One rank of the HF conversion tests: `python hf_worker.py <tp2|pp2|tp4> <out_dir>`.
 
 For every HF checkpoint under `out_dir/hf/` (written by the test): build our megatron model from
 its config.json at this layout, load the weights with load.py (each rank its own shard), compute
 the full-vocabulary logits of `input_ids()` (TP shards gathered, PP stages chained by send/recv),
 and export it back with save.py to `out_dir/export/<scenario>/<name>`. Every rank saves in
-`out_dir/rank{RANK}.pt` the logits (None off the last stage) and what `iter_all_hf_tensors` gave it.
+`out_dir/rank{RANK}.pt` the logits (None off the last stage), what `iter_all_hf_tensors` gave it
+and how many checkpoint bytes its load read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp4": (4, 1)}  # tp4: 4 ranks, fewer KV heads (2) than TP ranks
 
 
 def input_ids(vocab: int) -> torch.Tensor:
@@ -60,7 +61,7 @@ def main(scenario: str, out: Path) -> None:
     for hf_dir in sorted((out / "hf").iterdir()):
         adapter, cfg = adapter_and_config(hf_dir)
         model = build_gpt(cfg, cfg.vocab_size, ctx).eval()
-        load_hf_weights(model, adapter, cfg, hf_dir)
+        results[f"{hf_dir.name}/bytes_read"] = load_hf_weights(model, adapter, cfg, hf_dir).bytes_read
         results[hf_dir.name] = megatron_logits(model, input_ids(cfg.vocab_size), cfg.vocab_size)
         results[f"{hf_dir.name}/all_stages"] = {name: tensor.clone()
                                                for name, tensor in iter_all_hf_tensors(model, adapter, cfg)}

@@ -5,7 +5,8 @@ each parallel layout in LAYOUTS the rank builds our megatron model from its conf
 its own shard in (hf/load.py), computes the full-vocabulary logits of INPUT_IDS (pipeline stages
 hand activations over by send/recv; TP vocabulary shards are gathered) and, at the EP layouts,
 exports the model back to HF safetensors (hf/save.py) under `<out_dir>/<model>_export_<layout>`.
-Each rank saves {layout: logits} of the layouts where it holds the last stage to
+Each rank saves {layout: logits} of the layouts where it holds the last stage, and at every layout
+the checkpoint bytes its load read with its TP / EP ranks ("{layout}/read"), to
 `<out_dir>/rank{RANK}.pt` (see distributed_helpers.run_workers).
 
 `train_ep`: one optimizer step of a tiny MoE MegatronPolicy at EP=1 (DP=2) and at EP=2 from the
@@ -65,6 +66,15 @@ def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor | None:
     return gather_from_tensor_model_parallel_region(out)
 
 
+def layout_ranks() -> dict[str, int]:
+    """This rank's place in the TP, EP and expert-TP groups (what it must read of a checkpoint)."""
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "ep": ps.get_expert_model_parallel_world_size(), "ep_rank": ps.get_expert_model_parallel_rank(),
+            "etp": ps.get_expert_tensor_parallel_world_size()}
+
+
 def layouts_logits(out: Path, model_name: str) -> dict:
     hf_dir = out / model_name
     adapter, cfg = adapter_and_config(hf_dir)
@@ -72,7 +82,8 @@ def layouts_logits(out: Path, model_name: str) -> dict:
     for name, layout in LAYOUTS:
         ctx = init_distributed(ParallelDims(seed=7, **layout))  # the weights must all come from the checkpoint
         model = build_gpt(cfg, cfg.vocab_size, ctx)
-        load_hf_weights(model, adapter, cfg, hf_dir)
+        result[f"{name}/read"] = {"bytes": load_hf_weights(model, adapter, cfg, hf_dir).bytes_read,
+                                  **layout_ranks()}
         logits = megatron_logits(model, INPUT_IDS)
         if logits is not None:
             result[name] = logits

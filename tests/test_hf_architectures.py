@@ -1,8 +1,9 @@
 """HF checkpoints of each supported architecture -> our megatron model (load.py) -> HF (save.py).
 
 References are independent of our code: tiny random models built by transformers from configs,
-their logits and their safetensors files. Checked: logits equal (fp32) at TP=1, TP=2 and PP=2,
+their logits and their safetensors files. Checked: logits equal (fp32) at TP=1, TP=2, PP=2 and TP=4,
 and an HF -> megatron -> HF round trip reproduces every tensor bit for bit with the same names;
+the bytes each rank reads (TP=1: the whole checkpoint once; TP=2: its slices, hf_read_bytes.py);
 `sft` / `train` with model.hf_path start from the checkpoint's weights (real CLI runs).
 """
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from distributed_helpers import run_workers
+from hf_read_bytes import checkpoint_bytes, expected_bytes_read
 from hf_tokenizers import build_hf_tokenizer
 from hf_worker import input_ids
 from cli_runner import cli, run_cli
@@ -105,7 +107,7 @@ def test_tp1_logits_and_exact_round_trip(name, checkpoints, single_rank, tmp_pat
     hf_dir = checkpoints / "hf" / name
     adapter, cfg = adapter_and_config(hf_dir)
     model = build_gpt(cfg, cfg.vocab_size).eval()
-    load_hf_weights(model, adapter, cfg, hf_dir)
+    assert load_hf_weights(model, adapter, cfg, hf_dir).bytes_read == checkpoint_bytes(hf_dir)  # each tensor once
     ids = input_ids(VOCAB)
     with torch.no_grad():
         ours = model(ids, torch.arange(ids.shape[1]).expand_as(ids),
@@ -120,12 +122,22 @@ def test_tp1_logits_and_exact_round_trip(name, checkpoints, single_rank, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["tp2", "pp2"])
-def test_two_rank_logits_and_exact_round_trip(scenario, checkpoints):
-    ranks = run_workers(scenario, checkpoints, timeout_s=240, worker=Path(__file__).parent / "hf_worker.py")
-    logits = ranks[0] if scenario == "tp2" else ranks[1]  # PP: the last stage has them
+@pytest.mark.parametrize("scenario", ["tp2", "pp2", "tp4"])
+def test_multi_rank_logits_and_exact_round_trip(scenario, checkpoints):
+    """TP=2, PP=2 on 2 ranks; TP=4 on 4 ranks, where every architecture here has fewer KV heads (2)
+    than TP ranks (megatron splits the fused QKV rows across a group's ranks)."""
+    from hf_worker import LAYOUTS
+
+    tp, pp = LAYOUTS[scenario]
+    ranks = run_workers(scenario, checkpoints, nprocs=tp * pp, timeout_s=240,
+                        worker=Path(__file__).parent / "hf_worker.py")
+    logits = ranks[-1]  # PP: the last stage has them
     for name in ARCHITECTURES:
         hf_dir = checkpoints / "hf" / name
+        if pp == 1:  # each rank reads its TP slices (norms whole): about 1/tp of TP=1's bytes
+            read = [rank[f"{name}/bytes_read"] for rank in ranks]
+            print(f"{name}: bytes read TP=1 {checkpoint_bytes(hf_dir)}, TP={tp} per rank {read}")
+            assert read == [expected_bytes_read(hf_dir, 256, tp=tp, tp_rank=r) for r in range(tp)]
         torch.testing.assert_close(logits[name], hf_logits(hf_dir), atol=1e-4, rtol=1e-4)
         assert_same_tensors(checkpoints / "export" / scenario / name, hf_dir)
         original = hf_tensors(hf_dir)

@@ -4,7 +4,8 @@ The references are transformers' models (random weights from configs, saved with
 `save_pretrained` in several safetensors shards + index), never our code: the megatron model is
 built from config.json alone and streams its weights in through hf/load.py. In process at TP=1;
 multi-rank (moe_worker.py, 2 gloo processes, one launch per model) at EP=2, TP=2, PP=2, TP=2+EP=2 and
-TP=2 with experts split over expert-TP=2; exported back to HF at TP=1, EP=2 and expert-TP=2.
+TP=2 with experts split over expert-TP=2; exported back to HF at TP=1, EP=2 and expert-TP=2. Every
+layout's ranks read only their slices and their own experts (bytes counted, hf_read_bytes.py).
 Also: one EP=2 training step equals the EP=1 step.
 """
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from distributed_helpers import run_workers
+from hf_read_bytes import checkpoint_bytes, expected_bytes_read
 
 WORKER = Path(__file__).resolve().parent / "moe_worker.py"
 VOCAB = 200
@@ -127,7 +129,7 @@ def check_tp1(hf_model, hf_dir: Path, export_dir: Path) -> None:
 
     adapter, cfg = adapter_and_config(hf_dir)
     model = build_gpt(cfg, cfg.vocab_size)
-    load_hf_weights(model, adapter, cfg, hf_dir)
+    assert load_hf_weights(model, adapter, cfg, hf_dir).bytes_read == checkpoint_bytes(hf_dir)  # each tensor once
     ours = megatron_logits(model, INPUT_IDS)[..., :VOCAB]
     reference = hf_logits(hf_model, INPUT_IDS)
     assert reference.std() > 0.1  # the test has something to compare
@@ -162,6 +164,24 @@ def test_parallel_layouts_logits_and_ep_roundtrip(checkpoint):
             assert error < ATOL, f"{layout}: logits differ from transformers' by up to {error:.2e}"
     for layout in EXPORT_LAYOUTS:
         assert_same_tensors(root / f"{name}_export_{layout}", hf_dir)
+    check_bytes_read(hf_dir, results, [layout for layout, _ in LAYOUTS if layout != "pp2"])
+
+
+def check_bytes_read(hf_dir: Path, results: list[dict], layouts: list[str]) -> None:
+    """Each rank read exactly its TP slices and its EP rank's experts (norms and router whole)."""
+    from nemo_rlsr.models.gpt import padded_vocab_size
+    from nemo_rlsr.models.hf import adapter_and_config
+
+    experts = adapter_and_config(hf_dir)[1].num_moe_experts
+    for layout in layouts:
+        reads = [result[f"{layout}/read"] for result in results]
+        print(f"{hf_dir.name} {layout}: bytes read per rank {[r['bytes'] for r in reads]} "
+              f"(TP=1: {checkpoint_bytes(hf_dir)})")
+        for read in reads:
+            expected = expected_bytes_read(hf_dir, padded_vocab_size(VOCAB, read["tp"]), tp=read["tp"],
+                                           tp_rank=read["tp_rank"], ep=read["ep"], ep_rank=read["ep_rank"],
+                                           etp=read["etp"], num_experts=experts)
+            assert read["bytes"] == expected, f"{layout}: {read}, expected {expected} bytes"
 
 
 @pytest.mark.slow

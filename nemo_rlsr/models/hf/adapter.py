@@ -10,6 +10,9 @@ An adapter maps names and shapes only, on FULL tensors (no TP shards) with GLOBA
 
 The vocabulary padding of the embedding/output rows is not the adapter's business: `from_hf`
 returns the HF row count and `to_hf` receives the trimmed rows (load.py / save.py pad and trim).
+`from_hf` may only rename HF tensors and reshape / concatenate them along a TP-sharded parameter's
+partition dim (no arithmetic, no transposes): the loader runs it on index tensors to find which
+slices of which HF tensors a TP rank's shard needs, and reads only those (shard_read.py).
 MoE adapters subclass `DenseAdapter` and extend `layer_from_hf` / `layer_to_hf` for their MLPs.
 """
 

@@ -1,23 +1,30 @@
 """HF safetensors -> this rank's megatron GPTModel, streaming tensor by tensor.
 
-Every rank walks its OWN parameters (its pipeline stage's layers, its TP shard), asks the adapter
-for the full megatron tensor of each (which reads only the HF tensors it needs, memory-mapped
-from the safetensors files), slices this rank's TP shard and copies it in. At no time does a
-process hold more than one full parameter besides its own shard, so a 70B checkpoint loads on
-every rank without any rank materialising the model.
+Every rank walks its OWN parameters (its pipeline stage's layers, its TP shard, its experts) and
+reads from the safetensors files (memory-mapped) only what its shard holds: a replicated parameter
+(norms, the router) whole through the adapter, a TP-sharded one as slices of the HF tensors behind
+it (shard_read.py traces which rows or columns of which tensor the shard needs through the adapter's
+own fusing). No rank reads another rank's slice, so the bytes a rank reads are about the
+checkpoint's / TP (a 2 TB checkpoint at TP=8 is read once across a TP group, not 8 times), and no
+process holds more than one parameter's slices besides its own shard. The reader counts the bytes
+(`LoadStats.bytes_read`, logged at load); docs/hf_checkpoints.md.
 
 * Layer names: a PP stage's module numbers its layers from 0; `layer_number` (1-based, global,
   megatron adds the stage's offset) gives the global index the HF names use.
 * TP: `tensor_model_parallel` / `partition_dim` are the parameter's own megatron attributes; fc1
-  under GLU is sharded as [gate_shard; up_shard] (fused.glu_shard), not as rows of [gate; up].
+  under GLU is sharded as [gate_shard; up_shard] (fused.glu_shard), not as rows of [gate; up];
+  `shard` says how, shard_read.py turns that into the HF slices a rank reads.
 * Vocabulary: megatron's embedding/output rows are padded (gpt.padded_vocab_size); the padded
-  rows are zero (they are masked out of every softmax). Under TP each rank reads only its own
-  rows of these (safetensors `get_slice`), the largest tensors of a checkpoint.
+  rows are zero (they are masked out of every softmax, and never read).
+* Experts: a rank builds only its EP rank's experts (global indices, expert_parallel.py), so it
+  reads no other expert's tensors; each expert is split over the expert-TP group.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,15 +36,27 @@ from nemo_rlsr.models.hf.adapter import LAYER, VOCAB_PARAMS, HFAdapter
 from nemo_rlsr.models.hf.expert_parallel import ep_size_and_rank, global_expert_name, shard_group_size_and_rank
 from nemo_rlsr.models.hf.fused import glu_shard, is_glu_fc1
 from nemo_rlsr.models.hf.moe_mlp import CHECKPOINT_BUFFERS
+from nemo_rlsr.models.hf.shard_read import read_shard
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """What one rank's `load_hf_weights` did: parameters set, checkpoint bytes read."""
+
+    parameters: int
+    bytes_read: int
 
 
 class SafetensorsReader:
     """Lazy tensor reads from an HF checkpoint directory (sharded with an index, or one file).
 
     Each file is opened once (safetensors memory-maps it); `read` copies out one tensor.
+    `bytes_read` counts the bytes of every tensor and slice copied out: what this rank pulled from
+    the checkpoint (logged at load, and what the load tests check per rank).
     """
 
     def __init__(self, hf_dir: str | Path) -> None:
@@ -53,6 +72,7 @@ class SafetensorsReader:
             raise FileNotFoundError(f"{self.hf_dir}: neither {INDEX} nor {SINGLE} (only safetensors are read)")
         self._open = safe_open
         self._handles: dict[str, object] = {}
+        self.bytes_read = 0
 
     def _handle(self, name: str):
         if name not in self.weight_map:
@@ -62,14 +82,21 @@ class SafetensorsReader:
             self._handles[file] = self._open(self.hf_dir / file, framework="pt")
         return self._handles[file]
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+    def _counted(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of one tensor (clamped to its length), reading only those bytes."""
+    def read(self, name: str) -> torch.Tensor:
+        return self._counted(self._handle(name).get_tensor(name))
+
+    def shape(self, name: str) -> list[int]:
+        """The tensor's shape, from the file's header (no data read)."""
+        return self._handle(name).get_slice(name).get_shape()
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Positions [start, stop) of one tensor along `dim`, reading only those bytes."""
         part = self._handle(name).get_slice(name)
-        rows = part.get_shape()[0]
-        return part[min(start, rows):min(stop, rows)]
+        return self._counted(part[(slice(None),) * dim + (slice(start, stop),)])
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -111,9 +138,8 @@ def pad_vocab(name: str, full: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def shard(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp: int, rank: int) -> torch.Tensor:
-    """This TP rank's part of the full megatron tensor `full` of parameter `param`."""
-    if not is_tp_sharded(param) or tp == 1:
-        return pad_vocab(name, full, param.shape[0])
+    """This TP rank's part of the full megatron tensor `full` of the TP-sharded parameter `param`
+    (applied to the index tensors of shard_read.py: it decides which HF rows a rank reads)."""
     dim = param.partition_dim
     if dim == 0:
         full = pad_vocab(name, full, param.shape[0] * tp)
@@ -123,8 +149,9 @@ def shard(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp: int, ran
 
 
 @torch.no_grad()
-def load_hf_weights(modules, adapter: HFAdapter, cfg: ModelConfig, hf_dir: str | Path) -> int:
-    """Copy the HF checkpoint at `hf_dir` into this rank's parameters; returns how many were set.
+def load_hf_weights(modules, adapter: HFAdapter, cfg: ModelConfig, hf_dir: str | Path) -> LoadStats:
+    """Copy the HF checkpoint at `hf_dir` into this rank's parameters; returns how many were set
+    and how many bytes this rank read (also logged).
 
     Every parameter of the module(s) must come from the checkpoint (a missing HF tensor is an
     error naming it); HF tensors no parameter asks for (e.g. another stage's layers) are not read.
@@ -133,16 +160,22 @@ def load_hf_weights(modules, adapter: HFAdapter, cfg: ModelConfig, hf_dir: str |
     count = 0
     for name, param in global_parameters(modules):
         tp, rank = shard_group_size_and_rank(name)  # routed experts: the expert-TP group
-        if name in VOCAB_PARAMS and is_tp_sharded(param) and tp > 1:
-            # the largest tensors: read only this rank's rows (adapters map them by renaming alone)
-            rows = param.shape[0]
-            read = partial(reader.read_rows, start=rank * rows, stop=(rank + 1) * rows)
-            part = pad_vocab(name, adapter.from_hf(cfg, name, read), rows)
+        if is_tp_sharded(param) and tp > 1:  # read only this rank's slices of the HF tensors
+            cut = partial(shard, name, param=param, tp=tp, rank=rank)
+            part = read_shard(reader, adapter, cfg, name, param.partition_dim, cut)
         else:
-            part = shard(name, adapter.from_hf(cfg, name, reader.read), param, tp, rank)
+            part = pad_vocab(name, adapter.from_hf(cfg, name, reader.read), param.shape[0])
         if part.shape != param.shape:
             raise ValueError(f"{hf_dir}: {name} has shape {tuple(part.shape)} on TP rank {rank}, "
                              f"the model's is {tuple(param.shape)} (config.json does not match the weights?)")
         param.copy_(part)
         count += 1
-    return count
+    stats = LoadStats(parameters=count, bytes_read=reader.bytes_read)
+    logger.info("%s: rank %d read %d bytes for %d parameters", hf_dir, _global_rank(), stats.bytes_read, count)
+    return stats
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0

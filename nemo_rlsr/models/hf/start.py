@@ -45,8 +45,9 @@ def with_hf_model(cfg):
     return dataclasses.replace(cfg, model=merge_hf_shape(cfg.model, shape))
 
 
-def load_hf_policy(policy, model_cfg: ModelConfig, tokenizer_vocab: int) -> int:
-    """Load `model_cfg.hf_path`'s weights into `policy` (MegatronPolicy), each rank its own shard.
+def load_hf_policy(policy, model_cfg: ModelConfig, tokenizer_vocab: int):
+    """Load `model_cfg.hf_path`'s weights into `policy` (MegatronPolicy), each rank its own shard
+    (returns load.LoadStats: parameters set, bytes this rank read).
 
     The tokenizer may have fewer ids than the embedding has rows (Qwen: 151665 of 151936): the
     policy masks ids past the tokenizer's; it may not have more."""
