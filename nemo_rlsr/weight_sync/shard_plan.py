@@ -1,0 +1,166 @@
+"""Which trainer rank holds each part an engine worker needs: the transfers of a shard-only refit.
+
+Pure (no process group): every rank computes the same plan from the same metadata, parameter by
+parameter, and takes part in the transfers where it is the source or the destination.
+
+How a part is found without gathering anything: an adapter's `to_hf` only renames, splits or trims
+ROWS (q/k/v out of megatron's per-group interleave, gate/up out of fc1, vocabulary rows), so
+`to_hf(arange(rows))` says which megatron row each HF row is. Megatron's TP split is by rows
+(`partition_dim` 0; fc1 as [gate_shard; up_shard], fused.glu_shard) or by columns (`partition_dim`
+1), so each needed HF row or column has one owner TP rank and a position in its shard. A worker's
+part of an HF tensor of pipeline stage s comes from the ranks of stage s in the worker's own
+model-parallel group (a data-parallel replica: same weights as any other); a part the worker's
+rank holds itself is copied, not sent.
+
+Training expert parallelism is not planned here (experts would come from other data-parallel
+ranks): the trainer's layout rules (generation/factory.engine_problems) keep EP=1 for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nemo_rlsr.config import ModelConfig
+from nemo_rlsr.models.hf.adapter import VOCAB_PARAMS, HFAdapter
+from nemo_rlsr.models.hf.fused import glu_shard
+from nemo_rlsr.weight_sync.engine_slices import EngineLayout, EngineNeed, engine_need
+
+Index = tuple[torch.Tensor | None, torch.Tensor | None]  # (rows, columns); None: all of them
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    """One megatron parameter as every rank sees it: global name, FULL shape (TP shards joined,
+    megatron's vocabulary padding kept), `partition_dim` (None when not split over TP), stage."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    partition_dim: int | None
+    glu: bool
+    stage: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """`src` sends `dst` the entries `local` of its shard; they go to `box` of dst's needed part."""
+
+    src: int
+    dst: int
+    local: Index
+    box: Index
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    param: str  # the megatron parameter it comes from
+    needs: dict[int, EngineNeed] = field(default_factory=dict)  # worker rank -> its part
+    pieces: list[Piece] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A trainer rank as an engine worker: its engine rank and, per (stage, TP rank), the rank of
+    its own model-parallel group that holds that shard."""
+
+    rank: int
+    engine_rank: int
+    stage: int
+    tp_rank: int
+    sources: dict[tuple[int, int], int]
+
+
+def row_owners(meta: ParamMeta, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner TP rank, position in its shard) of every megatron row of a row-split parameter."""
+    rows = meta.shape[0]
+    owner, position, every = torch.empty(rows, dtype=torch.long), torch.empty(rows, dtype=torch.long), torch.arange(rows)
+    for t in range(tp):
+        held = glu_shard(every, t, tp) if meta.glu else every.chunk(tp)[t]
+        owner[held], position[held] = t, torch.arange(len(held))
+    return owner, position
+
+
+def _all(n: int) -> torch.Tensor:
+    return torch.arange(n)
+
+
+def plan_param(meta: ParamMeta, adapter: HFAdapter, cfg: ModelConfig, tp: int, layout: EngineLayout,
+               workers: list[Worker]) -> list[PlannedTensor]:
+    """The HF tensors of one megatron parameter, each with every worker's part and its transfers.
+    `cfg.vocab_size` is the true vocabulary (the rows sent)."""
+    rows = cfg.vocab_size if meta.name in VOCAB_PARAMS else meta.shape[0]
+    row_maps = adapter.to_hf(cfg, meta.name, torch.arange(rows))
+    split = meta.partition_dim if tp > 1 else None
+    owners = row_owners(meta, tp) if split == 0 else None
+    out = []
+    for hf_name, megatron_rows in row_maps.items():
+        shape = (len(megatron_rows),) + tuple(meta.shape[1:])
+        planned = PlannedTensor(hf_name, shape, meta.dtype, meta.name)
+        for worker in workers:
+            need = engine_need(hf_name, shape, layout, worker.engine_rank)
+            if need is None:
+                continue
+            planned.needs[worker.rank] = need
+            planned.pieces += _pieces(meta, tp, split, owners, megatron_rows, shape, need, worker)
+        out.append(planned)
+    return out
+
+
+def _pieces(meta, tp, split, owners, megatron_rows, shape, need: EngineNeed, worker: Worker) -> list[Piece]:
+    hf_rows = _all(shape[0])[need.start:need.stop] if need.dim == 0 else _all(shape[0])
+    cols = _all(shape[1])[need.start:need.stop] if need.dim == 1 else None
+    rows = megatron_rows[hf_rows]
+
+    def source(t: int) -> int:
+        return worker.sources[(meta.stage, t)]
+
+    if split == 0:
+        owner, position = owners
+        held_by = owner[rows]
+        return [Piece(source(t), worker.rank, (position[rows[held_by == t]], cols), (torch.nonzero(held_by == t)[:, 0], None))
+                for t in held_by.unique().tolist()]
+    if split == 1:
+        cols = _all(shape[1]) if cols is None else cols
+        width = meta.shape[1] // tp
+        held_by = cols // width
+        return [Piece(source(t), worker.rank, (rows, cols[held_by == t] % width), (None, torch.nonzero(held_by == t)[:, 0]))
+                for t in held_by.unique().tolist()]
+    # not split over TP: every TP rank of the stage has it; the worker's own rank when it is there
+    t = worker.tp_rank if worker.stage == meta.stage else worker.engine_rank % tp
+    return [Piece(source(t), worker.rank, (rows, cols), (None, None))]
+
+
+def take(tensor: torch.Tensor, index: Index) -> torch.Tensor:
+    """The entries `index` of `tensor` (rows, then columns), contiguous: what a source sends."""
+    rows, cols = index
+    if rows is not None:
+        tensor = tensor.index_select(0, rows.to(tensor.device))
+    if cols is not None:
+        tensor = tensor.index_select(1, cols.to(tensor.device))
+    return tensor.contiguous()
+
+
+def place(box: torch.Tensor, index: Index, data: torch.Tensor) -> None:
+    """Write a received piece into the worker's part (the inverse of `take` on the part)."""
+    rows, cols = (None if i is None else i.to(box.device) for i in index)
+    if rows is None and cols is None:
+        box.copy_(data)
+    elif cols is None:
+        box.index_copy_(0, rows, data)
+    elif rows is None:
+        box.index_copy_(1, cols, data)
+    else:
+        box[rows[:, None], cols] = data
+
+
+def piece_bytes(piece: Piece, shape: tuple[int, ...], need: EngineNeed, dtype: torch.dtype) -> int:
+    """Bytes of one piece (what the destination receives when the source is another rank)."""
+    part = need.shape(shape)
+    rows = part[0] if piece.box[0] is None else len(piece.box[0])
+    cols = 1 if len(part) == 1 else (part[1] if piece.box[1] is None else len(piece.box[1]))
+    return rows * cols * torch.Size(part[2:]).numel() * dtype.itemsize
