@@ -48,7 +48,7 @@ def test_a_workers_part_gives_it_what_trtllm_would_read_from_the_full_tensor(nam
     for rank in range(tp):
         need = engine_need(name, shape, layout, rank)
         assert need.dim == dim
-        part = EngineSlice(shape, need, full[need.box(shape)].clone())
+        part = EngineSlice(shape, full.dtype, need, full[need.box(shape)].clone())
         assert part.nbytes < full.numel() * full.element_size()
         # what the loader reads from our tensor (rest uninitialised) = what it reads from the full one
         assert torch.equal(trtllm_reads(part.materialize(), name, layout, rank, dim),
@@ -161,7 +161,28 @@ def test_bytes_received_per_rank_match_the_planner_and_stay_within_the_engine_sh
         print(f"engine TP {engine_tp} rank {rank}: received {got['received']} B, engine shard {shard} B "
               f"(full model {full_bytes} B), planner {planned:.0f} B")
         assert got["received"] <= 1.2 * shard
-        # negative control: the full-tensor stream (source.py) hands every worker the whole model
-        assert full_bytes - 2 * got["received"] > 1.2 * shard
+        # negative control: the full-tensor stream (source.py) hands every rank every full tensor, of
+        # which it holds at most its own shard: it receives at least full - own, over the bound
+        assert full_bytes - run["own_bytes"] > 1.2 * shard
         assert shard <= 1.2 * full_bytes / engine_tp
         assert got["received"] == pytest.approx(planned, rel=0.15)
+
+
+def test_cells_share_prompts_among_engines_and_give_each_group_its_own_back():
+    from nemo_rlsr.generation.trtllm_cells import cells, own_completions, shares
+
+    mp = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert cells(mp, engine_groups(mp, 2)) == mp                   # 2 engines per group
+    assert cells(mp, engine_groups(mp, 8)) == [list(range(8))]      # 1 engine over both groups
+    # two groups of 3 and 2 prompts over 2 engines: shares of whole prompts, 3 + 2
+    work = shares([3, 2], 2)
+    assert work == [[(0, 0), (0, 1), (0, 2)], [(1, 0), (1, 1)]]
+    results = [[f"g{g}p{p}" for g, p in share] for share in work]  # an engine's completions, in share order
+    assert own_completions(work, results, 0, 3) == ["g0p0", "g0p1", "g0p2"]
+    assert own_completions(work, results, 1, 2) == ["g1p0", "g1p1"]
+    # one group's 5 prompts over 2 engines of its ranks: 3 + 2, back in prompt order
+    work = shares([5], 2)
+    assert [len(w) for w in work] == [3, 2]
+    assert own_completions(work, [[f"p{p}" for _, p in w] for w in work], 0, 5) == [f"p{i}" for i in range(5)]
+    with pytest.raises(RuntimeError, match="got no completion"):
+        own_completions(work[:1], [["p0", "p1", "p2"]], 0, 5)

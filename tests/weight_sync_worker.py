@@ -53,10 +53,11 @@ def scenario_shard_refit(out: Path) -> dict:
     ctx = init_distributed(ParallelDims(tp=2, pp=2, seed=2))
     policy = MegatronPolicy(tiny_model_config(), None, VOCAB, ctx)
     load_checkpoint(out / "ckpt" / "step_0000000", policy)
-    result = {"full": full, "logits": megatron_logits(policy.module.eval(), input_ids(VOCAB), VOCAB)}
+    result = {"full": full, "logits": megatron_logits(policy.module.eval(), input_ids(VOCAB), VOCAB),
+              "own_bytes": sum(p.numel() * p.element_size() for chunk in policy.chunks for p in chunk.parameters())}
     for engine_tp in (4, 2):
         refit = ShardRefit(policy.chunks, policy.hf_adapter, tiny_model_config(), VOCAB, engine_tp)
-        parts = {name: (part.need, part.data.clone()) for name, part in refit.stream()}
+        parts = {name: (part.need, part.data.clone()) for name, part in refit.stream() if part.need is not None}
         result[engine_tp] = {"group": refit.engine_group, "parts": parts, "received": refit.received_bytes}
     return result
 

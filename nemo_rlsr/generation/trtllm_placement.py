@@ -2,10 +2,10 @@
 
 Why this matters: TensorRT-LLM's `WorkerExtension.update_weights` (1.2, tensorrt_llm/llmapi/rlhf_utils.py)
 reads only the entry of its own device UUID from the {device_uuid: handles} dict, so each engine worker
-must sit on the GPU of a trainer rank of its model-parallel group (that rank's CUDA IPC handles are the
-ones it can open). Every rank of the group sends every full HF tensor (weight_sync/source.py), so one
-engine per model-parallel group (TP x PP ranks), with tensor_parallel_size = TP x PP, takes its weights
-without any cross-GPU copy: this is the PP->TP reshard.
+must sit on the GPU of the trainer rank that prepared its part of the weights (that rank's CUDA IPC
+handles are the ones it can open). An engine's workers take the trainer ranks of one engine group
+(weight_sync/engine_slices.engine_groups: part of a TP x PP model-parallel group, or whole ones), and
+each of those ranks receives just what its worker loads (weight_sync/shard_refit.py).
 
 The trainer is SPMD (torchrun / srun), outside Ray, so Ray does not know which GPU a trainer rank holds.
 Ray does pin a placement-group bundle with {"GPU": 1} to one GPU instance for the bundle's life, and a
@@ -55,7 +55,7 @@ def device_key(index: int) -> str:
 
 
 def check_groups(groups: list[list[int]], world: int, engine_tp: int) -> None:
-    """The layout rules that need no Ray: groups partition the ranks, one engine per group."""
+    """The layout rules that need no Ray: the engine groups partition the ranks, `engine_tp` each."""
     ranks = sorted(r for group in groups for r in group)
     if ranks != list(range(world)):
         raise ValueError(f"model-parallel groups {groups} must cover ranks 0..{world - 1} once each")

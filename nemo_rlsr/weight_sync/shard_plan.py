@@ -5,15 +5,13 @@ parameter, and takes part in the transfers where it is the source or the destina
 
 How a part is found without gathering anything: an adapter's `to_hf` only renames, splits or trims
 ROWS (q/k/v out of megatron's per-group interleave, gate/up out of fc1, vocabulary rows), so
-`to_hf(arange(rows))` says which megatron row each HF row is. Megatron's TP split is by rows
-(`partition_dim` 0; fc1 as [gate_shard; up_shard], fused.glu_shard) or by columns (`partition_dim`
-1), so each needed HF row or column has one owner TP rank and a position in its shard. A worker's
-part of an HF tensor of pipeline stage s comes from the ranks of stage s in the worker's own
-model-parallel group (a data-parallel replica: same weights as any other); a part the worker's
-rank holds itself is copied, not sent.
-
-Training expert parallelism is not planned here (experts would come from other data-parallel
-ranks): the trainer's layout rules (generation/factory.engine_problems) keep EP=1 for it.
+`to_hf(arange(rows))` says which megatron row each HF row is. Megatron's TP split (expert TP for
+routed experts) is by rows (`partition_dim` 0; fc1 as [gate_shard; up_shard], fused.glu_shard) or by
+columns (`partition_dim` 1), so each needed HF row or column has one owner shard rank and a position
+in its shard. Which ranks hold shard t of a parameter (`holders`) comes from every rank's own list
+of global parameter names, so routed experts under training expert parallelism are found on
+whichever data-parallel ranks hold them. A worker takes a part from itself when it can, else from
+its own model-parallel group, else from the nearest rank number (same node in a block layout).
 """
 
 from __future__ import annotations
@@ -32,15 +30,16 @@ Index = tuple[torch.Tensor | None, torch.Tensor | None]  # (rows, columns); None
 
 @dataclass(frozen=True)
 class ParamMeta:
-    """One megatron parameter as every rank sees it: global name, FULL shape (TP shards joined,
-    megatron's vocabulary padding kept), `partition_dim` (None when not split over TP), stage."""
+    """One megatron parameter as every rank sees it: global name, FULL shape (shards joined,
+    megatron's vocabulary padding kept), `partition_dim` (None when not split) over `split` ranks
+    (its TP group, expert TP for routed experts)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     partition_dim: int | None
     glu: bool
-    stage: int
+    split: int = 1
 
 
 @dataclass(frozen=True)
@@ -65,19 +64,25 @@ class PlannedTensor:
 
 @dataclass(frozen=True)
 class Worker:
-    """A trainer rank as an engine worker: its engine rank and, per (stage, TP rank), the rank of
-    its own model-parallel group that holds that shard."""
+    """A trainer rank as an engine worker: its engine rank and its model-parallel group's ranks."""
 
     rank: int
     engine_rank: int
-    stage: int
-    tp_rank: int
-    sources: dict[tuple[int, int], int]
+    group: tuple[int, ...]
+
+    def source(self, ranks: list[int]) -> int:
+        """Which of `ranks` (all holding the same shard) sends to this worker."""
+        if self.rank in ranks:
+            return self.rank
+        near = [r for r in ranks if r in self.group]
+        if near:
+            return near[self.rank % len(near)]  # spread the replicated tensors over the stage's ranks
+        return min(ranks, key=lambda r: (abs(r - self.rank), r))
 
 
-def row_owners(meta: ParamMeta, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+def row_owners(meta: ParamMeta) -> tuple[torch.Tensor, torch.Tensor]:
     """(owner TP rank, position in its shard) of every megatron row of a row-split parameter."""
-    rows = meta.shape[0]
+    rows, tp = meta.shape[0], meta.split
     owner, position, every = torch.empty(rows, dtype=torch.long), torch.empty(rows, dtype=torch.long), torch.arange(rows)
     for t in range(tp):
         held = glu_shard(every, t, tp) if meta.glu else every.chunk(tp)[t]
@@ -89,14 +94,13 @@ def _all(n: int) -> torch.Tensor:
     return torch.arange(n)
 
 
-def plan_param(meta: ParamMeta, adapter: HFAdapter, cfg: ModelConfig, tp: int, layout: EngineLayout,
-               workers: list[Worker]) -> list[PlannedTensor]:
+def plan_param(meta: ParamMeta, adapter: HFAdapter, cfg: ModelConfig, layout: EngineLayout,
+               workers: list[Worker], holders: dict[int, list[int]]) -> list[PlannedTensor]:
     """The HF tensors of one megatron parameter, each with every worker's part and its transfers.
-    `cfg.vocab_size` is the true vocabulary (the rows sent)."""
+    `holders[t]`: the ranks holding shard t of it. `cfg.vocab_size` is the true vocabulary."""
     rows = cfg.vocab_size if meta.name in VOCAB_PARAMS else meta.shape[0]
     row_maps = adapter.to_hf(cfg, meta.name, torch.arange(rows))
-    split = meta.partition_dim if tp > 1 else None
-    owners = row_owners(meta, tp) if split == 0 else None
+    owners = row_owners(meta) if meta.partition_dim == 0 else None
     out = []
     for hf_name, megatron_rows in row_maps.items():
         shape = (len(megatron_rows),) + tuple(meta.shape[1:])
@@ -106,33 +110,27 @@ def plan_param(meta: ParamMeta, adapter: HFAdapter, cfg: ModelConfig, tp: int, l
             if need is None:
                 continue
             planned.needs[worker.rank] = need
-            planned.pieces += _pieces(meta, tp, split, owners, megatron_rows, shape, need, worker)
+            planned.pieces += _pieces(meta, owners, megatron_rows, shape, need, worker, holders)
         out.append(planned)
     return out
 
 
-def _pieces(meta, tp, split, owners, megatron_rows, shape, need: EngineNeed, worker: Worker) -> list[Piece]:
+def _pieces(meta, owners, megatron_rows, shape, need: EngineNeed, worker: Worker, holders) -> list[Piece]:
     hf_rows = _all(shape[0])[need.start:need.stop] if need.dim == 0 else _all(shape[0])
     cols = _all(shape[1])[need.start:need.stop] if need.dim == 1 else None
     rows = megatron_rows[hf_rows]
-
-    def source(t: int) -> int:
-        return worker.sources[(meta.stage, t)]
-
-    if split == 0:
+    if meta.partition_dim == 0:
         owner, position = owners
         held_by = owner[rows]
-        return [Piece(source(t), worker.rank, (position[rows[held_by == t]], cols), (torch.nonzero(held_by == t)[:, 0], None))
-                for t in held_by.unique().tolist()]
-    if split == 1:
+        return [Piece(worker.source(holders[t]), worker.rank, (position[rows[held_by == t]], cols),
+                      (torch.nonzero(held_by == t)[:, 0], None)) for t in held_by.unique().tolist()]
+    if meta.partition_dim == 1:
         cols = _all(shape[1]) if cols is None else cols
-        width = meta.shape[1] // tp
+        width = meta.shape[1] // meta.split
         held_by = cols // width
-        return [Piece(source(t), worker.rank, (rows, cols[held_by == t] % width), (None, torch.nonzero(held_by == t)[:, 0]))
-                for t in held_by.unique().tolist()]
-    # not split over TP: every TP rank of the stage has it; the worker's own rank when it is there
-    t = worker.tp_rank if worker.stage == meta.stage else worker.engine_rank % tp
-    return [Piece(source(t), worker.rank, (rows, cols), (None, None))]
+        return [Piece(worker.source(holders[t]), worker.rank, (rows, cols[held_by == t] % width),
+                      (None, torch.nonzero(held_by == t)[:, 0])) for t in held_by.unique().tolist()]
+    return [Piece(worker.source(holders[0]), worker.rank, (rows, cols), (None, None))]
 
 
 def take(tensor: torch.Tensor, index: Index) -> torch.Tensor:

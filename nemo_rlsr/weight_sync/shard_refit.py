@@ -35,19 +35,29 @@ from nemo_rlsr.weight_sync.shard_plan import ParamMeta, Worker, place, plan_para
 
 @dataclass(frozen=True)
 class EngineSlice:
-    """A worker's part of one HF tensor: the tensor's full `shape`, the part (`need`) and its data."""
+    """A worker's part of one HF tensor of full `shape`: `need` says which part, `data` holds it
+    (both None when this worker loads nothing of the tensor, e.g. another EP rank's expert)."""
 
     shape: tuple[int, ...]
-    need: EngineNeed
-    data: torch.Tensor
+    dtype: torch.dtype
+    need: EngineNeed | None
+    data: torch.Tensor | None
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of the full tensor: what the engine's loader is handed (`materialize`), the same on
+        every worker, so buckets cut by it line up across an engine's workers."""
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
 
     def materialize(self) -> torch.Tensor:
         """A tensor of the full HF shape holding the part where the engine's loader reads it; the
         rest is left uninitialised (TensorRT-LLM 1.2 slices full tensors itself, engine_slices.py)."""
+        if self.need is None:
+            raise ValueError("this worker loads nothing of the tensor")
         if self.need.dim is None:
             return self.data
         full = torch.empty(self.shape, dtype=self.data.dtype, device=self.data.device)
@@ -55,19 +65,19 @@ class EngineSlice:
         return full
 
 
-def local_metadata(modules) -> tuple[list[ParamMeta], dict[str, torch.Tensor]]:
-    """This rank's parameters as ParamMeta (full shapes) and {global name: local shard}."""
-    from megatron.core import parallel_state
-
-    stage = parallel_state.get_pipeline_model_parallel_rank()
+def local_metadata(modules) -> tuple[list[tuple[ParamMeta, int]], dict[str, torch.Tensor]]:
+    """This rank's parameters as (ParamMeta with the full shape, its shard rank), in module order,
+    and {global name: local shard}."""
     metas, local = [], {}
     for name, param in global_parameters(modules):
-        tp, _ = shard_group_size_and_rank(name)
+        size, rank = shard_group_size_and_rank(name)
         shape = list(param.shape)
-        split = param.partition_dim if is_tp_sharded(param) and tp > 1 else None
-        if split is not None:
-            shape[split] *= tp
-        metas.append(ParamMeta(name, tuple(shape), param.dtype, split, is_glu_fc1(name), stage))
+        split = param.partition_dim if is_tp_sharded(param) and size > 1 else None
+        if split is None:
+            size, rank = 1, 0
+        else:
+            shape[split] *= size
+        metas.append((ParamMeta(name, tuple(shape), param.dtype, split, is_glu_fc1(name), size), rank))
         local[name] = param.detach()
     return metas, local
 
@@ -86,22 +96,18 @@ class ShardRefit:
                  engine_ep: int = 1) -> None:
         from megatron.core import parallel_state
 
-        if parallel_state.get_expert_model_parallel_world_size() > 1:
-            raise ValueError("shard refit at parallel.expert_parallel > 1 is not built (the experts of a "
-                             "worker's part would come from other data-parallel ranks)")
         self.adapter, self.cfg = adapter, dataclasses.replace(cfg, vocab_size=vocab_size)
         self.layout = engine_layout(cfg, engine_tp, engine_ep)
-        self.tp = parallel_state.get_tensor_model_parallel_world_size()
         metas, self.local = local_metadata(modules)
         mine = {"rank": dist.get_rank(), "stage": parallel_state.get_pipeline_model_parallel_rank(),
-                "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                 "group": dist.get_process_group_ranks(parallel_state.get_model_parallel_group()), "params": metas}
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        self.groups = engine_groups([r["group"] for r in everyone], engine_tp)
-        self.workers = workers(everyone, self.groups)
-        stages = {r["stage"]: r["params"] for r in sorted(everyone, key=lambda r: r["rank"], reverse=True)}
-        self.params = [meta for stage in sorted(stages) for meta in stages[stage]]
+        self.model_parallel_groups = [r["group"] for r in everyone]
+        self.groups = engine_groups(self.model_parallel_groups, engine_tp)
+        self.workers = [Worker(rank, engine_rank, tuple(everyone[rank]["group"]))
+                        for group in self.groups for engine_rank, rank in enumerate(group)]
+        self.params, self.holders = parameter_index(everyone)
         self.rank = dist.get_rank()
         self.received_bytes = 0
 
@@ -110,10 +116,12 @@ class ShardRefit:
         return next(g for g in self.groups if self.rank in g)
 
     def stream(self) -> Iterator[tuple[str, EngineSlice]]:
-        """(HF name, this worker's part) of every HF tensor its engine rank loads, in plan order."""
+        """(HF name, this worker's part) of every HF tensor of the model, in plan order (the same on
+        every rank; the part is empty where this worker loads nothing of a tensor)."""
         me = self.rank
         for meta in self.params:
-            for planned in plan_param(meta, self.adapter, self.cfg, self.tp, self.layout, self.workers):
+            for planned in plan_param(meta, self.adapter, self.cfg, self.layout, self.workers,
+                                      self.holders[meta.name]):
                 need = planned.needs.get(me)
                 box = None if need is None else torch.empty(need.shape(planned.shape), dtype=planned.dtype,
                                                              device=self._device())
@@ -133,8 +141,7 @@ class ShardRefit:
                 for piece, data in arrivals:
                     place(box, piece.box, data)
                     self.received_bytes += data.numel() * data.element_size()
-                if box is not None:
-                    yield planned.name, EngineSlice(planned.shape, need, box)
+                yield planned.name, EngineSlice(planned.shape, planned.dtype, need, box)
 
     def _device(self) -> torch.device:
         return next(iter(self.local.values())).device
@@ -148,14 +155,14 @@ def _piece_shape(box: torch.Tensor, index) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def workers(everyone: list[dict], groups: list[list[int]]) -> list[Worker]:
-    """Every rank as an engine worker (engine rank = its position in its engine group), with the
-    ranks of its own model-parallel group by (stage, TP rank)."""
-    by_rank = {r["rank"]: r for r in everyone}
-    out = []
-    for group in groups:
-        for engine_rank, rank in enumerate(group):
-            info = by_rank[rank]
-            sources = {(by_rank[m]["stage"], by_rank[m]["tp_rank"]): m for m in info["group"]}
-            out.append(Worker(rank, engine_rank, info["stage"], info["tp_rank"], sources))
-    return out
+def parameter_index(everyone: list[dict]) -> tuple[list[ParamMeta], dict[str, dict[int, list[int]]]]:
+    """Every parameter of the model once, stage by stage (each stage's ranks in rank order, each
+    rank's module order), and per parameter {shard rank: ranks holding that shard}."""
+    params, holders = [], {}
+    for info in sorted(everyone, key=lambda r: (r["stage"], r["rank"])):
+        for meta, shard in info["params"]:
+            if meta.name not in holders:
+                params.append(meta)
+                holders[meta.name] = {}
+            holders[meta.name].setdefault(shard, []).append(info["rank"])
+    return params, holders
