@@ -186,3 +186,27 @@ def test_cells_share_prompts_among_engines_and_give_each_group_its_own_back():
     assert own_completions(work, [[f"p{p}" for _, p in w] for w in work], 0, 5) == [f"p{i}" for i in range(5)]
     with pytest.raises(RuntimeError, match="got no completion"):
         own_completions(work[:1], [["p0", "p1", "p2"]], 0, 5)
+
+
+@pytest.mark.slow
+def test_moe_trained_at_expert_parallel_2_reaches_engines_with_and_without_expert_parallel(tmp_path):
+    """Experts come from the data-parallel rank that holds them; an engine EP rank gets only its own
+    experts, whole (reassembled engine weights = the EP=1 trainer's full tensors in both layouts)."""
+    from distributed_helpers import run_workers
+
+    ranks = run_workers("shard_refit_ep", tmp_path, nprocs=2, timeout_s=300, worker=WORKER)
+    for engine_ep in (1, 2):
+        (weights,) = reassemble(ranks, engine_ep)
+        assert set(weights) == set(ranks[0]["full"])
+        for name, tensor in ranks[0]["full"].items():
+            assert torch.equal(weights[name], tensor), name
+    experts = [n for n in ranks[0]["full"] if ".mlp.experts." in n]
+    assert experts
+    for rank, run in enumerate(ranks):
+        own = [n for n in experts if n in run[2]["parts"]]
+        assert own and all(int(n.split(".experts.")[1].split(".")[0]) // 2 == rank for n in own)
+        assert all(run[2]["parts"][n][0].dim is None for n in own)  # whole experts at engine EP 2
+        assert all(n in run[1]["parts"] and run[1]["parts"][n][0].dim is not None for n in experts)
+        # engine EP rank r's experts are the ones training EP rank r holds: none of them is sent
+        print(f"rank {rank}: received {run[1]['received']} B at engine EP 1, {run[2]['received']} B at EP 2")
+        assert run[2]["received"] < run[1]["received"]
