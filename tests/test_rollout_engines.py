@@ -73,6 +73,16 @@ def test_engine_combinations_that_cannot_run_are_refused_at_startup():
         pipelined.rollout.tensor_parallel = engine_tp
         problems = engine_problems(pipelined, cuda=True, trtllm_importable=True)
         assert (problems == []) if ok else any("divide or be a multiple" in p for p in problems), (engine_tp, problems)
+    # engine expert parallel: TensorRT-LLM only, a divisor of the engine and of the experts
+    pipelined.rollout.tensor_parallel = 4
+    pipelined.rollout.expert_parallel = 2
+    assert any("rollout.expert_parallel=2 must divide" in p for p in engine_problems(pipelined, True, True))
+    pipelined.model.num_moe_experts = 8
+    assert engine_problems(pipelined, cuda=True, trtllm_importable=True) == []
+    pipelined.rollout.expert_parallel = 8
+    assert any("must divide rollout.tensor_parallel=4" in p for p in engine_problems(pipelined, True, True))
+    pipelined.rollout.engine = "torch"
+    assert any("is a TensorRT-LLM option" in p for p in engine_problems(pipelined, True, True))
     # every problem at once: a trtllm engine without CUDA, with stop strings and an FP8 rollout
     many = engine_problems(config(engine="trtllm", stop=["\n"], fp8=True), cuda=False, trtllm_importable=False)
     assert len(many) == 4, many
@@ -107,7 +117,11 @@ def test_trtllm_llm_arguments():
     assert kwargs["max_input_len"] == 3072
     assert llm_kwargs(TRTLLMOptions("/m", 1, 8, 4096))["max_input_len"] == 4095  # any prompt that fits
     assert "quant_config" not in kwargs
-    for bad in (dict(max_input_len=4096), dict(max_input_len=0), dict(tensor_parallel=0)):
+    # BaseLlmArgs.moe_expert_parallel_size (llm_args.py, 1.2 line): 1 = experts moe-TP over the engine
+    assert kwargs["moe_expert_parallel_size"] == 1
+    assert llm_kwargs(TRTLLMOptions("/m", 4, 8, 4096, expert_parallel=2))["moe_expert_parallel_size"] == 2
+    for bad in (dict(max_input_len=4096), dict(max_input_len=0), dict(tensor_parallel=0),
+                dict(tensor_parallel=4, expert_parallel=3)):
         with pytest.raises(ValueError):
             TRTLLMOptions(**{"model_dir": "/m", "tensor_parallel": 1, "max_batch_size": 8, "max_seq_len": 4096,
                              **bad})

@@ -210,3 +210,59 @@ def test_moe_trained_at_expert_parallel_2_reaches_engines_with_and_without_exper
         # engine EP rank r's experts are the ones training EP rank r holds: none of them is sent
         print(f"rank {rank}: received {run[1]['received']} B at engine EP 1, {run[2]['received']} B at EP 2")
         assert run[2]["received"] < run[1]["received"]
+
+
+def test_plan_run_in_process_gives_each_worker_what_trtllm_reads_qwen2_gqa_over_two_replicas(single_rank):
+    """The plan alone, run in one process on a simulated TP=2 trainer with 2 data-parallel replicas
+    (ranks 0-1 and 2-3) and one engine of 4 workers over both: a Qwen2-style model with qkv biases and
+    2 KV heads, so k/v are duplicated before TensorRT-LLM cuts them. Every worker's part, handed over
+    full-shaped, gives it what TensorRT-LLM reads from the true full tensor."""
+    import dataclasses
+
+    from distributed_helpers import random_tiny_gpt
+
+    from nemo_rlsr.config import ModelConfig
+    from nemo_rlsr.models.hf import adapter_for
+    from nemo_rlsr.models.hf.fused import glu_shard, is_glu_fc1
+    from nemo_rlsr.models.hf.load import global_parameters, is_tp_sharded
+    from nemo_rlsr.weight_sync.shard_plan import ParamMeta, Worker, place, plan_param, take
+    from nemo_rlsr.weight_sync.shard_refit import engine_layout
+
+    vocab = 61
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                      max_sequence_length=32, add_qkv_bias=True, tie_embeddings=False, vocab_size=vocab)
+    adapter = adapter_for("qwen2")
+    model = random_tiny_gpt(cfg, vocab)
+    layout = engine_layout(cfg, 4)
+    workers = [Worker(r, r, (0, 1) if r < 2 else (2, 3)) for r in range(4)]
+    received = [0] * 4
+    full_stream = {}
+    for name, param in global_parameters(model):
+        full = param.detach()
+        split = param.partition_dim if is_tp_sharded(param) else None
+        shards = [full if split is None else glu_shard(full, t, 2) if is_glu_fc1(name) else full.chunk(2, split)[t]
+                  for t in range(2)]
+        meta = ParamMeta(name, tuple(full.shape), full.dtype, split, is_glu_fc1(name), 1 if split is None else 2)
+        holders = {0: [0, 1, 2, 3]} if split is None else {t: [t, 2 + t] for t in range(2)}
+        trimmed = full[:vocab] if name in ("embedding.word_embeddings.weight", "output_layer.weight") else full
+        full_stream |= adapter.to_hf(cfg, name, trimmed)
+        for planned in plan_param(meta, adapter, cfg, layout, workers, holders):
+            truth = full_stream[planned.name]
+            for rank, need in planned.needs.items():
+                box = torch.empty(need.shape(planned.shape))
+                for piece in (p for p in planned.pieces if p.dst == rank):
+                    place(box, piece.box, take(shards[0 if split is None else piece.src % 2], piece.local))
+                    received[rank] += 0 if piece.src == rank else box.dtype.itemsize * len(take(
+                        shards[0 if split is None else piece.src % 2], piece.local).flatten())
+                handed = EngineSlice(planned.shape, planned.dtype, need, box).materialize()
+                assert torch.equal(trtllm_reads(handed, planned.name, layout, rank, need.dim or 0),
+                                   trtllm_reads(truth, planned.name, layout, rank, need.dim or 0)), (planned.name, rank)
+    assert {"model.layers.0.self_attn.k_proj.bias", "lm_head.weight"} <= set(full_stream)
+    # worker 0 (TP rank 0) finds its quarter in its own half, worker 1 gets all of its quarter from
+    # rank 0; worker 3 only vocabulary rows that megatron's padded split put on TP rank 0
+    from nemo_rlsr.planner.refit import received_fractions
+
+    shard = sum(t.numel() * t.element_size() for t in full_stream.values()) / 4
+    assert received_fractions(2, 1, 4) == [0.0, 1.0, 1.0, 0.0]
+    for got, fraction in zip(received, received_fractions(2, 1, 4)):
+        assert abs(got - fraction * shard) <= 0.15 * shard, (received, shard)

@@ -63,8 +63,14 @@ def engine_problems(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> lis
         need(engine_tp >= 1 and (model_parallel % engine_tp == 0 or engine_tp % model_parallel == 0),
              f"rollout.tensor_parallel={rollout.tensor_parallel} must divide or be a multiple of the trainer's "
              f"tensor_parallel x pipeline_parallel = {model_parallel} (a TensorRT-LLM engine sits on trainer GPUs)")
+        ep, experts = rollout.expert_parallel, cfg.model.num_moe_experts or 0
+        need(ep == 1 or (ep >= 1 and engine_tp % ep == 0 and experts and experts % ep == 0),
+             f"rollout.expert_parallel={ep} must divide rollout.tensor_parallel={engine_tp} and the number of "
+             f"experts (model.num_moe_experts={experts or None})")
         return out
     # torch / megatron run the trainer's own module: its layout is theirs
+    need(rollout.expert_parallel == 1, f"rollout.expert_parallel={rollout.expert_parallel} is a TensorRT-LLM option; "
+                                       f"rollout.engine={engine} runs the trainer's module (parallel.expert_parallel)")
     need(rollout.tensor_parallel in (None, parallel.tensor_parallel),
          f"rollout.tensor_parallel={rollout.tensor_parallel}: rollout.engine={engine} runs on the trainer's module "
          f"(tensor_parallel={parallel.tensor_parallel}); only trtllm has its own layout")
@@ -148,9 +154,11 @@ def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
     opts = TRTLLMOptions(
         model_dir=str(model_dir),
         tensor_parallel=engine_tp,
+        expert_parallel=cfg.rollout.expert_parallel,
         # an engine's share of its cell's rows (trtllm_cells.py): E / (TP x PP) DP ranks' worth
         max_batch_size=max(1, -(-rows * engine_tp // model_parallel)),
         max_seq_len=cfg.model.max_sequence_length,
         max_input_len=cfg.model.max_sequence_length - cfg.rollout.max_new_tokens)  # the trainer's prompt limit
-    return TRTLLMRolloutEngine(opts, lambda: ShardRefit(policy.chunks, adapter, cfg.model, vocab, engine_tp),
+    return TRTLLMRolloutEngine(opts, lambda: ShardRefit(policy.chunks, adapter, cfg.model, vocab, engine_tp,
+                                                           cfg.rollout.expert_parallel),
                                cfg.rollout.refit_bucket_mb * 2**20, tokenizer.eos_id, tokenizer.pad_id)

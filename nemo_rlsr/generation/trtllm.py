@@ -142,9 +142,11 @@ class TRTLLMOptions:
     max_seq_len: int
     max_input_len: int | None = None  # longest prompt; None: any that leaves room for one new token
     kv_cache_fraction: float = 0.5  # of the GPU memory left free once the weights are loaded
+    expert_parallel: int = 1  # moe_expert_parallel_size (the experts' moe-TP is tensor_parallel / it)
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel < 1 or self.max_batch_size < 1 or self.max_seq_len < 2:
+        if (self.tensor_parallel < 1 or self.max_batch_size < 1 or self.max_seq_len < 2 or self.expert_parallel < 1
+                or self.tensor_parallel % self.expert_parallel):
             raise ValueError(f"bad TensorRT-LLM options: {self}")
         if self.max_input_len is not None and not 1 <= self.max_input_len < self.max_seq_len:
             raise ValueError(f"max_input_len={self.max_input_len} must be in [1, max_seq_len={self.max_seq_len})")
@@ -157,7 +159,8 @@ def llm_kwargs(opts: TRTLLMOptions) -> dict:
     return {
         "model": opts.model_dir, "backend": "pytorch", "orchestrator_type": "ray",
         "ray_worker_extension_cls": "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension",
-        "tensor_parallel_size": opts.tensor_parallel, "max_batch_size": opts.max_batch_size,
+        "tensor_parallel_size": opts.tensor_parallel, "moe_expert_parallel_size": opts.expert_parallel,
+        "max_batch_size": opts.max_batch_size,
         "max_seq_len": opts.max_seq_len,
         "max_input_len": opts.max_seq_len - 1 if opts.max_input_len is None else opts.max_input_len,
         "enable_sleep": True, "load_format": "dummy", "skip_tokenizer_init": True,
