@@ -9,8 +9,10 @@ of the trainer ranks that hold them (`shard_plan`): no rank ever holds a full te
 load. The engine layout (E, engine expert parallel) is free of the trainer's TP x PP.
 
 `ShardRefit` is built once per engine (one all_gather_object of every rank's parameter metadata);
-`stream()` is a collective over all ranks: every rank walks the same plan, tensor by tensor, posts
-its sends and receives for that tensor, waits, and yields its own part. `received_bytes` counts what
+its plan (this rank's side of it: its own part and the pieces it sends or receives) is computed on
+the first refit and kept. `stream()` is a collective over all ranks: every rank walks the HF tensors
+in the same order, posts its sends and receives for each, waits, and yields its own part (a pair of
+ranks exchanges at most one piece per tensor, so the point-to-point messages match in order). `received_bytes` counts what
 arrived from other ranks (copies from the rank's own shard are free), the figure the planner models
 (planner/timing.refit_received_bytes).
 """
@@ -30,7 +32,7 @@ from nemo_rlsr.models.hf.expert_parallel import shard_group_size_and_rank
 from nemo_rlsr.models.hf.fused import is_glu_fc1
 from nemo_rlsr.models.hf.load import global_parameters, is_tp_sharded
 from nemo_rlsr.weight_sync.engine_slices import EngineLayout, EngineNeed, engine_groups
-from nemo_rlsr.weight_sync.shard_plan import ParamMeta, Worker, place, plan_param, take
+from nemo_rlsr.weight_sync.shard_plan import ParamMeta, PlannedTensor, Worker, place, plan_param, take
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,34 @@ class ShardRefit:
         self.params, self.holders = parameter_index(everyone)
         self.rank = dist.get_rank()
         self.received_bytes = 0
+        self._plan: list[PlannedTensor] | None = None  # this rank's side of the plan, built once
+
+    def _candidates(self, holders: dict[int, list[int]]) -> list[Worker]:
+        """The workers whose pieces of a parameter can involve this rank: itself, and, where it holds
+        a shard, those that may pick it (Worker.source: its own model-parallel group's, and every
+        worker whose group holds no copy). Planning only these keeps the plan per rank about its
+        own transfers, not world size x tensors."""
+        mine = [w for w in self.workers if w.rank == self.rank]
+        held = [ranks for ranks in holders.values() if self.rank in ranks]
+        if not held:
+            return mine
+        own_group = mine[0].group
+        return [w for w in self.workers
+                if w.rank == self.rank or self.rank in w.group and w.group == own_group
+                or any(not set(ranks) & set(w.group) for ranks in held)]
+
+    def plan(self) -> list[PlannedTensor]:
+        """Every HF tensor in plan order (the same on every rank) with this rank's part and the pieces
+        it sends or receives; computed on the first refit and kept (the layout never changes)."""
+        if self._plan is None:
+            self._plan = []
+            for meta in self.params:
+                holders = self.holders[meta.name]
+                for planned in plan_param(meta, self.adapter, self.cfg, self.layout, self._candidates(holders), holders):
+                    planned.pieces = [p for p in planned.pieces if self.rank in (p.src, p.dst)]
+                    planned.needs = {r: n for r, n in planned.needs.items() if r == self.rank}
+                    self._plan.append(planned)
+        return self._plan
 
     @property
     def engine_group(self) -> list[int]:
@@ -119,29 +149,27 @@ class ShardRefit:
         """(HF name, this worker's part) of every HF tensor of the model, in plan order (the same on
         every rank; the part is empty where this worker loads nothing of a tensor)."""
         me = self.rank
-        for meta in self.params:
-            for planned in plan_param(meta, self.adapter, self.cfg, self.layout, self.workers,
-                                      self.holders[meta.name]):
-                need = planned.needs.get(me)
-                box = None if need is None else torch.empty(need.shape(planned.shape), dtype=planned.dtype,
-                                                             device=self._device())
-                works, arrivals = [], []
-                for piece in planned.pieces:
-                    if piece.src == me and piece.dst == me:
-                        place(box, piece.box, take(self.local[meta.name], piece.local))
-                    elif piece.src == me:
-                        data = take(self.local[meta.name], piece.local)
-                        works.append((dist.isend(data, piece.dst), data))
-                    elif piece.dst == me:
-                        data = torch.empty(_piece_shape(box, piece.box), dtype=planned.dtype, device=box.device)
-                        works.append((dist.irecv(data, piece.src), data))
-                        arrivals.append((piece, data))
-                for work, _ in works:
-                    work.wait()
-                for piece, data in arrivals:
-                    place(box, piece.box, data)
-                    self.received_bytes += data.numel() * data.element_size()
-                yield planned.name, EngineSlice(planned.shape, planned.dtype, need, box)
+        for planned in self.plan():
+            need = planned.needs.get(me)
+            box = None if need is None else torch.empty(need.shape(planned.shape), dtype=planned.dtype,
+                                                         device=self._device())
+            works, arrivals = [], []
+            for piece in planned.pieces:
+                if piece.src == me and piece.dst == me:
+                    place(box, piece.box, take(self.local[planned.param], piece.local))
+                elif piece.src == me:
+                    data = take(self.local[planned.param], piece.local)
+                    works.append((dist.isend(data, piece.dst), data))
+                else:
+                    data = torch.empty(_piece_shape(box, piece.box), dtype=planned.dtype, device=box.device)
+                    works.append((dist.irecv(data, piece.src), data))
+                    arrivals.append((piece, data))
+            for work, _ in works:
+                work.wait()
+            for piece, data in arrivals:
+                place(box, piece.box, data)
+                self.received_bytes += data.numel() * data.element_size()
+            yield planned.name, EngineSlice(planned.shape, planned.dtype, need, box)
 
     def _device(self) -> torch.device:
         return next(iter(self.local.values())).device
