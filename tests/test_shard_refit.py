@@ -217,7 +217,6 @@ def test_plan_run_in_process_gives_each_worker_what_trtllm_reads_qwen2_gqa_over_
     (ranks 0-1 and 2-3) and one engine of 4 workers over both: a Qwen2-style model with qkv biases and
     2 KV heads, so k/v are duplicated before TensorRT-LLM cuts them. Every worker's part, handed over
     full-shaped, gives it what TensorRT-LLM reads from the true full tensor."""
-    import dataclasses
 
     from distributed_helpers import random_tiny_gpt
 

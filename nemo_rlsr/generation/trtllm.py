@@ -363,8 +363,9 @@ class TRTLLMRolloutEngine:
         result = None
         if self.is_leader:
             share = work[self.engine_leaders.index(self.leader_rank)]
-            result = self.leader.generate([groups[g][1][0][i] for g, i in share], params,
-                                          [groups[g][1][1][i] for g, i in share], self.eos_id, self.pad_id)
+            share_prompts = [groups[g][1][0][i] for g, i in share]
+            share_seeds = [groups[g][1][1][i] for g, i in share]
+            result = self.leader.generate(share_prompts, params, share_seeds, self.eos_id, self.pad_id) if share else []
         results = [None] * len(self.cell)
         dist.all_gather_object(results, (self.leader_rank, result), group=self.cell_group)
         by_leader = dict((leader, r) for leader, r in results if r is not None)

@@ -1,7 +1,7 @@
 """Which trainer rank holds each part an engine worker needs: the transfers of a shard-only refit.
 
-Pure (no process group): every rank computes the same plan from the same metadata, parameter by
-parameter, and takes part in the transfers where it is the source or the destination.
+Pure (no process group) and deterministic: a rank plans, parameter by parameter, the workers whose
+transfers can involve it, and the source and the destination of a piece compute the same piece.
 
 How a part is found without gathering anything: an adapter's `to_hf` only renames, splits or trims
 ROWS (q/k/v out of megatron's per-group interleave, gate/up out of fc1, vocabulary rows), so
@@ -100,6 +100,11 @@ def plan_param(meta: ParamMeta, adapter: HFAdapter, cfg: ModelConfig, layout: En
     `holders[t]`: the ranks holding shard t of it. `cfg.vocab_size` is the true vocabulary."""
     rows = cfg.vocab_size if meta.name in VOCAB_PARAMS else meta.shape[0]
     row_maps = adapter.to_hf(cfg, meta.name, torch.arange(rows))
+    shapes = adapter.to_hf(cfg, meta.name, torch.empty((rows,) + tuple(meta.shape[1:]), device="meta"))
+    for hf_name, megatron_rows in row_maps.items():  # the row map holds only for row-wise conversions
+        if tuple(shapes[hf_name].shape) != (len(megatron_rows),) + tuple(meta.shape[1:]):
+            raise ValueError(f"{type(adapter).__name__} turns {meta.name} into {hf_name} by more than moving rows "
+                             f"({tuple(shapes[hf_name].shape)}): the shard refit cannot plan it")
     owners = row_owners(meta) if meta.partition_dim == 0 else None
     out = []
     for hf_name, megatron_rows in row_maps.items():
@@ -155,10 +160,3 @@ def place(box: torch.Tensor, index: Index, data: torch.Tensor) -> None:
     else:
         box[rows[:, None], cols] = data
 
-
-def piece_bytes(piece: Piece, shape: tuple[int, ...], need: EngineNeed, dtype: torch.dtype) -> int:
-    """Bytes of one piece (what the destination receives when the source is another rank)."""
-    part = need.shape(shape)
-    rows = part[0] if piece.box[0] is None else len(piece.box[0])
-    cols = 1 if len(part) == 1 else (part[1] if piece.box[1] is None else len(piece.box[1]))
-    return rows * cols * torch.Size(part[2:]).numel() * dtype.itemsize
