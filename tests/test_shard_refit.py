@@ -88,6 +88,8 @@ def test_engine_groups_divide_or_join_model_parallel_groups():
     assert engine_groups([[0, 1, 2, 3], [4, 5, 6, 7]], 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert engine_groups([[0, 1, 2, 3]] * 4, 2) == [[0, 1], [2, 3]]  # every rank reports its group
     assert engine_groups([[0, 1], [2, 3], [4, 5], [6, 7]], 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # megatron's TP=2 x PP=2 groups at DP=2 ({0,1,4,5}, {2,3,6,7}): an engine over both, ascending
+    assert engine_groups([[0, 1, 4, 5], [2, 3, 6, 7]], 8) == [list(range(8))]
     for bad in (3, 6):
         with pytest.raises(ValueError, match="divide or be a multiple"):
             engine_groups([[0, 1, 2, 3], [4, 5, 6, 7]], bad)
@@ -265,3 +267,14 @@ def test_plan_run_in_process_gives_each_worker_what_trtllm_reads_qwen2_gqa_over_
     assert received_fractions(2, 1, 4) == [0.0, 1.0, 1.0, 0.0]
     for got, fraction in zip(received, received_fractions(2, 1, 4)):
         assert abs(got - fraction * shard) <= 0.15 * shard, (received, shard)
+
+
+def test_planner_received_fractions_by_hand():
+    from nemo_rlsr.planner.refit import received_fractions, refit_received_bytes
+
+    # TP=2 x PP=2, engine TP 4: ranks 0 and 3 hold their quarter for their own stage's layers (half)
+    assert received_fractions(2, 2, 4) == [0.5, 1.0, 1.0, 0.5]
+    assert received_fractions(2, 2, 2) == [0.5] * 4
+    assert received_fractions(8, 1, 8) == [0.0] * 8            # the trainer's own layout: nothing moves
+    assert received_fractions(2, 1, 4) == [0.0, 1.0, 1.0, 0.0]  # one engine over two replicas
+    assert refit_received_bytes(100.0, 2, 2, 4) == 100.0        # the busiest GPU sets the refit's time

@@ -58,14 +58,11 @@ def check_groups(groups: list[list[int]], world: int, engine_tp: int) -> None:
     """The layout rules that need no Ray: the engine groups partition the ranks, `engine_tp` each."""
     ranks = sorted(r for group in groups for r in group)
     if ranks != list(range(world)):
-        raise ValueError(f"model-parallel groups {groups} must cover ranks 0..{world - 1} once each")
+        raise ValueError(f"engine groups {groups} must cover ranks 0..{world - 1} once each")
     for group in groups:
         if len(group) != engine_tp:
-            raise ValueError(
-                f"rollout.tensor_parallel={engine_tp} but a model-parallel group has {len(group)} ranks "
-                f"(tensor_parallel x pipeline_parallel): a colocated TensorRT-LLM engine takes the IPC "
-                f"handles of exactly the GPUs of one group, so set rollout.tensor_parallel={len(group)} "
-                f"(or leave it null)")
+            raise ValueError(f"rollout.tensor_parallel={engine_tp} but an engine group has {len(group)} ranks "
+                             f"(weight_sync.engine_slices.engine_groups makes them {engine_tp} each)")
 
 
 def plan_engines(groups: list[list[int]], slots: list[Slot], bundle_gpus: dict[str, list],
@@ -96,6 +93,10 @@ def plan_engines(groups: list[list[int]], slots: list[Slot], bundle_gpus: dict[s
                 nodes.append(node)
                 per_node[node] = []
             per_node[node].append(where[slots[rank]])
+        flattened = [rank for node in nodes for rank in group if slots[rank][0] == node]
+        if flattened != list(group):  # worker i must be on ranks[i]'s GPU: that rank prepared its weights
+            raise ValueError(f"engine ranks {group} interleave nodes ({[slots[r][0] for r in group]}): TensorRT-LLM "
+                             f"numbers the workers node by node; launch ranks node by node")
         plan.append(EnginePlacement(tuple(group), tuple(nodes), tuple(tuple(per_node[n]) for n in nodes)))
     return plan
 

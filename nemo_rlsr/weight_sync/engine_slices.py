@@ -139,10 +139,11 @@ def engine_need(name: str, shape: tuple[int, ...], layout: EngineLayout, rank: i
 
 
 def engine_groups(model_parallel_groups: list[list[int]], engine_tp: int) -> list[list[int]]:
-    """The trainer ranks of each engine, worker i on ranks[i]: an engine of `engine_tp` workers takes
-    consecutive ranks of one model-parallel group (engine_tp divides TP x PP) or whole consecutive
-    groups (engine_tp a multiple of TP x PP: those groups are data-parallel replicas, same weights).
-    A group listed more than once counts once."""
+    """The trainer ranks of each engine, ascending, worker i on ranks[i]: an engine of `engine_tp`
+    workers takes consecutive ranks of one model-parallel group (engine_tp divides TP x PP) or whole
+    consecutive groups (engine_tp a multiple of TP x PP: those groups are data-parallel replicas, same
+    weights). Ascending because TensorRT-LLM numbers a placement's workers node by node
+    (trtllm_placement.plan_engines checks the two agree). A group listed more than once counts once."""
     groups = sorted({tuple(sorted(g)) for g in model_parallel_groups})  # each rank may report its own
     groups = [list(g) for g in groups]
     size = len(groups[0])
@@ -155,4 +156,4 @@ def engine_groups(model_parallel_groups: list[list[int]], engine_tp: int) -> lis
         raise ValueError(f"rollout.tensor_parallel={engine_tp} must divide or be a multiple of the trainer's "
                          f"tensor_parallel x pipeline_parallel = {size} (and use whole data-parallel replicas: "
                          f"{len(groups)} of them)")
-    return [sum(groups[i:i + per_engine], []) for i in range(0, len(groups), per_engine)]
+    return [sorted(sum(groups[i:i + per_engine], [])) for i in range(0, len(groups), per_engine)]
