@@ -45,16 +45,17 @@ def test_every_recipe_passes_the_trainers_startup_checks_on_its_cluster(path):
 
 
 def test_plan_reports_the_startup_problems_and_exits_nonzero(capsys):
-    """The qwen32b recipes shipped with rollout.tensor_parallel=4 at TP 8: engine_problems refuses that,
-    so must `plan` (the trainer died after the container, Ray and the data had loaded)."""
+    """An engine layout the trainer cannot build (rollout.tensor_parallel=3 at TP 8: neither a divisor
+    nor a multiple) is refused by engine_problems, so must it be by `plan` (the trainer would die
+    after the container, Ray and the data had loaded)."""
     from nemo_rlsr.cli import main
 
     recipe = REPO / "conf/rlsr_qwen32b_sb.yaml"
-    cfg = load_config(recipe, ["rollout.tensor_parallel=4"])
+    cfg = load_config(recipe, ["rollout.tensor_parallel=3"])
     plan = make_plan(cfg)
     assert plan.problems == startup_problems(cfg, cluster_machine(cfg), "rlsr") != []
-    assert any("a TensorRT-LLM engine spans one trainer model-parallel group" in p for p in plan.problems)
-    assert main(["plan", "--config", str(recipe), "rollout.tensor_parallel=4"]) == 1
+    assert any("must divide or be a multiple of the trainer's" in p for p in plan.problems)
+    assert main(["plan", "--config", str(recipe), "rollout.tensor_parallel=3"]) == 1
     assert "tensor_parallel x pipeline_parallel = 8" in capsys.readouterr().out
     # the machine is part of the check: a TensorRT-LLM recipe planned for a machine without GPUs
     assert any("needs CUDA GPUs" in p for p in make_plan(load_config(recipe), gpu="cpu").problems)

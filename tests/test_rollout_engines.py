@@ -58,7 +58,6 @@ def test_engine_combinations_that_cannot_run_are_refused_at_startup():
         "rollout.fp8=true is refused": (config(engine="trtllm", fp8=True, tensor_parallel=1), True, True),
         "trainer's module": (config(tensor_parallel=2), True, True),
         "stop strings need": (config(engine="trtllm", stop=["\n"]), True, True),
-        "one trainer model-parallel group": (config(engine="trtllm", tensor_parallel=4), True, True),
     }
     for message, (cfg, cuda, importable) in refused.items():
         problems = engine_problems(cfg, cuda=cuda, trtllm_importable=importable)
@@ -68,6 +67,22 @@ def test_engine_combinations_that_cannot_run_are_refused_at_startup():
     assert any("pipeline_parallel=1" in p for p in engine_problems(pipelined, cuda=True, trtllm_importable=True))
     pipelined.rollout.engine = "trtllm"  # PP->TP: the engine has its own layout
     assert engine_problems(pipelined, cuda=True, trtllm_importable=True) == []
+    # an engine of TensorRT-LLM workers sits on part of a TP x PP = 4 group of trainer GPUs, or on whole ones
+    pipelined.parallel.tensor_parallel = 2
+    for engine_tp, ok in ((1, True), (2, True), (4, True), (8, True), (3, False), (6, False)):
+        pipelined.rollout.tensor_parallel = engine_tp
+        problems = engine_problems(pipelined, cuda=True, trtllm_importable=True)
+        assert (problems == []) if ok else any("divide or be a multiple" in p for p in problems), (engine_tp, problems)
+    # engine expert parallel: TensorRT-LLM only, a divisor of the engine and of the experts
+    pipelined.rollout.tensor_parallel = 4
+    pipelined.rollout.expert_parallel = 2
+    assert any("rollout.expert_parallel=2 must divide" in p for p in engine_problems(pipelined, True, True))
+    pipelined.model.num_moe_experts = 8
+    assert engine_problems(pipelined, cuda=True, trtllm_importable=True) == []
+    pipelined.rollout.expert_parallel = 8
+    assert any("must divide rollout.tensor_parallel=4" in p for p in engine_problems(pipelined, True, True))
+    pipelined.rollout.engine = "torch"
+    assert any("is a TensorRT-LLM option" in p for p in engine_problems(pipelined, True, True))
     # every problem at once: a trtllm engine without CUDA, with stop strings and an FP8 rollout
     many = engine_problems(config(engine="trtllm", stop=["\n"], fp8=True), cuda=False, trtllm_importable=False)
     assert len(many) == 4, many
@@ -102,7 +117,11 @@ def test_trtllm_llm_arguments():
     assert kwargs["max_input_len"] == 3072
     assert llm_kwargs(TRTLLMOptions("/m", 1, 8, 4096))["max_input_len"] == 4095  # any prompt that fits
     assert "quant_config" not in kwargs
-    for bad in (dict(max_input_len=4096), dict(max_input_len=0), dict(tensor_parallel=0)):
+    # BaseLlmArgs.moe_expert_parallel_size (llm_args.py, 1.2 line): 1 = experts moe-TP over the engine
+    assert kwargs["moe_expert_parallel_size"] == 1
+    assert llm_kwargs(TRTLLMOptions("/m", 4, 8, 4096, expert_parallel=2))["moe_expert_parallel_size"] == 2
+    for bad in (dict(max_input_len=4096), dict(max_input_len=0), dict(tensor_parallel=0),
+                dict(tensor_parallel=4, expert_parallel=3)):
         with pytest.raises(ValueError):
             TRTLLMOptions(**{"model_dir": "/m", "tensor_parallel": 1, "max_batch_size": 8, "max_seq_len": 4096,
                              **bad})
@@ -316,14 +335,14 @@ def test_trtllm_engine_after_refit_greedy_equals_torch_sampler(module, tmp_path)
     from nemo_rlsr.generation.factory import trtllm_model_config
     from nemo_rlsr.generation.trtllm import TRTLLMRolloutEngine
     from nemo_rlsr.models.hf import adapter_for_model
-    from nemo_rlsr.weight_sync.source import hf_named_tensors
+    from nemo_rlsr.weight_sync.shard_refit import ShardRefit
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                       max_sequence_length=32)
     adapter = adapter_for_model(cfg)
     (tmp_path / "config.json").write_text(json.dumps(trtllm_model_config(adapter, cfg, VOCAB, PAD, EOS)))
     engine = TRTLLMRolloutEngine(TRTLLMOptions(str(tmp_path), 1, 8, 32),
-                                 lambda: hf_named_tensors(module, adapter, cfg, VOCAB), 2**20, EOS, PAD)
+                                 lambda: ShardRefit(module, adapter, cfg, VOCAB, 1), 2**20, EOS, PAD)
     metrics = engine.update_weights()
     assert metrics["refit/buckets"] >= 1
     engine.wake()

@@ -67,6 +67,22 @@ def test_each_engine_sits_on_its_groups_gpus(world, tp, pp, cp, gpn):
     assert sorted(used) == sorted(slots)  # each GPU by exactly one engine worker
 
 
+@pytest.mark.parametrize("engine_tp", [1, 2, 8])
+def test_engines_of_another_layout_than_the_trainers_put_worker_i_on_rank_i(engine_tp):
+    """Engine groups that divide or join megatron's TP=2 x PP=2 groups (DP=2, 2 nodes of 4 GPUs):
+    TensorRT-LLM's worker i (flattened node by node) is on the GPU of the engine's rank i, the rank
+    that prepared engine rank i's part of the weights (weight_sync/shard_refit.py)."""
+    from nemo_rlsr.weight_sync.engine_slices import engine_groups
+
+    groups = engine_groups(megatron_groups(8, 2, 2), engine_tp)
+    slots, bundles = cluster(8, 4, shuffle=1)
+    for placement, group in zip(plan_engines(groups, slots, bundles, engine_tp), groups, strict=True):
+        assert worker_slots(placement, bundles) == [slots[r] for r in group]
+    interleaved = [[0, 4, 1, 5], [2, 6, 3, 7]]  # ranks alternating nodes: the workers would be numbered otherwise
+    with pytest.raises(ValueError, match="interleave nodes"):
+        plan_engines(interleaved, slots, bundles, 4)
+
+
 def test_plan_arguments_are_what_async_llm_takes():
     groups = megatron_groups(8, 2, 2)
     slots, bundles = cluster(8, 4, shuffle=3)
@@ -81,7 +97,7 @@ def test_plan_arguments_are_what_async_llm_takes():
 
 
 @pytest.mark.parametrize("case,match", [
-    ("engine_tp", "rollout.tensor_parallel=2 but a model-parallel group has 4 ranks"),
+    ("engine_tp", "rollout.tensor_parallel=2 but an engine group has 4 ranks"),
     ("uncovered", "must cover ranks"),
     ("same_gpu", "same GPU"),
     ("no_bundle", "no placement-group bundle holds"),

@@ -23,13 +23,18 @@ def model(single_rank):
 
 
 def hf_llama(state):
+    return hf_llama_for(CFG, VOCAB, state)
+
+
+def hf_llama_for(cfg: ModelConfig, vocab: int, state: dict):
+    """transformers' Llama of `cfg` holding the HF tensors `state` (every one used, lm_head tied or given)."""
     import dataclasses
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from nemo_rlsr.models.hf import adapter_for
 
-    exported = adapter_for("llama").hf_config(dataclasses.replace(CFG, vocab_size=VOCAB))
+    exported = adapter_for("llama").hf_config(dataclasses.replace(cfg, vocab_size=vocab))
     hf = LlamaForCausalLM(LlamaConfig(**exported)).float().eval()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}

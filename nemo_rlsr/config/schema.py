@@ -172,8 +172,9 @@ class RolloutConfig:
     `engine`: "torch" (our KV-cache sampler, CPU and GPU), "trtllm" (TensorRT-LLM Ray workers
     colocated on the trainer's GPUs) or "megatron" (megatron-core inference). `tensor_parallel`:
     GPUs per engine instance (null: the trainer's tensor_parallel; trtllm: tensor_parallel x
-    pipeline_parallel, the only value it takes, one engine on each model-parallel group's GPUs);
-    an MoE engine spreads its experts over them. `top_k: 0` keeps every token; `stop`: strings that end a response (it keeps
+    pipeline_parallel, or any divisor or multiple of it, docs/refit.md); an MoE engine spreads its
+    experts over them, whole experts over `expert_parallel` of them (trtllm; it divides
+    tensor_parallel and the expert count). `top_k: 0` keeps every token; `stop`: strings that end a response (it keeps
     the token that completed one). Sampling seeds derive from parallel.seed, the step and the
     DP rank. `refit_bucket_mb`: size of the buckets of HF-named tensors a refit streams to an engine
     holding its own copy of the weights (trtllm). `fp8`: FP8 rollout, refused for now (no test shows
@@ -182,6 +183,7 @@ class RolloutConfig:
 
     engine: str = "torch"
     tensor_parallel: int | None = None
+    expert_parallel: int = 1
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0

@@ -57,13 +57,20 @@ def engine_problems(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> lis
         need(not rollout.stop, "rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos "
                                "or rollout.engine=torch")
         model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
-        # each engine worker reads the refit IPC handles of its own GPU: an engine spans exactly one
-        # model-parallel group of trainer ranks (generation/trtllm_placement.py)
-        need(rollout.tensor_parallel in (None, model_parallel),
-             f"rollout.tensor_parallel={rollout.tensor_parallel}: a TensorRT-LLM engine spans one trainer "
-             f"model-parallel group, tensor_parallel x pipeline_parallel = {model_parallel}")
+        engine_tp = engine_gpus(cfg)
+        # each engine worker reads the refit IPC handles of its own GPU, so an engine sits on trainer
+        # GPUs: part of one model-parallel group or whole ones (weight_sync/engine_slices.engine_groups)
+        need(engine_tp >= 1 and (model_parallel % engine_tp == 0 or engine_tp % model_parallel == 0),
+             f"rollout.tensor_parallel={rollout.tensor_parallel} must divide or be a multiple of the trainer's "
+             f"tensor_parallel x pipeline_parallel = {model_parallel} (a TensorRT-LLM engine sits on trainer GPUs)")
+        ep, experts = rollout.expert_parallel, cfg.model.num_moe_experts or 0
+        need(ep == 1 or (ep >= 1 and engine_tp % ep == 0 and experts and experts % ep == 0),
+             f"rollout.expert_parallel={ep} must divide rollout.tensor_parallel={engine_tp} and the number of "
+             f"experts (model.num_moe_experts={experts or None})")
         return out
     # torch / megatron run the trainer's own module: its layout is theirs
+    need(rollout.expert_parallel == 1, f"rollout.expert_parallel={rollout.expert_parallel} is a TensorRT-LLM option; "
+                                       f"rollout.engine={engine} runs the trainer's module (parallel.expert_parallel)")
     need(rollout.tensor_parallel in (None, parallel.tensor_parallel),
          f"rollout.tensor_parallel={rollout.tensor_parallel}: rollout.engine={engine} runs on the trainer's module "
          f"(tensor_parallel={parallel.tensor_parallel}); only trtllm has its own layout")
@@ -117,7 +124,7 @@ def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir) -> RolloutEngine:
 def trtllm_model_config(adapter, model, vocab_size: int, pad_id: int, eos_id: int) -> dict:
     """The config.json of the TensorRT-LLM engine's model folder: the policy's own architecture
     (`adapter`, MegatronPolicy.hf_adapter: its `architectures` entry picks the engine's model class),
-    with the vocabulary the refit stream sends (`vocab_size`, weight_sync.source.hf_named_tensors)."""
+    with the vocabulary the refit sends (`vocab_size`, weight_sync.shard_refit.ShardRefit)."""
     import dataclasses
 
     config = adapter.hf_config(dataclasses.replace(model, vocab_size=vocab_size))
@@ -131,7 +138,7 @@ def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
     import torch.distributed as dist
 
     from nemo_rlsr.generation.trtllm import TRTLLMOptions, TRTLLMRolloutEngine
-    from nemo_rlsr.weight_sync.source import hf_named_tensors
+    from nemo_rlsr.weight_sync.shard_refit import ShardRefit
 
     vocab = tokenizer.vocab_size
     adapter = policy.hf_adapter  # one architecture for the engine's config.json and every refit
@@ -141,11 +148,17 @@ def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
         config = trtllm_model_config(adapter, cfg.model, vocab, tokenizer.pad_id, tokenizer.eos_id)
         (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     dist.barrier()
+    engine_tp = engine_gpus(cfg)
+    model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
+    rows = cfg.grpo.prompts_per_step // policy.ctx.dp * cfg.grpo.num_generations  # one DP rank's rollouts
     opts = TRTLLMOptions(
         model_dir=str(model_dir),
-        tensor_parallel=engine_gpus(cfg),
-        max_batch_size=cfg.grpo.prompts_per_step // policy.ctx.dp * cfg.grpo.num_generations,  # this DP rank's rows
+        tensor_parallel=engine_tp,
+        expert_parallel=cfg.rollout.expert_parallel,
+        # an engine's share of its cell's rows (trtllm_cells.py): E / (TP x PP) DP ranks' worth
+        max_batch_size=max(1, -(-rows * engine_tp // model_parallel)),
         max_seq_len=cfg.model.max_sequence_length,
         max_input_len=cfg.model.max_sequence_length - cfg.rollout.max_new_tokens)  # the trainer's prompt limit
-    return TRTLLMRolloutEngine(opts, lambda: hf_named_tensors(policy.chunks, adapter, cfg.model, vocab),
+    return TRTLLMRolloutEngine(opts, lambda: ShardRefit(policy.chunks, adapter, cfg.model, vocab, engine_tp,
+                                                           cfg.rollout.expert_parallel),
                                cfg.rollout.refit_bucket_mb * 2**20, tokenizer.eos_id, tokenizer.pad_id)

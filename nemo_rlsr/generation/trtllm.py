@@ -40,12 +40,16 @@ without that API fails with a clear error instead of silently placing workers el
   installed enum.
 * Requests and outputs: trtllm_requests.py (EOS kept as a stop token, greedy n > 1 split into requests).
 
-Placement (trtllm_placement.py): one engine per model-parallel group (TP x PP trainer ranks), with
-tensor_parallel_size = TP x PP; its Ray workers sit on exactly the GPUs of that group's ranks, because a
-worker only opens the IPC handles of its own device. Rank 0 reserves every GPU of the trainer nodes as
-one-GPU bundles, reads which GPU each bundle holds and hands each group's leader its bundles. Every
-rank of a group sends every full HF tensor (PP->TP: the engine's loader shards them), turned into IPC
-handles of tensors on its own GPU; the leader gathers them and makes the call.
+Placement (trtllm_placement.py): an engine of tensor_parallel_size E = rollout.tensor_parallel on E
+trainer GPUs, laid out independently of the trainer (weight_sync/engine_slices.engine_groups: E
+divides TP x PP, several engines per model-parallel group, or is a multiple of it, one engine over
+whole data-parallel replicas); its Ray workers sit on exactly those GPUs, because a worker only opens
+the IPC handles of its own device. Rank 0 reserves every GPU of the trainer nodes as one-GPU bundles,
+reads which GPU each bundle holds and hands each engine's leader its bundles. Refit: every rank
+receives only the part of each HF tensor that the worker on its GPU loads (weight_sync/shard_refit.py)
+and hands it over as a full-shaped tensor (TensorRT-LLM's loader cuts its part itself); the leader
+gathers the workers' IPC handles and makes the call. Generation: the engines of a cell
+(trtllm_cells.py) share out the cell's prompts.
 
 Only the pure parts (options, placement plan, sampling arguments, handle serialisation, output
 conversion, memory tags, the import and worker environment) run without TensorRT-LLM;
@@ -68,9 +72,11 @@ import torch
 
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 from nemo_rlsr.generation.sampling import request_seeds
+from nemo_rlsr.generation.trtllm_cells import cells, own_completions, shares
 from nemo_rlsr.generation.trtllm_placement import EnginePlacement, connect_ray, device_key, reserve_and_plan
 from nemo_rlsr.generation.trtllm_requests import completions, completions_to_rollout, request_plan
 from nemo_rlsr.weight_sync.buckets import Bucket, refit
+from nemo_rlsr.weight_sync.shard_refit import ShardRefit
 
 PINNED_VERSION = "1.2"
 # What srun/PMIx, Open MPI and torchrun put in a trainer rank's environment: an MPI_Init that sees
@@ -136,9 +142,11 @@ class TRTLLMOptions:
     max_seq_len: int
     max_input_len: int | None = None  # longest prompt; None: any that leaves room for one new token
     kv_cache_fraction: float = 0.5  # of the GPU memory left free once the weights are loaded
+    expert_parallel: int = 1  # moe_expert_parallel_size (the experts' moe-TP is tensor_parallel / it)
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel < 1 or self.max_batch_size < 1 or self.max_seq_len < 2:
+        if (self.tensor_parallel < 1 or self.max_batch_size < 1 or self.max_seq_len < 2 or self.expert_parallel < 1
+                or self.tensor_parallel % self.expert_parallel):
             raise ValueError(f"bad TensorRT-LLM options: {self}")
         if self.max_input_len is not None and not 1 <= self.max_input_len < self.max_seq_len:
             raise ValueError(f"max_input_len={self.max_input_len} must be in [1, max_seq_len={self.max_seq_len})")
@@ -151,7 +159,8 @@ def llm_kwargs(opts: TRTLLMOptions) -> dict:
     return {
         "model": opts.model_dir, "backend": "pytorch", "orchestrator_type": "ray",
         "ray_worker_extension_cls": "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension",
-        "tensor_parallel_size": opts.tensor_parallel, "max_batch_size": opts.max_batch_size,
+        "tensor_parallel_size": opts.tensor_parallel, "moe_expert_parallel_size": opts.expert_parallel,
+        "max_batch_size": opts.max_batch_size,
         "max_seq_len": opts.max_seq_len,
         "max_input_len": opts.max_seq_len - 1 if opts.max_input_len is None else opts.max_input_len,
         "enable_sleep": True, "load_format": "dummy", "skip_tokenizer_init": True,
@@ -245,18 +254,24 @@ class TRTLLMLeader:
 
 
 class TRTLLMRolloutEngine:
-    """See the module docstring. `weights()` yields the trainer's (hf_name, tensor) stream."""
+    """See the module docstring. `make_refit()` builds the shard refit (a collective over all ranks,
+    run once here): its engine groups are the engines, of `opts.tensor_parallel` workers each."""
 
-    def __init__(self, opts: TRTLLMOptions, weights: Callable[[], Iterator[tuple[str, torch.Tensor]]],
-                 bucket_bytes: int, eos_id: int, pad_id: int) -> None:
+    def __init__(self, opts: TRTLLMOptions, make_refit: Callable[[], ShardRefit], bucket_bytes: int,
+                 eos_id: int, pad_id: int) -> None:
         import torch.distributed as dist
-        from megatron.core import parallel_state
 
-        self.opts, self.weights, self.bucket_bytes = opts, weights, bucket_bytes
+        self.opts, self.bucket_bytes = opts, bucket_bytes
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.group = parallel_state.get_model_parallel_group()
-        self.leader_rank = dist.get_process_group_ranks(self.group)[0]
-        self.is_leader = dist.get_rank() == self.leader_rank
+        self.refit = make_refit()
+        me = dist.get_rank()
+        self.engine_ranks = self.refit.engine_group
+        self.group = _own_group(self.refit.groups, me)  # the engine's workers' ranks
+        all_cells = cells(self.refit.model_parallel_groups, self.refit.groups)
+        self.cell = next(c for c in all_cells if me in c)
+        self.cell_group = _own_group(all_cells, me)
+        self.leader_rank = self.engine_ranks[0]
+        self.is_leader = me == self.leader_rank
         placement, node_groups = self._place()
         self.leader = None
         if self.is_leader:
@@ -264,20 +279,18 @@ class TRTLLMRolloutEngine:
 
     def _place(self) -> tuple[EnginePlacement, dict]:
         """Collective over all ranks: every rank reports its GPU, rank 0 reserves the trainer nodes'
-        GPUs in Ray and plans; each rank gets its group's placement and the placement groups."""
+        GPUs in Ray and plans; each rank gets its engine's placement and the placement groups."""
         import torch.distributed as dist
         from ray.util import get_node_ip_address
 
         slot = (get_node_ip_address(), device_key(torch.cuda.current_device()))
         world = dist.get_world_size()
-        slots, groups = [None] * world, [None] * world
+        slots = [None] * world
         dist.all_gather_object(slots, slot)
-        dist.all_gather_object(groups, dist.get_process_group_ranks(self.group))
         box = [None]
         if dist.get_rank() == 0:
             try:
-                box = [reserve_and_plan(sorted(set(map(tuple, groups))), slots, self.opts.tensor_parallel,
-                                        WORKER_GPU_SHARE)]
+                box = [reserve_and_plan(self.refit.groups, slots, self.opts.tensor_parallel, WORKER_GPU_SHARE)]
             except Exception as exc:  # raised on every rank: the others wait in the broadcast
                 box = [exc]
         dist.broadcast_object_list(box, src=0)
@@ -296,6 +309,9 @@ class TRTLLMRolloutEngine:
         return parts
 
     def update_weights(self) -> dict[str, float]:
+        """Shard-only refit (weight_sync/shard_refit.py): each worker's handles cover full-shaped
+        tensors holding only the part its loader reads. Buckets are cut by full tensor bytes in the
+        plan's order, the same on every rank, so an engine's workers push the same buckets."""
         import torch.distributed as dist
 
         if self.is_leader:  # the refit writes into the weights: they must be resident
@@ -303,16 +319,19 @@ class TRTLLMRolloutEngine:
         key = refit_device_key(torch.cuda.current_device())
 
         def push(bucket: Bucket) -> None:
-            parts = self._gather_to_leader(serialize_handles(bucket, key))
+            tensors = [(name, part.materialize()) for name, part in bucket if part.need is not None]
+            parts = self._gather_to_leader(serialize_handles(tensors, key))
             if self.is_leader:
                 self.leader.update_weights({k: v for part in parts for k, v in part.items()})
             dist.barrier(group=self.group)  # the bucket's tensors may be freed only after this
 
-        metrics = refit(self.weights(), self.bucket_bytes, push)
+        before = self.refit.received_bytes
+        metrics = refit(self.refit.stream(), self.bucket_bytes, push,
+                        size_of=lambda part: part.full_bytes, counted=lambda part: part.nbytes)
         if self.is_leader:
             self.leader.update_weights(None)
         dist.barrier(group=self.group)
-        return metrics
+        return metrics | {"refit/received_gib": (self.refit.received_bytes - before) / 2**30}
 
     def sleep(self) -> None:
         """Release weights and KV cache while the trainer runs (the next refit rewrites the weights)."""
@@ -330,11 +349,50 @@ class TRTLLMRolloutEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seed: int | Sequence[int]) -> RolloutBatch:
+        """This rank's prompts (its model-parallel group's), generated by the engines of its cell
+        (trtllm_cells.py): the cell's prompts are shared out among its engines, each leader generates
+        its share, every rank takes back its own group's completions in prompt order."""
         import torch.distributed as dist
 
-        box = [None]
+        mine = (min(dist.get_process_group_ranks(self._model_parallel_group())), prompts,
+                request_seeds(seed, len(prompts)))
+        everyone = [None] * len(self.cell)
+        dist.all_gather_object(everyone, mine, group=self.cell_group)
+        groups = sorted({first: (p, s) for first, p, s in everyone}.items())
+        work = shares([len(p) for _, (p, _) in groups], len(self.engine_leaders))
+        result = None
         if self.is_leader:
-            box = [self.leader.generate(prompts, params, request_seeds(seed, len(prompts)), self.eos_id, self.pad_id)]
-        dist.broadcast_object_list(box, src=self.leader_rank, group=self.group)
-        return completions_to_rollout(prompts, box[0], self.pad_id, params.max_new_tokens,
-                                      torch.cuda.current_device())
+            share = work[self.engine_leaders.index(self.leader_rank)]
+            share_prompts = [groups[g][1][0][i] for g, i in share]
+            share_seeds = [groups[g][1][1][i] for g, i in share]
+            result = self.leader.generate(share_prompts, params, share_seeds, self.eos_id, self.pad_id) if share else []
+        results = [None] * len(self.cell)
+        dist.all_gather_object(results, (self.leader_rank, result), group=self.cell_group)
+        by_leader = dict((leader, r) for leader, r in results if r is not None)
+        own = own_completions(work, [by_leader[leader] for leader in self.engine_leaders],
+                              [first for first, _ in groups].index(mine[0]), len(prompts))
+        return completions_to_rollout(prompts, own, self.pad_id, params.max_new_tokens, torch.cuda.current_device())
+
+    @property
+    def engine_leaders(self) -> list[int]:
+        """The leaders of the cell's engines, in rank order (engine i of the cell takes share i)."""
+        return sorted({g[0] for g in self.refit.groups if g[0] in self.cell})
+
+    @staticmethod
+    def _model_parallel_group():
+        from megatron.core import parallel_state
+
+        return parallel_state.get_model_parallel_group()
+
+
+def _own_group(groups: list[list[int]], rank: int):
+    """The process group of the one of `groups` that holds `rank` (every rank creates them all, in
+    the same order, as torch.distributed.new_group requires)."""
+    import torch.distributed as dist
+
+    own = None
+    for ranks in groups:
+        group = dist.new_group(sorted(ranks))
+        if rank in ranks:
+            own = group
+    return own

@@ -2,10 +2,10 @@
 
 Why this matters: TensorRT-LLM's `WorkerExtension.update_weights` (1.2, tensorrt_llm/llmapi/rlhf_utils.py)
 reads only the entry of its own device UUID from the {device_uuid: handles} dict, so each engine worker
-must sit on the GPU of a trainer rank of its model-parallel group (that rank's CUDA IPC handles are the
-ones it can open). Every rank of the group sends every full HF tensor (weight_sync/source.py), so one
-engine per model-parallel group (TP x PP ranks), with tensor_parallel_size = TP x PP, takes its weights
-without any cross-GPU copy: this is the PP->TP reshard.
+must sit on the GPU of the trainer rank that prepared its part of the weights (that rank's CUDA IPC
+handles are the ones it can open). An engine's workers take the trainer ranks of one engine group
+(weight_sync/engine_slices.engine_groups: part of a TP x PP model-parallel group, or whole ones), and
+each of those ranks receives just what its worker loads (weight_sync/shard_refit.py).
 
 The trainer is SPMD (torchrun / srun), outside Ray, so Ray does not know which GPU a trainer rank holds.
 Ray does pin a placement-group bundle with {"GPU": 1} to one GPU instance for the bundle's life, and a
@@ -55,17 +55,14 @@ def device_key(index: int) -> str:
 
 
 def check_groups(groups: list[list[int]], world: int, engine_tp: int) -> None:
-    """The layout rules that need no Ray: groups partition the ranks, one engine per group."""
+    """The layout rules that need no Ray: the engine groups partition the ranks, `engine_tp` each."""
     ranks = sorted(r for group in groups for r in group)
     if ranks != list(range(world)):
-        raise ValueError(f"model-parallel groups {groups} must cover ranks 0..{world - 1} once each")
+        raise ValueError(f"engine groups {groups} must cover ranks 0..{world - 1} once each")
     for group in groups:
         if len(group) != engine_tp:
-            raise ValueError(
-                f"rollout.tensor_parallel={engine_tp} but a model-parallel group has {len(group)} ranks "
-                f"(tensor_parallel x pipeline_parallel): a colocated TensorRT-LLM engine takes the IPC "
-                f"handles of exactly the GPUs of one group, so set rollout.tensor_parallel={len(group)} "
-                f"(or leave it null)")
+            raise ValueError(f"rollout.tensor_parallel={engine_tp} but an engine group has {len(group)} ranks "
+                             f"(weight_sync.engine_slices.engine_groups makes them {engine_tp} each)")
 
 
 def plan_engines(groups: list[list[int]], slots: list[Slot], bundle_gpus: dict[str, list],
@@ -96,6 +93,10 @@ def plan_engines(groups: list[list[int]], slots: list[Slot], bundle_gpus: dict[s
                 nodes.append(node)
                 per_node[node] = []
             per_node[node].append(where[slots[rank]])
+        flattened = [rank for node in nodes for rank in group if slots[rank][0] == node]
+        if flattened != list(group):  # worker i must be on ranks[i]'s GPU: that rank prepared its weights
+            raise ValueError(f"engine ranks {group} interleave nodes ({[slots[r][0] for r in group]}): TensorRT-LLM "
+                             f"numbers the workers node by node; launch ranks node by node")
         plan.append(EnginePlacement(tuple(group), tuple(nodes), tuple(tuple(per_node[n]) for n in nodes)))
     return plan
 

@@ -155,12 +155,13 @@ def kv_bytes_per_token(cfg: RLSRConfig, shape: ModelShape, lay: Layout) -> float
 
 
 def engine_weight_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout) -> float:
-    """A TensorRT-LLM engine's bf16 weights per GPU: split over its GPUs, except that an MLA model
-    runs attention data-parallel (see kv_bytes_per_token), so only its routed experts are split."""
+    """A TensorRT-LLM engine's bf16 weights per GPU (the HF tensors, unpadded vocabulary): split over
+    its GPUs, except that an MLA model runs attention data-parallel (see kv_bytes_per_token), so only
+    its routed experts are split. Also what a shard-only refit hands each worker (planner/refit.py)."""
     if not cfg.model.multi_latent_attention:
-        return shape.total_params() * 2 / lay.engine_tp
+        return shape.hf_params() * 2 / lay.engine_tp
     experts = shape.moe_layers * shape.expert_params() if cfg.model.num_moe_experts else 0
-    return (experts / lay.engine_tp + shape.total_params() - experts) * 2
+    return (experts / lay.engine_tp + shape.hf_params() - experts) * 2
 
 
 def encoder_window(cfg: RLSRConfig) -> int:

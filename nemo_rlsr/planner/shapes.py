@@ -28,10 +28,11 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
 class ModelShape:
     cfg: ModelConfig
     vocab: int  # padded as megatron pads it
+    hf_vocab: int = 0  # the tokenizer's (HF tensors and a refit carry these rows); 0: = vocab
 
     @classmethod
     def build(cls, cfg: ModelConfig, vocab_size: int) -> "ModelShape":
-        return cls(cfg, padded_vocab_size(vocab_size))
+        return cls(cfg, padded_vocab_size(vocab_size), vocab_size)
 
     # ---- dimensions ----------------------------------------------------------------------------
 
@@ -105,6 +106,11 @@ class ModelShape:
     def total_params(self) -> int:
         layers = sum(sum(self.layer_params(i)) for i in range(self.cfg.num_layers))
         return layers + self.embedding_params + self.output_params + self.cfg.hidden_size
+
+    def hf_params(self) -> int:
+        """Parameters of the HF checkpoint / a refit: megatron's padded vocabulary rows trimmed."""
+        padding = self.vocab - (self.hf_vocab or self.vocab)
+        return self.total_params() - padding * self.cfg.hidden_size * (1 if self.cfg.tie_embeddings else 2)
 
     def active_params(self) -> int:
         """Parameters one token passes through (MoE: top-k of the routed experts); excludes the

@@ -15,6 +15,7 @@ from nemo_rlsr.planner.hardware import EFFICIENCY, Device
 from nemo_rlsr.planner.layout import Layout
 from nemo_rlsr.planner.memory import (Memory, encoder_window, engine_weight_bytes, kv_bytes_per_token,
                                       param_bytes, stage_params)
+from nemo_rlsr.planner.refit import refit_received_bytes
 from nemo_rlsr.planner.shapes import ENCODERS, ModelShape
 
 MEAN_PROMPT_TOKENS = 256  # ASSUMED: instruction prompts of TULU / Infinity-Instruct are short
@@ -105,9 +106,12 @@ def _generation(cfg, shape, lay, dev, memory: Memory, n: Lengths) -> float:
 def _refit(cfg, shape, lay, dev) -> float:
     if cfg.rollout.engine != "trtllm":
         return 0.0  # the torch and megatron engines run on the policy's own weights
+    """The busiest GPU's bytes of a shard-only refit (planner/refit.py) over the links of the ranks
+    that send them, plus writing its engine shard into the engine's weights."""
     shard = engine_weight_bytes(cfg, shape, lay)
-    group = lay.tp * lay.pp * lay.cp * lay.ep
-    return shard / _link(dev, lay, group) + shard / dev.hbm_bytes_per_s
+    received = refit_received_bytes(shard, lay.tp, lay.pp, lay.engine_tp)
+    group = max(lay.tp * lay.pp * lay.cp * lay.ep, lay.engine_tp)
+    return received / _link(dev, lay, group) + shard / dev.hbm_bytes_per_s
 
 
 def _dp_sync(cfg, shape, lay, dev) -> float:

@@ -8,19 +8,21 @@ gathered full tensors, so a refit of a model larger than one GPU's free memory s
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-Bucket = list[tuple[str, torch.Tensor]]
+Bucket = list[tuple[str, Any]]  # (HF name, tensor), or (HF name, weight_sync.shard_refit.EngineSlice)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def iter_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
-    """Buckets of at most `bucket_bytes` in stream order; a tensor larger than that goes alone.
+def iter_buckets(tensors: Iterable[tuple[str, Any]], bucket_bytes: int,
+                 size_of: Callable[[Any], int] = tensor_bytes) -> Iterator[Bucket]:
+    """Buckets of at most `bucket_bytes` (as `size_of` counts an item) in stream order; an item larger
+    than that goes alone.
 
     A bucket is yielded as soon as the next tensor would overflow it, and the generator keeps no
     reference to it afterwards: the consumer decides when its memory is freed."""
@@ -29,7 +31,7 @@ def iter_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int)
     bucket: Bucket = []
     size = 0
     for name, tensor in tensors:
-        nbytes = tensor_bytes(tensor)
+        nbytes = size_of(tensor)
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
@@ -39,9 +41,11 @@ def iter_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int)
         yield bucket
 
 
-def refit(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-          push: Callable[[Bucket], None]) -> dict[str, float]:
-    """Stream `tensors` to `push` bucket by bucket; the step metrics of the refit.
+def refit(tensors: Iterable[tuple[str, Any]], bucket_bytes: int, push: Callable[[Bucket], None],
+          size_of: Callable[[Any], int] = tensor_bytes, counted: Callable[[Any], int] = tensor_bytes
+          ) -> dict[str, float]:
+    """Stream `tensors` to `push` bucket by bucket (cut by `size_of`); the step metrics of the refit
+    (`refit/gib`: the items' bytes as `counted` says).
 
     The time includes producing the tensors (TP gathers, name mapping) since that is part of what a
     refit costs the step; on CUDA the device is synchronised first so queued kernels are counted."""
@@ -49,9 +53,9 @@ def refit(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
         torch.cuda.synchronize()
     start = time.perf_counter()
     total = count = 0
-    for bucket in iter_buckets(tensors, bucket_bytes):
+    for bucket in iter_buckets(tensors, bucket_bytes, size_of):
         push(bucket)
-        total += sum(tensor_bytes(t) for _, t in bucket)
+        total += sum(counted(t) for _, t in bucket)
         count += 1
     if torch.cuda.is_available():
         torch.cuda.synchronize()
