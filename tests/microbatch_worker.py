@@ -5,7 +5,8 @@ few short ones, so rank 0 has more micro-batches than rank 1, both with SFT pack
 micro-batches of packed rows) and with token budgets. Each scenario trains one step of a dense
 policy (DP=2) and of a tiny MoE policy at EP=2 (its expert layers all-gather tokens across the two
 DP ranks in every micro-batch: a rank that stops early leaves its peer waiting), then takes the
-logprobs of a fixed probe batch. `reference` runs the same steps on one rank with all examples,
+logprobs of a fixed probe batch. `pipeline`: the dense step at PP=2 with all examples under a
+token budget (micro-batches of varying shapes cross the stage boundary). `reference` runs the same steps on one rank with all examples,
 one per row, fixed micro-batches; the test compares.
 """
 
@@ -89,7 +90,15 @@ def scenario(out: Path, packed: bool) -> dict:
     return result
 
 
+def scenario_pipeline(out: Path) -> dict:
+    """PP=2 under a token budget: stages exchange activations of a different shape per micro-batch."""
+    policy = policy_for("dense", {"pp": 2}, out, first=False)
+    batch = sft_batch(examples(0) + examples(1), LENGTH, PAD)
+    return {"dense": step_and_probe(policy, batch, 1, BUDGET)}
+
+
 if __name__ == "__main__":
     worker_main({"reference": scenario_reference,
                  "packed": lambda out: scenario(out, packed=True),
-                 "budget": lambda out: scenario(out, packed=False)})
+                 "budget": lambda out: scenario(out, packed=False),
+                 "pipeline": scenario_pipeline})

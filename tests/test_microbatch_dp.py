@@ -37,3 +37,14 @@ def test_unequal_micro_batch_counts_match_one_rank(reference, scenario):
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
             torch.testing.assert_close(got["probe_logprobs"], want["probe_logprobs"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_token_budget_through_two_pipeline_stages(reference):
+    out, expected = reference
+    for rank in run_workers("pipeline", out, nprocs=2, timeout_s=240.0, worker=WORKER):
+        got, want = rank["dense"], expected["dense"]
+        assert got["num_tokens"] == want["num_tokens"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        torch.testing.assert_close(got["probe_logprobs"], want["probe_logprobs"], atol=1e-5, rtol=0)
