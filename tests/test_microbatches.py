@@ -133,3 +133,17 @@ def test_config_rule_names_the_key():
         assert not any("max_tokens_per_microbatch" in p for p in config_problems(ok, "rlsr"))
     sft = load_config("conf/sft_tiny.yaml", ["sft.max_tokens_per_microbatch=-1"])
     assert any("sft.max_tokens_per_microbatch must be > 0" in p for p in config_problems(sft, "sft"))
+
+
+def test_planner_counts_the_budget_not_the_row_count():
+    """Activation memory of a budget of 2 full rows = that of fixed 2-row micro-batches, whatever
+    grpo.micro_batch_size says (tests/test_planner_memory.py checks it against a measured peak)."""
+    from nemo_rlsr.planner import make_plan
+
+    def activations(*overrides):
+        return make_plan(load_config("conf/rlsr_tiny.yaml", list(overrides))).memory.items["activations"]
+
+    seq = load_config("conf/rlsr_tiny.yaml").model.max_sequence_length
+    budget = activations(f"grpo.max_tokens_per_microbatch={2 * seq}", "grpo.micro_batch_size=32")
+    assert budget == pytest.approx(activations("grpo.micro_batch_size=2"))
+    assert budget < activations("grpo.micro_batch_size=32") / 8
