@@ -147,3 +147,19 @@ def test_planner_counts_the_budget_not_the_row_count():
     budget = activations(f"grpo.max_tokens_per_microbatch={2 * seq}", "grpo.micro_batch_size=32")
     assert budget == pytest.approx(activations("grpo.micro_batch_size=2"))
     assert budget < activations("grpo.micro_batch_size=32") / 8
+
+
+@pytest.mark.slow
+def test_benchmark_prints_both_variants_and_ratio():
+    import json
+
+    from cli_runner import run_python
+
+    result = run_python(["benchmarks/microbatch_bench.py", "--rows", "8", "--max-len", "256", "--steps", "1",
+                         "--micro-batch-size", "2"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "fixed:" in result.stdout and "token budget:" in result.stdout
+    assert "step time, token budget / fixed:" in result.stdout
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert numbers["token budget"]["padded_fraction"] <= numbers["fixed"]["padded_fraction"]
+    assert numbers["loss_abs_diff"] < 1e-6 and numbers["grad_norm_abs_diff"] < 1e-6
