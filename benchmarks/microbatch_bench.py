@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict[str, dict] = {}
     for name, max_tokens in budgets.items():
         micro = agree_across_ranks(plan_micro_batches(padded, args.micro_batch_size, max_tokens,
-                                                      policies[name].sequence_multiple), padded, 1, None, None)
+                                                      policies[name].sequence_multiple), padded, 1, None)
         result[name] = {"micro_batches": len(micro), "padded_fraction": padded_fraction(micro)}
     for step in range(args.steps + 1):  # step 0 warms up (first-call allocations, lazy imports)
         for name, max_tokens in budgets.items():

@@ -65,7 +65,7 @@ def test_plan_covers_every_row_once_and_cuts_columns():
 def test_fillers_round_the_count_and_count_no_token():
     batch = rollout_batch(6, seed=2)
     micro = plan_micro_batches(batch, micro_batch_size=2, max_tokens=None, multiple=1)
-    agreed = agree_across_ranks(micro, batch, count_multiple=4, count_group=None, shape_group=None)
+    agreed = agree_across_ranks(micro, batch, count_multiple=4, group=None)
     assert len(agreed) == 4 and agreed[3].rows == []
     assert agreed[3].batch.input_ids.shape == micro[-1].batch.input_ids.shape
     assert agreed[3].batch.loss_mask.sum() == 0 and agreed[3].batch.valid.any()

@@ -13,15 +13,19 @@ the step's global token count, models/policy.py, so the grouping of rows never c
   step can produce); it is not run alone, because the planner's activation memory assumes the
   budget bounds every micro-batch.
 
-Agreement (`agree_across_ranks`): every rank of a data-parallel group must run the same number of
-micro-batches when any collective crosses DP ranks per micro-batch (MoE expert parallelism
-all-gathers tokens over EP ranks, which hold different rows; the interleaved pipeline schedule
-needs a multiple of PP), so counts are all-reduced (MAX) and a rank with fewer runs filler
-micro-batches: copies of its first row with an all-zero loss mask (zero loss, zero gradient,
-zero tokens), whose outputs are dropped. Where MoE layers exchange tokens across DP ranks
-(generation/lockstep.py's group), the i-th micro-batches must also have the same shape
-(megatron's `allgather` dispatcher gathers equal token counts), so rows and width are agreed too
-and filled with filler rows and pad columns.
+Agreement (`agree_across_ranks`): ranks must run the same micro-batches, in number and shape,
+where a collective crosses data-parallel ranks inside every micro-batch: MoE layers under expert
+parallelism exchange tokens between ranks that hold different rows (megatron's `allgather`
+dispatcher gathers equal token counts over the expert group, `alltoall` needs equal counts of
+micro-batches: one rule for both; generation/lockstep.py's group). There
+the counts and each micro-batch's (rows, width) are all-reduced (MAX) and a rank with fewer or
+smaller micro-batches runs filler micro-batches, filler rows and pad columns: copies of its first
+row with an all-zero loss mask (zero loss, zero gradient, zero tokens), whose outputs are dropped.
+Dense data-parallel ranks meet once per step, in the gradient all-reduce after their last
+micro-batch (with the global token count), so unequal counts are correct there and no collective is
+added ahead of it: a rank waiting for a slow peer waits in that all-reduce, where the watchdog's
+stack dumps show it. Within one DP replica (TP, CP, PP ranks) every rank cuts the same batch the
+same way. The interleaved pipeline schedule needs a multiple of PP micro-batches: fillers again.
 """
 
 from __future__ import annotations
@@ -134,25 +138,24 @@ def append_rows(batch: TokenBatch, extra: TokenBatch) -> TokenBatch:
                       cat(batch.segment_ids, extra.segment_ids), cat(batch.target_ids, extra.target_ids))
 
 
-def agree_across_ranks(micro: list[MicroBatch], batch: TokenBatch, count_multiple: int,
-                       count_group, shape_group) -> list[MicroBatch]:
-    """`micro` extended with filler micro-batches to the largest count over `count_group` (the DP
-    group; None: this rank alone) rounded up to `count_multiple`, and, with a `shape_group`, each
-    micro-batch grown to the largest (rows, width) of its index over that group."""
+def agree_across_ranks(micro: list[MicroBatch], batch: TokenBatch, count_multiple: int, group) -> list[MicroBatch]:
+    """`micro` extended with filler micro-batches to a multiple of `count_multiple`, and with a
+    `group` (None: this rank alone) to the largest count over it, each micro-batch grown to the
+    largest (rows, width) of its index over the group."""
     import torch.distributed as dist
 
     device = batch.input_ids.device
     count = torch.tensor([len(micro)], device=device)
-    if count_group is not None:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=count_group)
+    if group is not None:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
     total = _round_up(int(count), count_multiple)
     shapes = torch.zeros(total, 2, dtype=torch.long, device=device)
     for i, mb in enumerate(micro):
-        shapes[i] = torch.tensor(mb.batch.input_ids.shape)
-    if shape_group is not None:
-        dist.all_reduce(shapes, op=dist.ReduceOp.MAX, group=shape_group)
+        shapes[i] = torch.tensor(mb.batch.input_ids.shape, device=device)
+    if group is not None:
+        dist.all_reduce(shapes, op=dist.ReduceOp.MAX, group=group)
     else:  # fillers of this rank alone: the shape of its last (under a budget: smallest) micro-batch
-        shapes[len(micro):] = torch.tensor(micro[-1].batch.input_ids.shape)
+        shapes[len(micro):] = torch.tensor(micro[-1].batch.input_ids.shape, device=device)
     out = []
     for i, (rows, width) in enumerate(shapes.tolist()):
         if i >= len(micro):

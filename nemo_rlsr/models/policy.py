@@ -9,7 +9,8 @@ the same code runs with pipeline parallelism (1F1B over the PP group), without i
 Loss convention: a loss function returns the SUM of its per-token loss over the micro-batch and
 megatron (`calculate_per_token_loss=True`) divides the gradients by the number of valid tokens
 summed over all micro-batches and all data-parallel ranks. The result is the token mean of the
-whole step's batch, independent of how it is split into micro-batches and ranks.
+whole step's batch, independent of how it is split into micro-batches and ranks. How a batch is
+cut into micro-batches (fixed row counts, or a token budget) is models/microbatches.py's.
 """
 
 from __future__ import annotations
@@ -245,8 +246,8 @@ class MegatronPolicy:
              temperature: float, max_tokens: int | None = None):
         """Forward (and backward) over `batch` cut into micro-batches (models/microbatches.py):
         fixed ones of `micro_batch_size` rows, or with `max_tokens` token-budget ones; the same
-        count on every DP rank (fillers). Returns (megatron's per-micro-batch outputs, the micro-batches)."""
-        from megatron.core import parallel_state
+        count and shapes on the ranks whose MoE layers exchange tokens (fillers). Returns (megatron's
+        per-micro-batch outputs, the micro-batches)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from nemo_rlsr.generation.lockstep import lockstep_group
@@ -256,10 +257,9 @@ class MegatronPolicy:
         # host rewards) reach the model's device; everything below is computed from them there.
         batch = pad_sequence_length(batch.to(self.device), self.sequence_multiple)
         planned = plan_micro_batches(batch, micro_batch_size, max_tokens, self.sequence_multiple)
-        dp_group = parallel_state.get_data_parallel_group() if self.ctx.dp > 1 else None
-        # The interleaved pipeline schedule needs whole groups of PP micro-batches.
-        micro = agree_across_ranks(planned, batch, self.ctx.pp if len(self.models) > 1 else 1, dp_group,
-                                   lockstep_group())
+        # The interleaved pipeline schedule needs whole groups of PP micro-batches; MoE layers that
+        # exchange tokens across DP ranks need the same micro-batches on each of them.
+        micro = agree_across_ranks(planned, batch, self.ctx.pp if len(self.models) > 1 else 1, lockstep_group())
         # Under a budget the shapes vary: pipeline stages then send each activation's shape first.
         for chunk in self.chunks:
             chunk.config.variable_seq_lengths = bool(max_tokens) and self.ctx.pp > 1
