@@ -96,7 +96,7 @@ class SFTTrainer(TrainingRun):
     def heldout_nll(self) -> float:
         """Token-mean response NLL on the held-out prompts (every rank computes the same number)."""
         batch = sft_batch(self.heldout, self.length, self.tokenizer.pad_id).to(self.policy.device)
-        logprobs = self.policy.logprobs(batch, len(batch))
+        logprobs = self.policy.logprobs(batch, len(batch), max_tokens=self.cfg.sft.max_tokens_per_microbatch)
         return float(-(logprobs * batch.loss_mask).sum() / batch.loss_mask.sum())
 
     def run_loop(self) -> None:
