@@ -29,6 +29,8 @@ VARIANTS = [
      "model.recompute_num_layers=2"],
     ["model.num_layers=4", "model.recompute_granularity=full", "model.recompute_method=block",
      "model.recompute_num_layers=1"],
+    # token budget of 5 full rows (48 tokens each) instead of micro-batches of 32 rows
+    ["grpo.max_tokens_per_microbatch=240"],
 ]
 TRAIN_STEP_ITEMS = ("weights", "grads", "optimizer", "activations")
 

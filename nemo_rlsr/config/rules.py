@@ -201,6 +201,21 @@ def size_problems(cfg: RLSRConfig, mode: str) -> list[str]:
     return [f"{key} must be >= 1, got {value}" for key, value in keys.items() if value < 1]
 
 
+def microbatch_problems(cfg: RLSRConfig, mode: str) -> list[str]:
+    """A token budget must hold the longest row a step can have, so that every micro-batch stays
+    within it (models/microbatches.py; the planner's activation memory counts the budget)."""
+    key = f"{'sft' if mode == 'sft' else 'grpo'}.max_tokens_per_microbatch"
+    budget, limit = _get(cfg, key), cfg.model.max_sequence_length
+    if budget is None or budget == 0:
+        return []
+    if budget < 0:
+        return [f"{key} must be > 0 (or 0/null: fixed micro-batches), got {budget}"]
+    if budget < limit:
+        return [f"{key}={budget} is below model.max_sequence_length={limit}: a row of that length could never "
+                f"fit a micro-batch"]
+    return []
+
+
 def trainer_problems(cfg: RLSRConfig, mode: str) -> list[str]:
     """The loop, checkpoints, base pre-training and the HF tokenizer (both trainers)."""
     t, out = cfg.trainer, signal_problems(cfg.trainer.preemption_signals)
@@ -281,7 +296,8 @@ def data_problems(cfg: RLSRConfig, mode: str) -> list[str]:
 
 def config_problems(cfg: RLSRConfig, mode: str) -> list[str]:
     """Every machine-independent rule `cfg` breaks for `mode` ("rlsr" or "sft")."""
-    problems = unsupported_problems(cfg) + size_problems(cfg, mode) + trainer_problems(cfg, mode)
+    problems = (unsupported_problems(cfg) + size_problems(cfg, mode) + microbatch_problems(cfg, mode)
+                + trainer_problems(cfg, mode))
     if mode == "rlsr":
         problems += rlsr_problems(cfg)
     return problems + data_problems(cfg, mode)

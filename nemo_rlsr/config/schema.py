@@ -199,6 +199,10 @@ class GRPOConfig:
     prompts_per_step: int = 8
     num_generations: int = 8
     micro_batch_size: int = 16
+    # Token-budget micro-batches for the logprob passes and training (models/microbatches.py): rows
+    # sorted by length, each micro-batch filled up to this many (padded) tokens; 0/null: fixed
+    # micro-batches of micro_batch_size rows. At least model.max_sequence_length.
+    max_tokens_per_microbatch: int | None = None
     mini_batches_per_step: int = 1
     clip_low: float = 0.2
     clip_high: float = 0.28
@@ -393,6 +397,8 @@ class SFTConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     pack_sequences: bool = False
+    # As grpo.max_tokens_per_microbatch, for the SFT step (packed rows count model.max_sequence_length each).
+    max_tokens_per_microbatch: int | None = None
 
 
 @dataclass

@@ -36,11 +36,13 @@ class Policy(Protocol):
     def num_parameters(self) -> int:
         """Parameters of this rank's shard (throughput metrics)."""
 
-    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
-        """log softmax(logits / temperature) of `batch.targets`, [B, T], no gradient."""
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0,
+                 max_tokens: int | None = None) -> torch.Tensor:
+        """log softmax(logits / temperature) of `batch.targets`, [B, T], no gradient. `max_tokens`:
+        token-budget micro-batches instead of `micro_batch_size` rows (models/microbatches.py)."""
 
     def train_step(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, skip_nonfinite: bool = False,
-                   temperature: float = 1.0) -> dict[str, float]:
+                   temperature: float = 1.0, max_tokens: int | None = None) -> dict[str, float]:
         """One optimizer step; the loss sees logprobs at `temperature` (1: a likelihood objective)."""
 
     def set_learning_rate(self, lr: float) -> None:

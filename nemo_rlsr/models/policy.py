@@ -9,7 +9,8 @@ the same code runs with pipeline parallelism (1F1B over the PP group), without i
 Loss convention: a loss function returns the SUM of its per-token loss over the micro-batch and
 megatron (`calculate_per_token_loss=True`) divides the gradients by the number of valid tokens
 summed over all micro-batches and all data-parallel ranks. The result is the token mean of the
-whole step's batch, independent of how it is split into micro-batches and ranks.
+whole step's batch, independent of how it is split into micro-batches and ranks. How a batch is
+cut into micro-batches (fixed row counts, or a token budget) is models/microbatches.py's.
 """
 
 from __future__ import annotations
@@ -67,9 +68,6 @@ class TokenBatch:
             None if self.segment_ids is None else self.segment_ids[start:end],
             None if self.target_ids is None else self.target_ids[start:end],
         )
-
-    def micro_batches(self, size: int) -> list["TokenBatch"]:
-        return [self.slice(i, i + size) for i in range(0, len(self), size)]
 
     def to(self, device: torch.device) -> "TokenBatch":
         """Every tensor of the batch, extras included, on `device` (those already there are kept, not
@@ -245,23 +243,26 @@ class MegatronPolicy:
     # ---- forward passes through megatron's schedule -------------------------------------------
 
     def _run(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, forward_only: bool,
-             temperature: float):
+             temperature: float, max_tokens: int | None = None):
+        """Forward (and backward) over `batch` cut into micro-batches (models/microbatches.py):
+        fixed ones of `micro_batch_size` rows, or with `max_tokens` token-budget ones; the same
+        count and shapes on the ranks whose MoE layers exchange tokens (fillers). Returns (megatron's
+        per-micro-batch outputs, the micro-batches)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from nemo_rlsr.generation.lockstep import lockstep_group
+        from nemo_rlsr.models.microbatches import agree_across_ranks, plan_micro_batches
 
         # The one place where a step's tensors (ids, masks, extras such as advantages computed from
         # host rewards) reach the model's device; everything below is computed from them there.
         batch = pad_sequence_length(batch.to(self.device), self.sequence_multiple)
-        micro = batch.micro_batches(micro_batch_size)
-        if len(micro[-1]) != micro_batch_size:
-            raise ValueError(
-                f"batch of {len(batch)} sequences is not divisible by micro_batch_size={micro_batch_size}"
-            )
-        if len(self.models) > 1 and len(micro) % self.ctx.pp:
-            raise ValueError(
-                f"the interleaved pipeline schedule needs a number of micro-batches divisible by "
-                f"pipeline_parallel={self.ctx.pp}; got {len(micro)} ({len(batch)} rows / micro_batch_size="
-                f"{micro_batch_size})"
-            )
+        planned = plan_micro_batches(batch, micro_batch_size, max_tokens, self.sequence_multiple)
+        # The interleaved pipeline schedule needs whole groups of PP micro-batches; MoE layers that
+        # exchange tokens across DP ranks need the same micro-batches on each of them.
+        micro = agree_across_ranks(planned, batch, self.ctx.pp if len(self.models) > 1 else 1, lockstep_group())
+        # Under a budget the shapes vary: pipeline stages then send each activation's shape first.
+        for chunk in self.chunks:
+            chunk.config.variable_seq_lengths = bool(max_tokens) and self.ctx.pp > 1
 
         def forward_step(data_iterator: Iterator[TokenBatch], model):
             mb = next(data_iterator)
@@ -285,42 +286,48 @@ class MegatronPolicy:
 
         for model in self.models:
             model.train(not forward_only)
-        seq_length = batch.input_ids.shape[1]
+        # The shape megatron allocates pipeline buffers with (each one's own under a budget).
+        rows, seq_length = micro[0].batch.input_ids.shape
         # Interleaved: every chunk walks the micro-batches in order (the first reads the tokens, the
         # last the targets), so each gets its own iterator.
-        data = [iter(micro) for _ in self.models] if len(self.models) > 1 else iter(micro)
-        return get_forward_backward_func()(
+        batches = [mb.batch for mb in micro]
+        data = [iter(batches) for _ in self.models] if len(self.models) > 1 else iter(batches)
+        outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=data,
             model=self.models,
             num_microbatches=len(micro),
             seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
+            micro_batch_size=rows,
             forward_only=forward_only,
         )
+        return outputs, micro
 
-    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0,
+                 max_tokens: int | None = None) -> torch.Tensor:
         """Per-token logprobs of `batch.targets` [B, T] under softmax(logits / `temperature`), on every
         rank (gathered over CP, broadcast from the last PP stage), on the model's device. The
         temperature is the caller's: the rollouts' sampling temperature when the numbers must match
-        what an engine sampled from, 1 for the model's own likelihood."""
+        what an engine sampled from, 1 for the model's own likelihood. `max_tokens`: token-budget
+        micro-batches (models/microbatches.py; `micro_batch_size` is then unused); rows come back in
+        `batch`'s order, columns after a row's micro-batch width hold 0 (pads, never in a loss)."""
 
         def keep_logprobs(logprobs, entropy, mb):
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
 
-        rows = len(batch)
-        if len(self.models) > 1:  # the interleaved schedule needs whole groups of PP micro-batches
-            batch = repeat_first_row(batch, micro_batch_size * self.ctx.pp)
         with torch.no_grad():
-            outputs = self._run(batch, micro_batch_size, keep_logprobs, forward_only=True, temperature=temperature)
+            outputs, micro = self._run(batch, micro_batch_size, keep_logprobs, forward_only=True,
+                                       temperature=temperature, max_tokens=max_tokens)
         from megatron.core import parallel_state
 
-        result = torch.empty((rows, batch.input_ids.shape[1]), dtype=torch.float32, device=self.device)
+        from nemo_rlsr.models.microbatches import restore_order
+
+        rows, width = batch.input_ids.shape
+        result = torch.empty((rows, width), dtype=torch.float32, device=self.device)
         if parallel_state.is_pipeline_last_stage():
             from nemo_rlsr.models.context_parallel import gather_from_cp
 
-            result = gather_from_cp(torch.cat([out["logprobs"] for out in outputs]))
-            result = result[:rows, : batch.input_ids.shape[1]].contiguous()
+            result = restore_order([gather_from_cp(out["logprobs"]) for out in outputs], micro, rows, width)
         if self.ctx.pp > 1:
             dist.broadcast(
                 result,
@@ -331,7 +338,7 @@ class MegatronPolicy:
 
     def train_step(
         self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, skip_nonfinite: bool = False,
-        temperature: float = 1.0,
+        temperature: float = 1.0, max_tokens: int | None = None,
     ) -> dict[str, float]:
         """One optimizer step on `batch` (this rank's DP shard). Returns the loss function's metrics
         averaged per token over the global batch (every rank gets the same numbers), `num_tokens`,
@@ -345,11 +352,15 @@ class MegatronPolicy:
         return `nonfinite=1` (an fp32/bf16 megatron optimizer has no grad scaler to catch it and
         would write NaN into every weight). Costs one more gradient-norm pass; every rank takes the
         same decision because both numbers are globally reduced.
+
+        `max_tokens`: token-budget micro-batches instead of `micro_batch_size` rows each
+        (models/microbatches.py); the loss and gradient are the same (per-token normalisation).
         """
         for model in self.models:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run(batch, micro_batch_size, loss_fn, forward_only=False, temperature=temperature)
+        outputs, _ = self._run(batch, micro_batch_size, loss_fn, forward_only=False, temperature=temperature,
+                               max_tokens=max_tokens)
         metrics = reduce_metric_sums(outputs, self.ctx, self.device)
         if skip_nonfinite:
             # prepare_grads copies the reduced grads to the main params (step() repeats that copy,
@@ -408,21 +419,6 @@ class MegatronPolicy:
         """Copy the model part of a `dist_checkpointing.load` result (see state_dict_for_checkpoint)."""
         for key, chunk in zip(self._chunk_keys, self.chunks):
             chunk.load_state_dict(loaded[key])
-
-
-def repeat_first_row(batch: TokenBatch, multiple: int) -> TokenBatch:
-    """`batch` with copies of its first row appended up to a multiple of `multiple` rows (filler
-    for a forward-only pass whose extra outputs the caller drops)."""
-    extra = -len(batch) % multiple
-    if extra == 0:
-        return batch
-
-    def grow(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
-
-    return TokenBatch(grow(batch.input_ids), grow(batch.valid), grow(batch.loss_mask),
-                      {k: grow(v) for k, v in batch.extras.items()},
-                      None if batch.segment_ids is None else grow(batch.segment_ids))
 
 
 def _build_optimizer(cfg: OptimizerConfig, models: list):

@@ -43,8 +43,9 @@ class ResidentReference:
 
         load_checkpoint(path, self.policy, load_optimizer=False)
 
-    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
-        return self.policy.logprobs(batch, micro_batch_size, temperature)
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0,
+                 max_tokens: int | None = None) -> torch.Tensor:
+        return self.policy.logprobs(batch, micro_batch_size, temperature, max_tokens)
 
 
 class CpuSwapReference:
@@ -86,10 +87,11 @@ class CpuSwapReference:
         if self.policy.optimizer is not None:
             self.policy.optimizer.reload_model_params()
 
-    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int, temperature: float = 1.0,
+                 max_tokens: int | None = None) -> torch.Tensor:
         self._swap()
         try:
-            return self.policy.logprobs(batch, micro_batch_size, temperature)
+            return self.policy.logprobs(batch, micro_batch_size, temperature, max_tokens)
         finally:
             self._swap()
 

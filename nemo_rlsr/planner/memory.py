@@ -103,10 +103,13 @@ def training_state(cfg: RLSRConfig, st: StageParams, lay: Layout) -> dict[str, f
 
 
 def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageParams, stage: int,
-                     profile: str, micro_batch: int, in_flight_batches: int) -> float:
-    """Saved activations of the micro-batches in flight on this stage, plus the loss's buffers."""
+                     profile: str, micro_tokens: int, in_flight_batches: int) -> float:
+    """Saved activations of the micro-batches in flight on this stage, plus the loss's buffers.
+    `micro_tokens`: the largest micro-batch in token positions (rows x width). Attention's
+    heads x context term is counted at the full context: a micro-batch of b rows of width w keeps
+    b x w x w <= micro_tokens x max_sequence_length of it, the bound under a token budget too."""
     pb, seq = param_bytes(cfg), cfg.model.max_sequence_length
-    tokens = micro_batch * seq / lay.cp
+    tokens = micro_tokens / lay.cp
     split_seq = lay.tp if lay.sequence_parallel else 1
     per_layer = []
     for i in st.layers:
@@ -193,13 +196,16 @@ def _stage_memory(cfg, shape, lay, dev, mode, profile, s, st) -> Memory:
     usable, pb, notes = usable_bytes(dev), param_bytes(cfg), []
     items = training_state(cfg, st, lay)
     if mode == "sft":
-        micro = cfg.sft.micro_batch_size
-        n_micro = cfg.sft.global_batch_size // (lay.dp * micro)
+        micro, budget = cfg.sft.micro_batch_size, cfg.sft.max_tokens_per_microbatch
+        rows = cfg.sft.global_batch_size // lay.dp
     else:
-        micro = cfg.grpo.micro_batch_size
-        rows = cfg.grpo.prompts_per_step // lay.dp * cfg.grpo.num_generations
-        n_micro = max(1, rows // cfg.grpo.mini_batches_per_step // micro)
-    items["activations"] = activation_bytes(cfg, shape, lay, st, s, profile, micro, n_micro)
+        micro, budget = cfg.grpo.micro_batch_size, cfg.grpo.max_tokens_per_microbatch
+        rows = cfg.grpo.prompts_per_step // lay.dp * cfg.grpo.num_generations // cfg.grpo.mini_batches_per_step
+    # A token budget bounds every micro-batch (models/microbatches.py); how many there are depends on
+    # the lengths, at most one per row (which only matters for the pipeline's in-flight count).
+    micro_tokens = budget or micro * cfg.model.max_sequence_length
+    n_micro = max(1, rows if budget else rows // micro)
+    items["activations"] = activation_bytes(cfg, shape, lay, st, s, profile, micro_tokens, n_micro)
     state = items["weights"] + items["grads"] + items["optimizer"]
     if mode == "sft":
         return Memory(items, {"training": state + items["activations"]}, usable, s, notes,

@@ -53,6 +53,12 @@ def _link(dev: Device, lay: Layout, group: int) -> float:
     return bandwidth * EFFICIENCY.link
 
 
+def _micro_batches(rows: float, micro_batch_size: int, budget: int | None, row_tokens: float) -> float:
+    """Micro-batches per rank: fixed ones of `micro_batch_size` rows, or under a token budget about
+    the rows' tokens over the budget (sorted rows of similar lengths fill it; models/microbatches.py)."""
+    return max(rows * row_tokens / budget, 1.0) if budget else rows / micro_batch_size
+
+
 def _bubble(lay: Layout, micro_batches: float) -> float:
     return 1 + (lay.pp - 1) / (lay.virtual_stages * max(micro_batches, 1))
 
@@ -158,7 +164,8 @@ def plan_time(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, memo
         seq = cfg.model.max_sequence_length
         tokens = cfg.sft.global_batch_size * seq
         flops = tokens * (6 * shape.active_params() + 3 * shape.attention_flops_per_token(seq)) * recompute
-        micro = cfg.sft.global_batch_size / (lay.dp * cfg.sft.micro_batch_size)
+        micro = _micro_batches(cfg.sft.global_batch_size / lay.dp, cfg.sft.micro_batch_size,
+                               cfg.sft.max_tokens_per_microbatch, seq)
         train = flops / lay.world / (dev.peak_flops * mfu) * _bubble(lay, micro)
         train += (2 + (recompute > 1)) * _model_comm(cfg, shape, lay, dev, tokens / lay.dp) + _dp_sync(cfg, shape, lay, dev)
         return StepTime({"training": train}, notes)
@@ -174,8 +181,10 @@ def plan_time(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, memo
     rows = rollouts / lay.dp
     fwd = tokens * (2 * shape.active_params() + shape.attention_flops_per_token(n.sequence))
     comm = _model_comm(cfg, shape, lay, dev, tokens / lay.dp)
-    logprobs = 2 * (fwd / lay.world / (dev.peak_flops * eff.forward) * _bubble(lay, rows / g.micro_batch_size) + comm)
-    micro = rows / g.mini_batches_per_step / g.micro_batch_size
+    budget = g.max_tokens_per_microbatch
+    logprobs = 2 * (fwd / lay.world / (dev.peak_flops * eff.forward)
+                    * _bubble(lay, _micro_batches(rows, g.micro_batch_size, budget, n.sequence)) + comm)
+    micro = _micro_batches(rows / g.mini_batches_per_step, g.micro_batch_size, budget, n.sequence)
     train = 3 * fwd * recompute / lay.world / (dev.peak_flops * mfu) * _bubble(lay, micro)
     train += (2 + (recompute > 1)) * comm + g.mini_batches_per_step * _dp_sync(cfg, shape, lay, dev)
     phases = {

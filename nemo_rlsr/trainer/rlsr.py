@@ -249,13 +249,14 @@ class RLSRTrainer(TrainingRun):
         # Every logprob of the step at the sampling temperature: the engine drew the tokens from
         # softmax(logits / T), and the ratio and KL compare distributions at that temperature.
         temperature = cfg.rollout.temperature
-        batch.extras["old_logprobs"] = self.policy.logprobs(batch, cfg.grpo.micro_batch_size, temperature)
-        batch.extras["ref_logprobs"] = self.reference.logprobs(batch, cfg.grpo.micro_batch_size, temperature)
+        micro, budget = cfg.grpo.micro_batch_size, cfg.grpo.max_tokens_per_microbatch
+        batch.extras["old_logprobs"] = self.policy.logprobs(batch, micro, temperature, budget)
+        batch.extras["ref_logprobs"] = self.reference.logprobs(batch, micro, temperature, budget)
         t3 = time.perf_counter()
         mini_size = len(batch) // cfg.grpo.mini_batches_per_step
         loss_fn = inject_nan(self.loss_fn) if self.step + 1 in cfg.trainer.debug_inject_nan_steps else self.loss_fn
-        updates = [self.policy.train_step(batch.slice(i, i + mini_size), cfg.grpo.micro_batch_size, loss_fn,
-                                          skip_nonfinite=True, temperature=temperature)
+        updates = [self.policy.train_step(batch.slice(i, i + mini_size), micro, loss_fn,
+                                          skip_nonfinite=True, temperature=temperature, max_tokens=budget)
                    for i in range(0, len(batch), mini_size)]
         t4 = time.perf_counter()
         self.state.step += 1

@@ -96,7 +96,7 @@ class SFTTrainer(TrainingRun):
     def heldout_nll(self) -> float:
         """Token-mean response NLL on the held-out prompts (every rank computes the same number)."""
         batch = sft_batch(self.heldout, self.length, self.tokenizer.pad_id).to(self.policy.device)
-        logprobs = self.policy.logprobs(batch, len(batch))
+        logprobs = self.policy.logprobs(batch, len(batch), max_tokens=self.cfg.sft.max_tokens_per_microbatch)
         return float(-(logprobs * batch.loss_mask).sum() / batch.loss_mask.sum())
 
     def run_loop(self) -> None:
@@ -112,7 +112,8 @@ class SFTTrainer(TrainingRun):
         rows = self.state.sampler.next_batch()
         batch = self._batch([self.train[i] for i in rows])
         loss_fn = inject_nan(nll_loss) if self.step + 1 in cfg.trainer.debug_inject_nan_steps else nll_loss
-        metrics = self.policy.train_step(batch, s.micro_batch_size, loss_fn, skip_nonfinite=True)
+        metrics = self.policy.train_step(batch, s.micro_batch_size, loss_fn, skip_nonfinite=True,
+                                         max_tokens=s.max_tokens_per_microbatch)
         self.state.step += 1
         metrics.update(guard_metrics(self.guard, self.step, [metrics]))
         metrics["rows"] = float(len(batch))
