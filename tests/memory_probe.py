@@ -82,7 +82,7 @@ def measure(config: str, overrides: list[str]) -> dict:
     loss_fn = grpo_loss_fn(GRPOLossConfig(g.clip_low, g.clip_high, g.kl_coef))
 
     def step():
-        policy.train_step(batch, g.micro_batch_size, loss_fn)
+        policy.train_step(batch, g.micro_batch_size, loss_fn, with_entropy=True)  # as the RLSR trainer's
 
     step()
     gc.collect()

@@ -74,7 +74,8 @@ def rollout_prompts(examples: list[TrainingExample], cfg: RLSRConfig) -> Prompts
 
 
 def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
-    """GRPO loss summed over the micro-batch's tokens; megatron divides by the global token count."""
+    """GRPO loss summed over the micro-batch's tokens; megatron divides by the global token count.
+    Logs the policy's entropy: run it in a `train_step(..., with_entropy=True)`."""
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
         loss, metrics = grpo_loss(
@@ -82,6 +83,8 @@ def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
             mb.loss_mask, cfg, engine_logprobs=mb.extras.get("engine_logprobs"),
         )
         metrics["loss"] = loss.detach()
+        if entropy is None:
+            raise ValueError("the GRPO loss logs the policy's entropy: call train_step(..., with_entropy=True)")
         metrics["entropy"] = (entropy * mb.loss_mask).sum()
         return loss, metrics
 
@@ -255,7 +258,7 @@ class RLSRTrainer(TrainingRun):
         mini_size = len(batch) // cfg.grpo.mini_batches_per_step
         loss_fn = inject_nan(self.loss_fn) if self.step + 1 in cfg.trainer.debug_inject_nan_steps else self.loss_fn
         updates = [self.policy.train_step(batch.slice(i, i + mini_size), cfg.grpo.micro_batch_size, loss_fn,
-                                          skip_nonfinite=True, temperature=temperature)
+                                          skip_nonfinite=True, temperature=temperature, with_entropy=True)
                    for i in range(0, len(batch), mini_size)]
         t4 = time.perf_counter()
         self.state.step += 1
