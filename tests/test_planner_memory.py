@@ -7,7 +7,8 @@ maximum running sum of the CPU allocator's allocation and free events that torch
 during a second step. The planner's prediction for the same step is weights + grads + optimizer +
 activations of its training phase (the frozen reference and the reward encoder are not part of a
 train_step). Its activation model was derived by listing the tensors autograd saves
-(`saved_tensors_hooks`) on the default tiny shape; the variant checks it generalises.
+(`saved_tensors_hooks`) on the default tiny shape; the variants check it generalises, and two with a
+16k vocabulary check the loss's model (the logits plus one chunk's fp32 temporaries).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ VARIANTS = [
      "model.recompute_num_layers=2"],
     ["model.num_layers=4", "model.recompute_granularity=full", "model.recompute_method=block",
      "model.recompute_num_layers=1"],
+    # a large vocabulary, so that the loss's logits and its chunk temporaries dominate the step's peak:
+    # 1024 tokens per micro-batch in chunks of 128, and in one chunk (models/logprobs.py)
+    *[["model.vocab_size=16384", "model.max_sequence_length=128", "grpo.prompts_per_step=4", "grpo.micro_batch_size=8",
+       f"model.logprob_chunk_tokens={chunk}"] for chunk in (128, 0)],
 ]
 TRAIN_STEP_ITEMS = ("weights", "grads", "optimizer", "activations")
 

@@ -8,7 +8,8 @@ tokens in chunks of `chunk_tokens`, keeping only one fp32 number per token (its 
 backward, which recomputes each chunk's softmax and writes that chunk's gradient into the logits'
 own storage (the logits are used by nothing else once the loss has read them: the output layer's
 backward needs only their gradient). Peak temporaries are then O(chunk x vocab / TP) on top of the
-logits themselves, whatever the sequence length.
+logits themselves, whatever the sequence length: two fp32 chunk-sized tensors in the forward with
+the entropy (logits / temperature and their exp), one without it and in the backward.
 
 The numbers are those of megatron-core's `vocab_parallel_cross_entropy` (max-shifted log-sum-exp,
 all-reduced over the TP group) with the temperature and the padded-vocabulary mask of
@@ -75,10 +76,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
             scaled -= top[:, None]
             target = scaled.gather(1, local_targets[rows, None])[:, 0] * here[rows]
-            exp = scaled.exp()
-            sums = [exp.sum(-1), target] + ([(exp * scaled).sum(-1)] if with_entropy else [])
-            del exp
-            sums = torch.stack(sums)
+            if with_entropy:  # sum p*x as a batched dot product: no third chunk-sized tensor
+                exp = scaled.exp()
+                sums = torch.stack([exp.sum(-1), target, torch.bmm(exp[:, None, :], scaled[:, :, None])[:, 0, 0]])
+                del exp
+            else:
+                sums = torch.stack([scaled.exp_().sum(-1), target])
+            del scaled
             dist.all_reduce(sums, group=group)
             log_z = sums[0].log()
             lse[rows] = top + log_z

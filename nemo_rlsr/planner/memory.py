@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 from nemo_rlsr.config import RLSRConfig
-from nemo_rlsr.planner.activations import LOGIT_BYTES, final_elements, layer_elements
+from nemo_rlsr.planner.activations import LOGIT_CHUNK_BYTES, final_elements, layer_elements
 from nemo_rlsr.planner.hardware import FRAGMENTATION_HEADROOM, Device
 from nemo_rlsr.planner.layout import Layout
 from nemo_rlsr.planner.shapes import ENCODERS, ModelShape
@@ -119,7 +119,8 @@ def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageP
     total = kept * tokens * pb * in_flight
     if st.last:
         total += final_elements(profile, cfg.model.hidden_size) / split_seq * tokens * pb
-        total += tokens * shape.vocab / lay.tp * LOGIT_BYTES[pb]
+        chunk = min(cfg.model.logprob_chunk_tokens or tokens, tokens)  # the loss's chunk (models/logprobs.py)
+        total += shape.vocab / lay.tp * (tokens * pb + chunk * LOGIT_CHUNK_BYTES)
     return total
 
 
