@@ -15,11 +15,13 @@ Counted tensor by tensor for the two layer implementations we run, per token and
   Transformer Models", ~34h bytes per token-layer) adapted to GQA and SwiGLU. Not measured here.
 
 The loss (models/logprobs.py) keeps the logits themselves (parameter dtype; backward writes their
-gradient into the same storage) and, for one chunk of `model.logprob_chunk_tokens` tokens at a time,
-two fp32 vocabulary-sized temporaries: logits / temperature and their exp (8 bytes per chunk token x
-local vocab entry; 4 without the entropy metric, which only RLSR's train step computes: counted as
-RLSR's for every mode). Before chunking it held five fp32 copies of the
-whole micro-batch's logits (20 bytes per entry; benchmarks/logprob_memory_bench.py measures both).
+gradient into the same storage) and, for one chunk of `model.logprob_chunk_tokens` tokens at a
+time, two fp32 vocabulary-sized temporaries: logits / temperature and their exp (8 bytes per chunk
+token x local vocab entry; 4 without the entropy metric, which only RLSR's train step computes:
+counted as RLSR's for every mode). For a micro-batch of several rows the output layer's
+[b, s] <-> [s, b] copy of the logits can be the larger (planner/memory.logits_peak_bytes). Before
+chunking the loss held five fp32 copies of the whole micro-batch's logits (20 bytes per entry;
+benchmarks/logprob_memory_bench.py measures both).
 """
 
 from __future__ import annotations

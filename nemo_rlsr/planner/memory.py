@@ -119,9 +119,19 @@ def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageP
     total = kept * tokens * pb * in_flight
     if st.last:
         total += final_elements(profile, cfg.model.hidden_size) / split_seq * tokens * pb
-        chunk = min(cfg.model.logprob_chunk_tokens or tokens, tokens)  # the loss's chunk (models/logprobs.py)
-        total += shape.vocab / lay.tp * (tokens * pb + chunk * LOGIT_CHUNK_BYTES)
+        total += logits_peak_bytes(cfg.model.logprob_chunk_tokens, tokens, micro_batch, shape.vocab / lay.tp, pb)
     return total
+
+
+def logits_peak_bytes(chunk_tokens: int, tokens: float, micro_batch: int, local_vocab: float, pb: int) -> float:
+    """The most the output layer and the loss hold at once: the logits, and either one chunk's fp32
+    temporaries of the loss (models/logprobs.py) or, for micro-batches of several rows, a second
+    copy of the logits: megatron's GPTModel returns `logits.transpose(0, 1).contiguous()` (a copy
+    unless there is one row; core_v0.16.1 and core_v0.19.0 megatron/core/models/gpt/gpt_model.py)
+    and the output layer's backward makes their [s, b] gradient contiguous again."""
+    logits = tokens * local_vocab * pb
+    chunk = min(chunk_tokens or tokens, tokens)
+    return logits + max(logits if micro_batch > 1 else 0.0, chunk * local_vocab * LOGIT_CHUNK_BYTES)
 
 
 def recomputed_elements(cfg: RLSRConfig, per_layer: list[float], layer_input: float) -> float:
