@@ -143,7 +143,7 @@ def pad_sequence_length(batch: TokenBatch, multiple: int) -> TokenBatch:
 
 # A loss: (logprobs [b, T], entropy [b, T] or None, micro-batch) -> (sum of loss over valid tokens, metric sums).
 # The entropy (a metric) is computed only for a train_step called `with_entropy=True`, else it is None.
-LossFn = Callable[[torch.Tensor, torch.Tensor, TokenBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, TokenBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class MegatronPolicy:
@@ -317,8 +317,8 @@ class MegatronPolicy:
 
         `loss_fn` gets the logprobs of softmax(logits / `temperature`): 1 for a likelihood objective
         (pre-training, SFT); an RL loss whose ratio compares them with logprobs taken at the sampling
-        temperature passes that temperature. It gets their entropy only `with_entropy` (a metric
-        that costs one more vocabulary-sized pass), else None.
+        temperature passes that temperature. It gets their entropy only `with_entropy` (a metric:
+        one more chunk-sized fp32 tensor and a dot product per chunk of the loss), else None.
 
         `skip_nonfinite`: when the global loss or gradient norm is NaN/Inf, apply nothing and
         return `nonfinite=1` (an fp32/bf16 megatron optimizer has no grad scaler to catch it and

@@ -75,7 +75,8 @@ def rollout_prompts(examples: list[TrainingExample], cfg: RLSRConfig) -> Prompts
 
 def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
     """GRPO loss summed over the micro-batch's tokens; megatron divides by the global token count.
-    Logs the policy's entropy: run it in a `train_step(..., with_entropy=True)`."""
+    Logs the policy's entropy where the step computes it (`train_step(..., with_entropy=True)`, as
+    the RLSR update does)."""
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
         loss, metrics = grpo_loss(
@@ -83,9 +84,8 @@ def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
             mb.loss_mask, cfg, engine_logprobs=mb.extras.get("engine_logprobs"),
         )
         metrics["loss"] = loss.detach()
-        if entropy is None:
-            raise ValueError("the GRPO loss logs the policy's entropy: call train_step(..., with_entropy=True)")
-        metrics["entropy"] = (entropy * mb.loss_mask).sum()
+        if entropy is not None:
+            metrics["entropy"] = (entropy * mb.loss_mask).sum()
         return loss, metrics
 
     return loss_fn
