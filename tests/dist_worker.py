@@ -20,7 +20,8 @@ from distributed_helpers import worker_main, nll_loss, optimizer_config, tiny_mo
 from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.distributed.parallel import destroy_distributed, init_distributed
 from nemo_rlsr.models.gpt import mask_padded_vocab
-from nemo_rlsr.models.policy import MegatronPolicy, attention_mask, vocab_parallel_entropy
+from nemo_rlsr.models.logprobs import token_logprobs
+from nemo_rlsr.models.policy import MegatronPolicy, attention_mask
 from nemo_rlsr.trainer.checkpoint import load_checkpoint, save_checkpoint
 
 MICRO_BATCH = 2
@@ -43,6 +44,12 @@ def full_vocab_logits(policy: MegatronPolicy) -> torch.Tensor:
     with torch.no_grad():
         logits = policy.module(batch.input_ids, positions, attention_mask(batch.valid))
     return mask_padded_vocab(logits.float(), VOCAB)
+
+
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of this TP rank's vocabulary shard of `logits` (no padded ids), as the loss computes it."""
+    with torch.no_grad():
+        return token_logprobs(logits, torch.zeros(logits.shape[:-1], dtype=torch.long), 1.0, 10**9, 5, True)[1]
 
 
 def dp_half(rank: int):

@@ -82,7 +82,8 @@ def measure(config: str, overrides: list[str]) -> dict:
     loss_fn = grpo_loss_fn(GRPOLossConfig(g.clip_low, g.clip_high, g.kl_coef))
 
     def step():
-        policy.train_step(batch, g.micro_batch_size, loss_fn, max_tokens=g.max_tokens_per_microbatch)
+        policy.train_step(batch, g.micro_batch_size, loss_fn, max_tokens=g.max_tokens_per_microbatch,
+                          with_entropy=True)  # as the RLSR trainer's
 
     step()
     gc.collect()

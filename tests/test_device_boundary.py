@@ -73,7 +73,7 @@ def test_policy_step_runs_on_the_device(single_rank, kind):
         policy = MegatronPolicy(tiny_model_config(), optimizer_config(), VOCAB, single_rank)
         on_device = policy.logprobs(batch, 2)
         assert place(on_device) == "device" and on_device.device == DEVICE
-        metrics = policy.train_step(batch, 2, loss)
+        metrics = policy.train_step(batch, 2, loss, with_entropy=kind == "grpo")
         after_step = policy.logprobs(batch, 2)
     assert metrics["num_tokens"] == float(batch.loss_mask.sum()) and torch.isfinite(torch.tensor(metrics["loss"]))
     assert not torch.equal(after_step, on_device)  # the step changed the weights

@@ -7,7 +7,9 @@ maximum running sum of the CPU allocator's allocation and free events that torch
 during a second step. The planner's prediction for the same step is weights + grads + optimizer +
 activations of its training phase (the frozen reference and the reward encoder are not part of a
 train_step). Its activation model was derived by listing the tensors autograd saves
-(`saved_tensors_hooks`) on the default tiny shape; the variant checks it generalises.
+(`saved_tensors_hooks`) on the default tiny shape; the variants check it generalises, and three with a
+16k vocabulary check the loss's model (the logits plus one chunk's fp32 temporaries, or the
+logits' transposed copy).
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ VARIANTS = [
      "model.recompute_num_layers=1"],
     # token budget of 5 full rows (48 tokens each) instead of micro-batches of 32 rows
     ["grpo.max_tokens_per_microbatch=240"],
+    # a large vocabulary, so that the loss's logits and its chunk temporaries dominate the step's peak:
+    # 1024 tokens per micro-batch in chunks of 128, and in one chunk (models/logprobs.py)
+    *[["model.vocab_size=16384", "model.max_sequence_length=128", "grpo.prompts_per_step=4", "grpo.micro_batch_size=8",
+       f"model.logprob_chunk_tokens={chunk}"] for chunk in (128, 0)],
+    # one row per micro-batch: megatron's [s, b] -> [b, s] logits copy disappears (planner/memory.logits_peak_bytes)
+    ["model.vocab_size=16384", "model.max_sequence_length=512", "grpo.prompts_per_step=1", "grpo.num_generations=2",
+     "grpo.micro_batch_size=1", "model.logprob_chunk_tokens=128"],
 ]
 TRAIN_STEP_ITEMS = ("weights", "grads", "optimizer", "activations")
 

@@ -169,3 +169,23 @@ def test_watchdog_dumps_stacks_of_an_overrunning_step_once(tmp_path):
     text = (tmp_path / "rank00003.txt").read_text()
     assert "rank 3" in text and "step 2 running for" in text
     assert "stuck_in_a_slow_step" in text  # the main thread's stack, caught mid-sleep
+
+
+def test_the_guarded_update_computes_the_gradient_norm_once(single_rank, monkeypatch):
+    """skip_nonfinite decides on the norm that clips the update: one norm pass per step, as without
+    the guard (it used to ask for the norm, then optimizer.step() computed it again). Counted at
+    megatron's get_grad_norm_fp32, which every optimizer class's norm goes through."""
+    import megatron.core.optimizer.optimizer as megatron_optimizer
+
+    from distributed_helpers import VOCAB, nll_loss, optimizer_config, tiny_model_config, token_batch
+    from nemo_rlsr.models.policy import MegatronPolicy
+
+    calls = []
+    real = megatron_optimizer.get_grad_norm_fp32
+    monkeypatch.setattr(megatron_optimizer, "get_grad_norm_fp32", lambda *a, **k: calls.append(1) or real(*a, **k))
+    policy = MegatronPolicy(tiny_model_config(), optimizer_config(), VOCAB, single_rank)
+    for guarded in (False, True):
+        calls.clear()
+        metrics = policy.train_step(token_batch(), 2, nll_loss, skip_nonfinite=guarded)
+        assert len(calls) == 1, f"skip_nonfinite={guarded}: {len(calls)} gradient-norm passes"
+        assert math.isfinite(metrics["grad_norm"]) and metrics["update_skipped"] == 0.0

@@ -198,7 +198,11 @@ def size_problems(cfg: RLSRConfig, mode: str) -> list[str]:
     else:
         keys |= {"grpo.prompts_per_step": g.prompts_per_step, "grpo.micro_batch_size": g.micro_batch_size,
                  "grpo.mini_batches_per_step": g.mini_batches_per_step}
-    return [f"{key} must be >= 1, got {value}" for key, value in keys.items() if value < 1]
+    problems = [f"{key} must be >= 1, got {value}" for key, value in keys.items() if value < 1]
+    if cfg.model.logprob_chunk_tokens < 0:
+        problems.append(f"model.logprob_chunk_tokens must be >= 0 (0: one chunk per micro-batch), got "
+                        f"{cfg.model.logprob_chunk_tokens}")
+    return problems
 
 
 def microbatch_problems(cfg: RLSRConfig, mode: str) -> list[str]:

@@ -58,6 +58,9 @@ class ModelConfig:
     # Layer spec: "auto" = Transformer Engine's where it imports and a GPU is there, else megatron's
     # local spec; "local" / "transformer_engine" force one (context parallel runs on the local spec only).
     transformer_impl: str = "auto"
+    # The loss's log-softmax walks each micro-batch's tokens in chunks of this many (0: all at once):
+    # its fp32 temporaries are chunk x vocab / TP entries instead of tokens x vocab / TP (models/logprobs.py).
+    logprob_chunk_tokens: int = 1024
     # Transformer Engine FP8 (models/precision.py validates these on every machine): `fp8` "e4m3" |
     # "hybrid" (null: off); `fp8_recipe` "delayed" | "tensorwise" | "blockwise" | "mxfp8";
     # `fp8_param_gather`: keep weights in FP8 and all-gather them in FP8.

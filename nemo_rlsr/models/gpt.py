@@ -14,6 +14,7 @@ import torch
 
 from nemo_rlsr.config import ModelConfig
 from nemo_rlsr.distributed.dims import ParallelDims
+from nemo_rlsr.models.fusions import fusion_flags, wgrad_accumulation_kernel_available
 from nemo_rlsr.models.mla import mla_transformer_kwargs
 from nemo_rlsr.models.moe import decoder_block_spec, moe_transformer_kwargs
 from nemo_rlsr.models.precision import (
@@ -88,8 +89,8 @@ def transformer_config(cfg: ModelConfig, dims: ParallelDims = ParallelDims()):
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
+        # gradient_accumulation_fusion, apply_rope_fusion: on the TE spec where megatron allows them (models/fusions.py)
+        **fusion_flags(cfg, use_transformer_engine(cfg), wgrad_accumulation_kernel_available()),
         # Loss is summed per token and divided by the global valid-token count in finalize_model_grads.
         calculate_per_token_loss=True,
         # gloo mis-orders batched isend/irecv (wrong grads with interleaving); NCCL is fine either way.

@@ -42,8 +42,10 @@ class Policy(Protocol):
         token-budget micro-batches instead of `micro_batch_size` rows (models/microbatches.py)."""
 
     def train_step(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, skip_nonfinite: bool = False,
-                   temperature: float = 1.0, max_tokens: int | None = None) -> dict[str, float]:
-        """One optimizer step; the loss sees logprobs at `temperature` (1: a likelihood objective)."""
+                   temperature: float = 1.0, max_tokens: int | None = None, with_entropy: bool = False
+                   ) -> dict[str, float]:
+        """One optimizer step; the loss sees logprobs at `temperature` (1: a likelihood objective),
+        and their entropy `with_entropy` (else None)."""
 
     def set_learning_rate(self, lr: float) -> None:
         """The learning rate of the next optimizer steps (a schedule sets it before each step)."""

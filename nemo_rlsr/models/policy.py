@@ -16,7 +16,6 @@ cut into micro-batches (fixed row counts, or a token budget) is models/microbatc
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -25,7 +24,9 @@ import torch.distributed as dist
 
 from nemo_rlsr.config import ModelConfig, OptimizerConfig
 from nemo_rlsr.distributed.parallel import ParallelContext
-from nemo_rlsr.models.gpt import build_gpt, mask_padded_vocab
+from nemo_rlsr.models.gpt import build_gpt
+from nemo_rlsr.models.logprobs import token_logprobs
+from nemo_rlsr.models.optimizer_step import step_unless_nonfinite
 from nemo_rlsr.models.precision import sequence_multiple
 
 
@@ -138,31 +139,9 @@ def pad_sequence_length(batch: TokenBatch, multiple: int) -> TokenBatch:
     )
 
 
-def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) from logits sharded over TP by vocabulary, never gathering the vocabulary."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    return -vocab_parallel_cross_entropy(logits, targets)
-
-
-@torch.no_grad()
-def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) where the vocabulary is sharded over the TP group (a metric)."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    logits = logits.float()
-    top = logits.max(dim=-1, keepdim=True).values
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits - top
-    exp = shifted.exp()
-    sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1)])
-    dist.all_reduce(sums, group=group)
-    return sums[0].log() - sums[1] / sums[0]
-
-
-# A loss: (logprobs [b, T], entropy [b, T], micro-batch) -> (sum of loss over valid tokens, metric sums)
-LossFn = Callable[[torch.Tensor, torch.Tensor, TokenBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# A loss: (logprobs [b, T], entropy [b, T] or None, micro-batch) -> (sum of loss over valid tokens, metric sums).
+# The entropy (a metric) is computed only for a train_step called `with_entropy=True`, else it is None.
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, TokenBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class MegatronPolicy:
@@ -243,7 +222,7 @@ class MegatronPolicy:
     # ---- forward passes through megatron's schedule -------------------------------------------
 
     def _run(self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, forward_only: bool,
-             temperature: float, max_tokens: int | None = None):
+             temperature: float, max_tokens: int | None = None, with_entropy: bool = False):
         """Forward (and backward) over `batch` cut into micro-batches (models/microbatches.py):
         fixed ones of `micro_batch_size` rows, or with `max_tokens` token-budget ones; the same
         count and shapes on the ranks whose MoE layers exchange tokens (fillers). Returns (megatron's
@@ -275,9 +254,8 @@ class MegatronPolicy:
             output = model(mb.input_ids, positions, mask)
 
             def loss_func(logits: torch.Tensor):
-                logits = mask_padded_vocab(logits.float() / temperature, self.vocab_size)
-                entropy = vocab_parallel_entropy(logits)
-                logprobs = vocab_parallel_logprobs(logits, mb.targets)
+                logprobs, entropy = token_logprobs(logits, mb.targets, temperature, self.vocab_size,
+                                                   self.model_cfg.logprob_chunk_tokens, with_entropy)
                 loss_sum, metrics = loss_fn(logprobs, entropy, mb)
                 num_tokens = mb.loss_mask.sum().to(torch.int)
                 return loss_sum, num_tokens, {**metrics, "num_tokens": num_tokens.detach().float()}
@@ -338,20 +316,22 @@ class MegatronPolicy:
 
     def train_step(
         self, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn, skip_nonfinite: bool = False,
-        temperature: float = 1.0, max_tokens: int | None = None,
+        temperature: float = 1.0, max_tokens: int | None = None, with_entropy: bool = False,
     ) -> dict[str, float]:
         """One optimizer step on `batch` (this rank's DP shard). Returns the loss function's metrics
         averaged per token over the global batch (every rank gets the same numbers), `num_tokens`,
         `grad_norm` and `update_skipped`.
 
-        `loss_fn` gets the logprobs (and entropy) of softmax(logits / `temperature`): 1 for a
-        likelihood objective (pre-training, SFT); an RL loss whose ratio compares them with logprobs
-        taken at the sampling temperature passes that temperature.
+        `loss_fn` gets the logprobs of softmax(logits / `temperature`): 1 for a likelihood objective
+        (pre-training, SFT); an RL loss whose ratio compares them with logprobs taken at the sampling
+        temperature passes that temperature. It gets their entropy only `with_entropy` (a metric:
+        one more chunk-sized fp32 tensor and a dot product per chunk of the loss), else None.
 
         `skip_nonfinite`: when the global loss or gradient norm is NaN/Inf, apply nothing and
         return `nonfinite=1` (an fp32/bf16 megatron optimizer has no grad scaler to catch it and
-        would write NaN into every weight). Costs one more gradient-norm pass; every rank takes the
-        same decision because both numbers are globally reduced.
+        would write NaN into every weight). The norm is computed once, as without it
+        (models/optimizer_step.py); every rank takes the same decision because both numbers are
+        globally reduced.
 
         `max_tokens`: token-budget micro-batches instead of `micro_batch_size` rows each
         (models/microbatches.py); the loss and gradient are the same (per-token normalisation).
@@ -360,20 +340,15 @@ class MegatronPolicy:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs, _ = self._run(batch, micro_batch_size, loss_fn, forward_only=False, temperature=temperature,
-                               max_tokens=max_tokens)
+                               max_tokens=max_tokens, with_entropy=with_entropy)
         metrics = reduce_metric_sums(outputs, self.ctx, self.device)
         if skip_nonfinite:
-            # prepare_grads copies the reduced grads to the main params (step() repeats that copy,
-            # idempotent without a grad scaler); before it the norm would read stale grads.
-            found_inf = self.optimizer.prepare_grads()
-            norm = float(self.optimizer.get_grad_norm())
-            if found_inf or not (math.isfinite(norm) and math.isfinite(metrics.get("loss", 0.0))):
-                return {**metrics, "grad_norm": norm, "update_skipped": 1.0, "nonfinite": 1.0}
-        update_ok, grad_norm, _ = self.optimizer.step()
+            update_ok, grad_norm, nonfinite = step_unless_nonfinite(self.optimizer, metrics.get("loss", 0.0))
+            metrics["nonfinite"] = float(nonfinite)
+        else:
+            update_ok, grad_norm, _ = self.optimizer.step()
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_skipped"] = float(not update_ok)
-        if skip_nonfinite:
-            metrics["nonfinite"] = 0.0
         return metrics
 
     @property

@@ -14,16 +14,21 @@ Counted tensor by tensor for the two layer implementations we run, per token and
   the same accounting as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
   Transformer Models", ~34h bytes per token-layer) adapted to GQA and SwiGLU. Not measured here.
 
-The loss needs several vocabulary-sized fp32 buffers at once (ours: the logits, logits /
-temperature, the cross-entropy's softmax, and three temporaries of the entropy metric): 20 bytes
-per local vocab entry per token on the tiny CPU run, 26 with bf16 logits plus their fp32 copy.
+The loss (models/logprobs.py) keeps the logits themselves (parameter dtype; backward writes their
+gradient into the same storage) and, for one chunk of `model.logprob_chunk_tokens` tokens at a
+time, two fp32 vocabulary-sized temporaries: logits / temperature and their exp (8 bytes per chunk
+token x local vocab entry; 4 without the entropy metric, which only RLSR's train step computes:
+counted as RLSR's for every mode). For a micro-batch of several rows the output layer's
+[b, s] <-> [s, b] copy of the logits can be the larger (planner/memory.logits_peak_bytes). Before
+chunking the loss held five fp32 copies of the whole micro-batch's logits (20 bytes per entry;
+benchmarks/logprob_memory_bench.py measures both).
 """
 
 from __future__ import annotations
 
 from nemo_rlsr.planner.shapes import ModelShape
 
-LOGIT_BYTES = {4: 20, 2: 26}  # per (token x local vocab entry), keyed by parameter bytes
+LOGIT_CHUNK_BYTES = 8  # fp32 temporaries of the loss per (chunk token x local vocab entry)
 MOE_IMBALANCE = 1.25  # ASSUMED: the busiest expert-parallel rank gets 25% more tokens than average
 
 

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 from nemo_rlsr.config import RLSRConfig
-from nemo_rlsr.planner.activations import LOGIT_BYTES, final_elements, layer_elements
+from nemo_rlsr.planner.activations import LOGIT_CHUNK_BYTES, final_elements, layer_elements
 from nemo_rlsr.planner.hardware import FRAGMENTATION_HEADROOM, Device
 from nemo_rlsr.planner.layout import Layout
 from nemo_rlsr.planner.shapes import ENCODERS, ModelShape
@@ -103,9 +103,10 @@ def training_state(cfg: RLSRConfig, st: StageParams, lay: Layout) -> dict[str, f
 
 
 def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageParams, stage: int,
-                     profile: str, micro_tokens: int, in_flight_batches: int) -> float:
+                     profile: str, micro_tokens: int, micro_rows: int, in_flight_batches: int) -> float:
     """Saved activations of the micro-batches in flight on this stage, plus the loss's buffers.
-    `micro_tokens`: the largest micro-batch in token positions (rows x width). Attention's
+    `micro_tokens`: the largest micro-batch in token positions (rows x width); `micro_rows`: its
+    rows (more than one makes megatron copy the logits, logits_peak_bytes). Attention's
     heads x context term is counted at the full context: a micro-batch of b rows of width w keeps
     b x w x w <= micro_tokens x max_sequence_length of it, the bound under a token budget too."""
     pb, seq = param_bytes(cfg), cfg.model.max_sequence_length
@@ -122,8 +123,19 @@ def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageP
     total = kept * tokens * pb * in_flight
     if st.last:
         total += final_elements(profile, cfg.model.hidden_size) / split_seq * tokens * pb
-        total += tokens * shape.vocab / lay.tp * LOGIT_BYTES[pb]
+        total += logits_peak_bytes(cfg.model.logprob_chunk_tokens, tokens, micro_rows, shape.vocab / lay.tp, pb)
     return total
+
+
+def logits_peak_bytes(chunk_tokens: int, tokens: float, micro_batch: int, local_vocab: float, pb: int) -> float:
+    """The most the output layer and the loss hold at once: the logits, and either one chunk's fp32
+    temporaries of the loss (models/logprobs.py) or, for micro-batches of several rows, a second
+    copy of the logits: megatron's GPTModel returns `logits.transpose(0, 1).contiguous()` (a copy
+    unless there is one row; core_v0.16.1 and core_v0.19.0 megatron/core/models/gpt/gpt_model.py)
+    and the output layer's backward makes their [s, b] gradient contiguous again."""
+    logits = tokens * local_vocab * pb
+    chunk = min(chunk_tokens or tokens, tokens)
+    return logits + max(logits if micro_batch > 1 else 0.0, chunk * local_vocab * LOGIT_CHUNK_BYTES)
 
 
 def recomputed_elements(cfg: RLSRConfig, per_layer: list[float], layer_input: float) -> float:
@@ -205,7 +217,9 @@ def _stage_memory(cfg, shape, lay, dev, mode, profile, s, st) -> Memory:
     # the lengths, at most one per row (which only matters for the pipeline's in-flight count).
     micro_tokens = budget or micro * cfg.model.max_sequence_length
     n_micro = max(1, rows if budget else rows // micro)
-    items["activations"] = activation_bytes(cfg, shape, lay, st, s, profile, micro_tokens, n_micro)
+    # Under a budget a micro-batch of rows shorter than the longest has several rows: counted so.
+    micro_rows = 2 if budget else micro
+    items["activations"] = activation_bytes(cfg, shape, lay, st, s, profile, micro_tokens, micro_rows, n_micro)
     state = items["weights"] + items["grads"] + items["optimizer"]
     if mode == "sft":
         return Memory(items, {"training": state + items["activations"]}, usable, s, notes,

@@ -74,7 +74,9 @@ def rollout_prompts(examples: list[TrainingExample], cfg: RLSRConfig) -> Prompts
 
 
 def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
-    """GRPO loss summed over the micro-batch's tokens; megatron divides by the global token count."""
+    """GRPO loss summed over the micro-batch's tokens; megatron divides by the global token count.
+    Logs the policy's entropy where the step computes it (`train_step(..., with_entropy=True)`, as
+    the RLSR update does)."""
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
         loss, metrics = grpo_loss(
@@ -82,7 +84,8 @@ def grpo_loss_fn(cfg: GRPOLossConfig) -> LossFn:
             mb.loss_mask, cfg, engine_logprobs=mb.extras.get("engine_logprobs"),
         )
         metrics["loss"] = loss.detach()
-        metrics["entropy"] = (entropy * mb.loss_mask).sum()
+        if entropy is not None:
+            metrics["entropy"] = (entropy * mb.loss_mask).sum()
         return loss, metrics
 
     return loss_fn
@@ -256,7 +259,8 @@ class RLSRTrainer(TrainingRun):
         mini_size = len(batch) // cfg.grpo.mini_batches_per_step
         loss_fn = inject_nan(self.loss_fn) if self.step + 1 in cfg.trainer.debug_inject_nan_steps else self.loss_fn
         updates = [self.policy.train_step(batch.slice(i, i + mini_size), micro, loss_fn,
-                                          skip_nonfinite=True, temperature=temperature, max_tokens=budget)
+                                          skip_nonfinite=True, temperature=temperature, max_tokens=budget,
+                                          with_entropy=True)
                    for i in range(0, len(batch), mini_size)]
         t4 = time.perf_counter()
         self.state.step += 1

@@ -1,0 +1,39 @@
+"""One megatron optimizer step that refuses a non-finite update, with a single gradient-norm pass.
+
+megatron's `optimizer.step()` prepares the gradients, computes their global norm (one pass over
+every gradient plus an all-reduce over the model-parallel group), clips and steps; it has no hook
+to refuse a NaN/Inf norm (with bf16 or fp32 there is no grad scaler to catch it). Asking for the
+norm first and then calling `step()` would compute it twice. Here the steps of `step()` run one by
+one, with the decision in the middle: `prepare_grads()`, `get_grad_norm()`, then either nothing or
+clipping by that norm (`clip_grad_by_total_norm_fp32`, what `clip_grad_norm` / ChainedOptimizer.step
+do after their own norm pass) and `step_with_ready_grads()`.
+
+Read from megatron-core's `megatron/core/optimizer/optimizer.py` at core_v0.16.1 and core_v0.19.0
+(FP32Optimizer / MixedPrecisionOptimizer / ChainedOptimizer `step`): those are the public methods
+every optimizer class has in both. 0.19's separately clipped "grad norm groups" are a per-parameter
+opt-in (`_get_param_grad_norm_group`) that nothing here registers.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def step_unless_nonfinite(optimizer, loss: float) -> tuple[bool, float, bool]:
+    """(applied, grad_norm, nonfinite): the update is applied only if `loss` and the global gradient norm are
+    finite (and megatron's grad scaler, if any, found no inf). Every rank decides alike: both
+    numbers are globally reduced."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    found_inf = optimizer.prepare_grads()
+    norm = float(optimizer.get_grad_norm())
+    if found_inf or not (math.isfinite(norm) and math.isfinite(loss)):
+        return False, norm, True
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(part, "is_stub_optimizer", False):  # a rank without parameters of this kind
+            continue
+        params = part.get_parameters()
+        if part.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(params, part.config.clip_grad, norm,
+                                         part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), norm, False
