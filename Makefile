@@ -41,4 +41,4 @@ recipes-table: $(STAMP)
 	$(PY) docs/make_recipe_table.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-embed-server runs

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"in-process: {flops / sec / 1e12:,.1f} TFLOP/s = MFU {flops / sec / 1e12 / args.peak_tflops:.1%} "
                   f"of {args.peak_tflops:.0f} TFLOP/s")
         first.close()
-        del first, st
+        first = st = None  # drop the encoder before the pool measurement loads its own copies
         if device == "cuda":
             torch.cuda.empty_cache()
 
