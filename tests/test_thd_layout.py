@@ -170,3 +170,37 @@ def test_the_sampler_switches_attention_to_the_explicit_mask_and_back(single_ran
     with explicit_mask_attention(module):
         assert {m.attn_mask_type for m in layers} == {AttnMaskType.arbitrary}
     assert {m.attn_mask_type for m in layers} == {AttnMaskType.causal}
+
+
+def test_planner_counts_the_fallback_scores_on_the_te_spec_and_none_for_thd():
+    """Qwen2.5-7B at TP2, 4096 tokens (its recipe, a GPU plan: the TE profile): THD keeps no score
+    matrix; the `arbitrary` fallback keeps each layer's bf16 probabilities (heads / TP x T x T per
+    row) plus two working copies of the layer being computed, hand-computed here."""
+    from distributed_helpers import REPO_ROOT
+    from nemo_rlsr.config import load_config
+    from nemo_rlsr.planner import make_plan
+
+    plans = {layout: make_plan(load_config(REPO_ROOT / "conf/rlsr_qwen7b_sb.yaml", [f"model.attention_layout={layout}"]))
+             for layout in ("auto", "thd", "mask")}
+    m, lay = plans["mask"].cfg.model, plans["mask"].layout
+    assert (lay.tp, lay.pp, lay.cp, m.max_sequence_length, m.recompute_granularity) == (2, 1, 1, 4096, None)
+    per_layer = plans["mask"].cfg.grpo.micro_batch_size * 28 / 2 * 4096 * 4096 * 2  # 0.47 GB
+    assert per_layer == pytest.approx(0.47e9, rel=0.01)
+    fallback = plans["mask"].memory.items["activations"] - plans["auto"].memory.items["activations"]
+    assert fallback == pytest.approx((m.num_layers + 2) * per_layer, rel=1e-9)
+    assert plans["thd"].memory.items["activations"] == plans["auto"].memory.items["activations"]
+
+
+def test_attention_layout_is_validated_with_the_config():
+    from distributed_helpers import REPO_ROOT
+    from nemo_rlsr.config import load_config
+    from nemo_rlsr.config.rules import config_problems
+
+    def problems(*overrides):
+        cfg = load_config(REPO_ROOT / "conf/rlsr_tiny.yaml", list(overrides))
+        return [p for p in config_problems(cfg, "rlsr") if "attention_layout" in p]
+
+    assert problems("model.attention_layout=thd") == []
+    assert "choose one of auto, thd, mask" in problems("model.attention_layout=flash")[0]
+    assert "not built" in problems("model.attention_layout=thd", "parallel.context_parallel=2")[0]
+    assert problems("model.attention_layout=auto", "parallel.context_parallel=2") == []

@@ -27,7 +27,7 @@ from nemo_rlsr.distributed.parallel import ParallelContext
 from nemo_rlsr.config.rules import attention_layout
 from nemo_rlsr.models.gpt import build_gpt, use_transformer_engine
 from nemo_rlsr.models.logprobs import token_logprobs
-from nemo_rlsr.models.optimizer_step import step_unless_nonfinite
+from nemo_rlsr.models.optimizer_step import build_optimizer, step_unless_nonfinite
 from nemo_rlsr.models.packed_seq import ThdStream, thd_stream
 from nemo_rlsr.models.precision import sequence_multiple
 
@@ -190,7 +190,7 @@ class MegatronPolicy:
             ]
             for chunk in self.chunks:  # each chunk has its own TransformerConfig
                 chunk.config.finalize_model_grads_func = finalize_model_grads
-            self.optimizer = _build_optimizer(optim_cfg, self.models)
+            self.optimizer = build_optimizer(optim_cfg, self.models)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -381,7 +381,7 @@ class MegatronPolicy:
 
     def rebuild_optimizer(self, optim_cfg: OptimizerConfig) -> None:
         """A fresh optimizer (new LR, empty Adam moments), e.g. between base pre-training and RL."""
-        self.optimizer = _build_optimizer(optim_cfg, self.models)
+        self.optimizer = build_optimizer(optim_cfg, self.models)
 
     def state_dict_for_checkpoint(self, is_loading: bool = False, include_optimizer: bool = True) -> dict:
         """megatron sharded state dicts of model and optimizer (dist_checkpointing format).
@@ -412,27 +412,6 @@ class MegatronPolicy:
         """Copy the model part of a `dist_checkpointing.load` result (see state_dict_for_checkpoint)."""
         for key, chunk in zip(self._chunk_keys, self.chunks):
             chunk.load_state_dict(loaded[key])
-
-
-def _build_optimizer(cfg: OptimizerConfig, models: list):
-    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-    from megatron.core.optimizer import get_megatron_optimizer
-
-    return get_megatron_optimizer(
-        MegatronOptimizerConfig(
-            optimizer="adam",
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2,
-            clip_grad=cfg.clip_grad,
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
-            # bf16 parameters: megatron keeps fp32 main weights and Adam state (mixed precision).
-            bf16=models[0].config.params_dtype == torch.bfloat16,
-            params_dtype=models[0].config.params_dtype,
-        ),
-        models,
-    )
 
 
 def reduce_metric_sums(outputs: list[dict[str, torch.Tensor]], ctx: ParallelContext,
