@@ -76,6 +76,8 @@ def test_alignment_pads_the_end_of_the_last_sequence_only():
     assert stream.cu_seqlens_padded.tolist() == [0, 13, 29, 40, 56]  # TE: no pad between sequences
     assert stream.positions[0, -2:].tolist() == [14, 15]  # the last row's 15 tokens, then the pad
     assert stream.gather(batch.input_ids)[0, -1] == 0
+    agreed = thd_stream(batch.valid, None, multiple=8, length=64)  # the longest over MoE peers (thd_streams)
+    assert agreed.length == 64 and agreed.cu_seqlens_padded.tolist() == [0, 13, 29, 40, 64]
     empty = thd_stream(torch.zeros(2, 5, dtype=torch.bool), None, multiple=4)
     assert empty.cu_seqlens.tolist() == [0, 0] and empty.cu_seqlens_padded.tolist() == [0, 4]
 

@@ -84,9 +84,10 @@ class ThdStream:
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
 
-def thd_stream(valid: torch.Tensor, segment_ids: torch.Tensor | None = None, multiple: int = 1) -> ThdStream:
+def thd_stream(valid: torch.Tensor, segment_ids: torch.Tensor | None = None, multiple: int = 1,
+               length: int | None = None) -> ThdStream:
     """The THD layout of a [B, T] batch's `valid` tokens (and packed rows' `segment_ids`), the stream
-    padded at its end to a multiple of `multiple` (at least one token)."""
+    padded at its end to a multiple of `multiple` (at least one token), or to `length` if longer."""
     rows, width = valid.shape
     index = valid.reshape(-1).bool().nonzero().squeeze(1)
     count = len(index)
@@ -100,7 +101,7 @@ def thd_stream(valid: torch.Tensor, segment_ids: torch.Tensor | None = None, mul
         raise ValueError(f"row {int(row[at])}: a pad inside a sequence before column {int(column[at])}; the THD "
                          f"layout needs each sequence's valid tokens contiguous (use model.attention_layout=mask)")
     first = starts.nonzero().squeeze(1) if count else index.new_zeros(1)  # no token: one empty sequence
-    length = max(-(-count // multiple) * multiple, multiple)
+    length = max(-(-count // multiple) * multiple, multiple, length or 0)
     cu_seqlens = torch.cat([first, first.new_tensor([count])]).to(torch.int32)
     cu_seqlens_padded = cu_seqlens.clone()
     cu_seqlens_padded[-1] = length
@@ -110,6 +111,21 @@ def thd_stream(valid: torch.Tensor, segment_ids: torch.Tensor | None = None, mul
     positions = stream - cu_seqlens_padded.long()[owner]
     extents = cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]
     return ThdStream(index, cu_seqlens, cu_seqlens_padded, positions[None], int(extents.max()), (rows, width))
+
+
+def thd_streams(batches: list, multiple: int, group=None) -> list[ThdStream]:
+    """The streams of a step's micro-batches (TokenBatches). With a `group` (ranks whose MoE layers
+    exchange tokens, generation/lockstep.py) each is padded to the longest of its index over the
+    group: those ranks' collectives need the same shapes, as microbatches.agree_across_ranks gives
+    the [B, T] micro-batches."""
+    streams = [thd_stream(b.valid, b.segment_ids, multiple) for b in batches]
+    if group is None:
+        return streams
+    import torch.distributed as dist
+
+    lengths = torch.tensor([s.length for s in streams], device=batches[0].valid.device)
+    dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=group)
+    return [thd_stream(b.valid, b.segment_ids, multiple, n) for b, n in zip(batches, lengths.tolist())]
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from nemo_rlsr.config.rules import attention_layout
 from nemo_rlsr.models.gpt import build_gpt, use_transformer_engine
 from nemo_rlsr.models.logprobs import token_logprobs
 from nemo_rlsr.models.optimizer_step import build_optimizer, step_unless_nonfinite
-from nemo_rlsr.models.packed_seq import ThdStream, thd_stream
+from nemo_rlsr.models.packed_seq import ThdStream, thd_streams
 from nemo_rlsr.models.precision import sequence_multiple
 
 
@@ -243,16 +243,18 @@ class MegatronPolicy:
         planned = plan_micro_batches(batch, micro_batch_size, max_tokens, self.sequence_multiple)
         # The interleaved pipeline schedule needs whole groups of PP micro-batches; MoE layers that
         # exchange tokens across DP ranks need the same micro-batches on each of them.
-        micro = agree_across_ranks(planned, batch, self.ctx.pp if len(self.models) > 1 else 1, lockstep_group())
+        group = lockstep_group()
+        micro = agree_across_ranks(planned, batch, self.ctx.pp if len(self.models) > 1 else 1, group)
+        batches = [mb.batch for mb in micro]
+        streams = thd_streams(batches, self.sequence_multiple, group) if self.thd else [None] * len(micro)
         # Under a budget the shapes vary: pipeline stages then send each activation's shape first.
         # So do THD streams (one per micro-batch, as long as its valid tokens).
         for chunk in self.chunks:
             chunk.config.variable_seq_lengths = (bool(max_tokens) or self.thd) and self.ctx.pp > 1
 
-        def forward_step(data_iterator: Iterator[TokenBatch], model):
-            mb = next(data_iterator)
-            if self.thd:  # [1, stream] tokens; cu_seqlens for TE, their block-causal mask for the local spec
-                stream = thd_stream(mb.valid, mb.segment_ids, self.sequence_multiple)
+        def forward_step(data_iterator: Iterator[tuple[TokenBatch, ThdStream | None]], model):
+            mb, stream = next(data_iterator)
+            if stream is not None:  # [1, stream] tokens; cu_seqlens for TE, their block-causal mask for the local spec
                 output = model(stream.gather(mb.input_ids), stream.positions, **stream.attention_inputs(self.te_spec))
                 return output, functools.partial(loss_func, mb, stream)
             positions = position_ids(mb.input_ids, mb.segment_ids)
@@ -280,14 +282,11 @@ class MegatronPolicy:
         for model in self.models:
             model.train(not forward_only)
         # The shape megatron allocates pipeline buffers with (each one's own under a budget).
-        rows, seq_length = micro[0].batch.input_ids.shape
-        if self.thd:
-            first = micro[0].batch
-            rows, seq_length = 1, thd_stream(first.valid, first.segment_ids, self.sequence_multiple).length
+        rows, seq_length = (1, streams[0].length) if self.thd else micro[0].batch.input_ids.shape
         # Interleaved: every chunk walks the micro-batches in order (the first reads the tokens, the
         # last the targets), so each gets its own iterator.
-        batches = [mb.batch for mb in micro]
-        data = [iter(batches) for _ in self.models] if len(self.models) > 1 else iter(batches)
+        pairs = list(zip(batches, streams))
+        data = [iter(pairs) for _ in self.models] if len(self.models) > 1 else iter(pairs)
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=data,
