@@ -238,6 +238,9 @@ def _stage_memory(cfg, shape, lay, dev, mode, profile, s, st) -> Memory:
     # Under a budget a micro-batch of rows shorter than the longest has several rows: counted so.
     micro_rows = 2 if budget else micro
     items["activations"] = activation_bytes(cfg, shape, lay, st, s, profile, micro_tokens, micro_rows, n_micro)
+    if profile == "te" and score_context(cfg, profile, micro_tokens):
+        notes.append("activations: model.attention_layout=mask runs TE's unfused `arbitrary` attention, whose "
+                     "s x s scores are counted (thd / auto avoids them)")
     state = items["weights"] + items["grads"] + items["optimizer"]
     if mode == "sft":
         return Memory(items, {"training": state + items["activations"]}, usable, s, notes,
