@@ -6,7 +6,8 @@ micro-batches of packed rows) and with token budgets. Each scenario trains one s
 policy (DP=2) and of a tiny MoE policy at EP=2 (its expert layers all-gather tokens across the two
 DP ranks in every micro-batch: a rank that stops early leaves its peer waiting), then takes the
 logprobs of a fixed probe batch. `pipeline`: the dense step at PP=2 with all examples under a
-token budget (micro-batches of varying shapes cross the stage boundary). `reference` runs the same steps on one rank with all examples,
+token budget (micro-batches of varying shapes cross the stage boundary). `thd_*`: the THD layout at
+PP=2, TP=2 + SP and EP=2 (scenario_thd). `reference` runs the same steps on one rank with all examples,
 one per row, fixed micro-batches; the test compares.
 """
 
@@ -44,13 +45,14 @@ def examples(rank: int) -> list[tuple[list[int], int]]:
     return out
 
 
-def policy_for(name: str, dims: dict, out: Path, first: bool) -> MegatronPolicy:
+def policy_for(name: str, dims: dict, out: Path, first: bool, layout: str = "auto") -> MegatronPolicy:
     """The model `name` with the weights every scenario shares (saved by the reference, loaded by the
     others), in a fresh process group (the previous model's is torn down first)."""
     if torch.distributed.is_initialized():
         destroy_distributed()
     ctx = init_distributed(ParallelDims(seed=7, **dims))
     cfg = tiny_moe_config()
+    cfg.attention_layout = layout
     if name == "dense":
         cfg.num_moe_experts, cfg.moe_first_dense_layers = None, None
     policy = MegatronPolicy(cfg, optimizer_config(), VOCAB, ctx)
@@ -97,8 +99,26 @@ def scenario_pipeline(out: Path) -> dict:
     return {"dense": step_and_probe(policy, batch, 1, BUDGET)}
 
 
+THD_LAYOUTS = {"thd_pp2": {"pp": 2}, "thd_tp2_sp": {"tp": 2, "sequence_parallel": True}, "thd_moe_ep2": {"ep": 2}}
+
+
+def scenario_thd(out: Path, layout: str) -> dict:
+    """The THD layout (models/packed_seq.py) across ranks: packed rows, one per micro-batch, so every
+    micro-batch is a stream of another length (PP: stages exchange each one's shape; TP + SP: the
+    stream is padded to a multiple of TP and split along it; EP: ranks exchange streams of different
+    lengths), and the probe's rows as streams too."""
+    dims = THD_LAYOUTS[layout]
+    name = "moe" if "ep" in dims else "dense"
+    policy = policy_for(name, dims, out, first=False, layout="thd")
+    assert policy.thd
+    everything = examples(0) + examples(1)
+    mine = everything if "ep" not in dims else examples(policy.ctx.dp_rank)
+    return {name: step_and_probe(policy, packed_sft_batch(mine, LENGTH, PAD, rows_multiple=1), 1, None)}
+
+
 if __name__ == "__main__":
     worker_main({"reference": scenario_reference,
                  "packed": lambda out: scenario(out, packed=True),
                  "budget": lambda out: scenario(out, packed=False),
-                 "pipeline": scenario_pipeline})
+                 "pipeline": scenario_pipeline,
+                 **{layout: (lambda out, layout=layout: scenario_thd(out, layout)) for layout in THD_LAYOUTS}})

@@ -48,3 +48,18 @@ def test_token_budget_through_two_pipeline_stages(reference):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
         torch.testing.assert_close(got["probe_logprobs"], want["probe_logprobs"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["thd_pp2", "thd_tp2_sp", "thd_moe_ep2"])
+def test_thd_streams_across_ranks_match_one_rank_with_masks(reference, layout):
+    """THD packed sequences (models/packed_seq.py) at PP=2, TP=2 + SP, and an MoE model at EP=2: the
+    step and the probe's logprobs equal the one-rank reference's (one example per row, masks)."""
+    out, expected = reference
+    for rank in run_workers(layout, out, nprocs=2, timeout_s=240.0, worker=WORKER):
+        (name, got), = rank.items()
+        want = expected[name]
+        assert got["num_tokens"] == want["num_tokens"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        torch.testing.assert_close(got["probe_logprobs"], want["probe_logprobs"], atol=1e-5, rtol=0)

@@ -9,7 +9,8 @@ activations of its training phase (the frozen reference and the reward encoder a
 train_step). Its activation model was derived by listing the tensors autograd saves
 (`saved_tensors_hooks`) on the default tiny shape; the variants check it generalises, and three with a
 16k vocabulary check the loss's model (the logits plus one chunk's fp32 temporaries, or the
-logits' transposed copy).
+logits' transposed copy), and two whose attention scores dominate check the s x s score memory of the
+mask layout (what TE's `arbitrary` fallback materialises too) and of the local spec's THD stream.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ VARIANTS = [
     # one row per micro-batch: megatron's [s, b] -> [b, s] logits copy disappears (planner/memory.logits_peak_bytes)
     ["model.vocab_size=16384", "model.max_sequence_length=512", "grpo.prompts_per_step=1", "grpo.num_generations=2",
      "grpo.micro_batch_size=1", "model.logprob_chunk_tokens=128"],
+    # s x s attention scores dominate (8 heads, 512 tokens, narrow layers): the `arbitrary` mask fallback's
+    # memory (planner/activations.SCORE_WORKING_COPIES), and the THD stream the local spec masks as a whole
+    *[["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=8", "model.ffn_hidden_size=128",
+       "model.max_sequence_length=512", "grpo.prompts_per_step=1", "grpo.num_generations=2", "grpo.micro_batch_size=2",
+       f"model.attention_layout={layout}"] for layout in ("mask", "thd")],
 ]
 TRAIN_STEP_ITEMS = ("weights", "grads", "optimizer", "activations")
 

@@ -24,6 +24,7 @@ ENCODER_FAMILIES = ({name: "sb" for name in ("minilm-l6", "mpnet-base-v2")}
 LONG_RESPONSE_POLICIES = ("truncate", "chunk")
 REPETITION_MODES = ("self", "reference", "prompt")
 REFERENCE_PLACEMENTS = ("resident", "cpu_swap")
+ATTENTION_LAYOUTS = ("auto", "thd", "mask")
 
 # Keys the schema accepts (recipes for GPU clusters set them; the planner and the launcher read
 # them) but this build's trainer cannot act on yet, with what is missing. Any of them set to a
@@ -205,6 +206,26 @@ def size_problems(cfg: RLSRConfig, mode: str) -> list[str]:
     return problems
 
 
+def attention_layout(layout: str, te_spec: bool) -> str:
+    """`model.attention_layout` resolved for a model on TE's layer spec or not: "thd" | "mask"
+    (models/packed_seq.py). `auto`: THD where TE's flash / fused attention can use it, else the mask."""
+    if layout == "auto":
+        return "thd" if te_spec else "mask"
+    return layout
+
+
+def attention_layout_problems(cfg: RLSRConfig) -> list[str]:
+    """A known layout; THD only without context parallelism (TE's CP over THD needs every sequence
+    padded to 2 x CP, not built; the local spec's CP splits [B, T] rows: models/packed_seq.py)."""
+    layout = cfg.model.attention_layout
+    if layout not in ATTENTION_LAYOUTS:
+        return [f"model.attention_layout={layout!r}: choose one of {', '.join(ATTENTION_LAYOUTS)}"]
+    if layout == "thd" and cfg.parallel.context_parallel > 1:
+        return [f"model.attention_layout=thd with parallel.context_parallel={cfg.parallel.context_parallel} is not "
+                f"built (context parallelism splits [B, T] rows): set model.attention_layout to auto or mask"]
+    return []
+
+
 def microbatch_problems(cfg: RLSRConfig, mode: str) -> list[str]:
     """A token budget must hold the longest row a step can have, so that every micro-batch stays
     within it (models/microbatches.py; the planner's activation memory counts the budget)."""
@@ -301,7 +322,7 @@ def data_problems(cfg: RLSRConfig, mode: str) -> list[str]:
 def config_problems(cfg: RLSRConfig, mode: str) -> list[str]:
     """Every machine-independent rule `cfg` breaks for `mode` ("rlsr" or "sft")."""
     problems = (unsupported_problems(cfg) + size_problems(cfg, mode) + microbatch_problems(cfg, mode)
-                + trainer_problems(cfg, mode))
+                + attention_layout_problems(cfg) + trainer_problems(cfg, mode))
     if mode == "rlsr":
         problems += rlsr_problems(cfg)
     return problems + data_problems(cfg, mode)

@@ -58,6 +58,11 @@ class ModelConfig:
     # Layer spec: "auto" = Transformer Engine's where it imports and a GPU is there, else megatron's
     # local spec; "local" / "transformer_engine" force one (context parallel runs on the local spec only).
     transformer_impl: str = "auto"
+    # How attention learns a micro-batch's sequences (models/packed_seq.py): "thd" lays the valid tokens
+    # out as one unpadded stream with cu_seqlens (TE: causal flash / fused attention, no s x s scores);
+    # "mask" keeps [B, T] rows with an explicit mask (TE: `arbitrary`, its unfused backend); "auto":
+    # thd on the TE spec, mask on the local spec (which applies a mask either way).
+    attention_layout: str = "auto"
     # The loss's log-softmax walks each micro-batch's tokens in chunks of this many (0: all at once):
     # its fp32 temporaries are chunk x vocab / TP entries instead of tokens x vocab / TP (models/logprobs.py).
     logprob_chunk_tokens: int = 1024

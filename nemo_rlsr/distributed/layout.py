@@ -20,8 +20,9 @@ from nemo_rlsr.planner.shapes import ModelShape
 def engine_problems(cfg: RLSRConfig, te_version: str | None, capability: tuple[int, int] | None) -> list[str]:
     """Context parallelism runs on the local spec only (models/context_parallel.py: all-gather-KV,
     standard and grouped-query attention, not multi-latent attention's core attention). On the TE
-    spec attention gets an explicit `arbitrary` mask (models/spec.py), which TE's context-parallel
-    attention does not take (causal / padding-causal only)."""
+    spec the `mask` layout's `arbitrary` attention (models/spec.py) is not what TE's context-parallel
+    attention takes (causal / padding-causal only), and THD over CP (every sequence padded to 2 x CP,
+    models/packed_seq.py) is not built."""
     p, m = cfg.parallel, cfg.model
     if p.context_parallel <= 1:
         return []
@@ -29,7 +30,8 @@ def engine_problems(cfg: RLSRConfig, te_version: str | None, capability: tuple[i
         return [f"parallel.context_parallel={p.context_parallel} runs on megatron's local layer spec only, and this job "
                 f"builds Transformer Engine's (model.transformer_impl={m.transformer_impl}, TE {te_version}): TE's "
                 f"context-parallel attention takes causal / padding-causal masks, not the explicit mask of "
-                f"left-padded and packed rows; set model.transformer_impl=local"]
+                f"left-padded and packed rows, and THD sequences over CP are not built; set "
+                f"model.transformer_impl=local"]
     if m.multi_latent_attention:
         return [f"parallel.context_parallel={p.context_parallel} with model.multi_latent_attention=true is not built "
                 f"(the local spec's all-gather-KV context parallelism covers standard and grouped-query attention)"]

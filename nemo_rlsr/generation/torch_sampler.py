@@ -44,6 +44,17 @@ from nemo_rlsr.models.sequence_parallel import sequence_parallel_off
 Forward = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
+def explicit_mask_attention(module: torch.nn.Module):
+    """The sampler's forwards carry their own mask (left-padded prompts; megatron's local attention
+    applies it whatever the mask type, which it does not use): a model built for the THD layout runs
+    `arbitrary` attention while sampling (models/spec.attention_mask_type)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from nemo_rlsr.models.spec import attention_mask_type
+
+    return attention_mask_type(module, AttnMaskType.arbitrary)
+
+
 @contextmanager
 def generation_mode(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode, with sequence and context parallelism switched off: one token per step cannot be
@@ -205,7 +216,7 @@ class TorchRolloutEngine:
         device = next(self.module.parameters()).device
         strategy = decode_strategy(device)
         state = DecodeState(self, prompts, params, request_seeds(seed, len(prompts)), strategy, device)
-        with generation_mode(self.module):
+        with generation_mode(self.module), explicit_mask_attention(self.module):
             logits = state.prefill(self._forward)
             while True:
                 keep = state.step(logits)

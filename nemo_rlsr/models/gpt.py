@@ -13,6 +13,7 @@ import math
 import torch
 
 from nemo_rlsr.config import ModelConfig
+from nemo_rlsr.config.rules import attention_layout
 from nemo_rlsr.distributed.dims import ParallelDims
 from nemo_rlsr.models.fusions import fusion_flags, wgrad_accumulation_kernel_available
 from nemo_rlsr.models.mla import mla_transformer_kwargs
@@ -121,6 +122,20 @@ def dense_layer_spec(cfg: ModelConfig, te: bool):
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
 
 
+def with_layout_mask_type(spec, cfg: ModelConfig, te: bool):
+    """`spec` with the attention mask type `model.attention_layout` needs on the TE spec: under
+    `mask`, `arbitrary` (TE would ignore the batch's own mask under `causal`, models/spec.py: its
+    unfused fallback); under THD megatron's `causal`, which megatron's TEDotProductAttention hands TE
+    as `padding_causal` with the micro-batch's cu_seqlens (core_v0.16.1
+    megatron/core/extensions/transformer_engine.py; models/packed_seq.py). The local spec applies
+    the mask it is given whatever the type: unchanged."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    if te and attention_layout(cfg.attention_layout, te) == "mask":
+        return with_attention_mask_type(spec, AttnMaskType.arbitrary)
+    return spec
+
+
 def build_gpt(cfg: ModelConfig, vocab_size: int, dims: ParallelDims = ParallelDims(), vp_stage: int | None = None):
     """The GPTModel chunk of `cfg` for this rank's pipeline stage under `dims` (vocab padded for
     TP); with `dims.vpp` chunks per rank (interleaved pipeline), chunk `vp_stage` of them: its
@@ -130,8 +145,6 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, dims: ParallelDims = ParallelDi
     (models/context_parallel.py)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-
-    from megatron.core.transformer.enums import AttnMaskType
 
     from nemo_rlsr.compat.megatron import mark_gradient_reductions, patch_module_globals, with_sequence_parallel_norms
     from nemo_rlsr.models.context_parallel import with_context_parallel_attention  # imports megatron
@@ -143,9 +156,8 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, dims: ParallelDims = ParallelDi
         spec = decoder_block_spec(config, te, vp_stage)  # per-layer dense/MoE MLPs, MLA (models/moe.py)
     else:
         spec = dense_layer_spec(cfg, te)
-    if te:  # TE's attention would ignore the batch's own mask under `causal` (models/spec.py)
-        spec = with_attention_mask_type(spec, AttnMaskType.arbitrary)
-    else:  # norms that support sequence parallelism (compat/megatron.py); TE's do already
+    spec = with_layout_mask_type(spec, cfg, te)
+    if not te:  # norms that support sequence parallelism (compat/megatron.py); TE's do already
         spec = with_sequence_parallel_norms(spec, config, vp_stage)
         # all-gather-KV context parallelism (models/context_parallel.py); refused on the TE spec (distributed/layout.py)
         spec = with_context_parallel_attention(spec)

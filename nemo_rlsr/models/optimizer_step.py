@@ -1,4 +1,4 @@
-"""One megatron optimizer step that refuses a non-finite update, with a single gradient-norm pass.
+"""The policy's megatron optimizer (`build_optimizer`) and one step of it that refuses a non-finite update, with a single gradient-norm pass.
 
 megatron's `optimizer.step()` prepares the gradients, computes their global norm (one pass over
 every gradient plus an all-reduce over the model-parallel group), clips and steps; it has no hook
@@ -17,6 +17,10 @@ opt-in (`_get_param_grad_norm_group`) that nothing here registers.
 from __future__ import annotations
 
 import math
+
+import torch
+
+from nemo_rlsr.config import OptimizerConfig
 
 
 def step_unless_nonfinite(optimizer, loss: float) -> tuple[bool, float, bool]:
@@ -37,3 +41,25 @@ def step_unless_nonfinite(optimizer, loss: float) -> tuple[bool, float, bool]:
             clip_grad_by_total_norm_fp32(params, part.config.clip_grad, norm,
                                          part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
     return bool(optimizer.step_with_ready_grads()), norm, False
+
+
+def build_optimizer(cfg: OptimizerConfig, models: list):
+    """megatron's Adam over the policy's (DDP-wrapped) chunks; bf16 parameters get fp32 main weights."""
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    return get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            clip_grad=cfg.clip_grad,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            # bf16 parameters: megatron keeps fp32 main weights and Adam state (mixed precision).
+            bf16=models[0].config.params_dtype == torch.bfloat16,
+            params_dtype=models[0].config.params_dtype,
+        ),
+        models,
+    )

@@ -24,9 +24,11 @@ import torch.distributed as dist
 
 from nemo_rlsr.config import ModelConfig, OptimizerConfig
 from nemo_rlsr.distributed.parallel import ParallelContext
-from nemo_rlsr.models.gpt import build_gpt
+from nemo_rlsr.config.rules import attention_layout
+from nemo_rlsr.models.gpt import build_gpt, use_transformer_engine
 from nemo_rlsr.models.logprobs import token_logprobs
-from nemo_rlsr.models.optimizer_step import step_unless_nonfinite
+from nemo_rlsr.models.optimizer_step import build_optimizer, step_unless_nonfinite
+from nemo_rlsr.models.packed_seq import ThdStream, thd_streams
 from nemo_rlsr.models.precision import sequence_multiple
 
 
@@ -166,6 +168,9 @@ class MegatronPolicy:
         # Batches are padded to this length multiple (FP8 GEMM alignment; TP under sequence parallelism;
         # 2 x CP chunks under context parallelism).
         self.sequence_multiple = sequence_multiple(model_cfg, ctx)
+        # THD: each micro-batch's valid tokens as one stream of sequences (models/packed_seq.py)
+        self.te_spec = use_transformer_engine(model_cfg)
+        self.thd = attention_layout(model_cfg.attention_layout, self.te_spec) == "thd"
         self.config = self.chunks[0].config
         self.optimizer = None
         self.models = list(self.chunks)  # what the schedule runs: the chunks, each under DDP when training
@@ -185,7 +190,7 @@ class MegatronPolicy:
             ]
             for chunk in self.chunks:  # each chunk has its own TransformerConfig
                 chunk.config.finalize_model_grads_func = finalize_model_grads
-            self.optimizer = _build_optimizer(optim_cfg, self.models)
+            self.optimizer = build_optimizer(optim_cfg, self.models)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -238,13 +243,20 @@ class MegatronPolicy:
         planned = plan_micro_batches(batch, micro_batch_size, max_tokens, self.sequence_multiple)
         # The interleaved pipeline schedule needs whole groups of PP micro-batches; MoE layers that
         # exchange tokens across DP ranks need the same micro-batches on each of them.
-        micro = agree_across_ranks(planned, batch, self.ctx.pp if len(self.models) > 1 else 1, lockstep_group())
+        group = lockstep_group()
+        micro = agree_across_ranks(planned, batch, self.ctx.pp if len(self.models) > 1 else 1, group)
+        batches = [mb.batch for mb in micro]
+        streams = thd_streams(batches, self.sequence_multiple, group) if self.thd else [None] * len(micro)
         # Under a budget the shapes vary: pipeline stages then send each activation's shape first.
+        # So do THD streams (one per micro-batch, as long as its valid tokens).
         for chunk in self.chunks:
-            chunk.config.variable_seq_lengths = bool(max_tokens) and self.ctx.pp > 1
+            chunk.config.variable_seq_lengths = (bool(max_tokens) or self.thd) and self.ctx.pp > 1
 
-        def forward_step(data_iterator: Iterator[TokenBatch], model):
-            mb = next(data_iterator)
+        def forward_step(data_iterator: Iterator[tuple[TokenBatch, ThdStream | None]], model):
+            mb, stream = next(data_iterator)
+            if stream is not None:  # [1, stream] tokens; cu_seqlens for TE, their block-causal mask for the local spec
+                output = model(stream.gather(mb.input_ids), stream.positions, **stream.attention_inputs(self.te_spec))
+                return output, functools.partial(loss_func, mb, stream)
             positions = position_ids(mb.input_ids, mb.segment_ids)
             mask = attention_mask(mb.valid, mb.segment_ids)
             if self.ctx.cp > 1:  # this CP rank's positions, and the mask rows of its queries (all keys)
@@ -252,24 +264,29 @@ class MegatronPolicy:
 
                 mb, positions, mask = split_for_context_parallel(mb), split_for_cp(positions), split_for_cp(mask, dim=2)
             output = model(mb.input_ids, positions, mask)
+            return output, functools.partial(loss_func, mb, None)
 
-            def loss_func(logits: torch.Tensor):
-                logprobs, entropy = token_logprobs(logits, mb.targets, temperature, self.vocab_size,
-                                                   self.model_cfg.logprob_chunk_tokens, with_entropy)
-                loss_sum, metrics = loss_fn(logprobs, entropy, mb)
-                num_tokens = mb.loss_mask.sum().to(torch.int)
-                return loss_sum, num_tokens, {**metrics, "num_tokens": num_tokens.detach().float()}
-
-            return output, loss_func
+        def loss_func(mb: TokenBatch, stream: ThdStream | None, logits: torch.Tensor):
+            """The loss of a micro-batch from its logits ([b, T] rows, or a THD stream whose per-token
+            results go back to the rows before the loss function sees them)."""
+            targets = mb.targets if stream is None else stream.gather(mb.targets)
+            logprobs, entropy = token_logprobs(logits, targets, temperature, self.vocab_size,
+                                               self.model_cfg.logprob_chunk_tokens, with_entropy)
+            if stream is not None:
+                logprobs = stream.scatter(logprobs)
+                entropy = None if entropy is None else stream.scatter(entropy)
+            loss_sum, metrics = loss_fn(logprobs, entropy, mb)
+            num_tokens = mb.loss_mask.sum().to(torch.int)
+            return loss_sum, num_tokens, {**metrics, "num_tokens": num_tokens.detach().float()}
 
         for model in self.models:
             model.train(not forward_only)
         # The shape megatron allocates pipeline buffers with (each one's own under a budget).
-        rows, seq_length = micro[0].batch.input_ids.shape
+        rows, seq_length = (1, streams[0].length) if self.thd else micro[0].batch.input_ids.shape
         # Interleaved: every chunk walks the micro-batches in order (the first reads the tokens, the
         # last the targets), so each gets its own iterator.
-        batches = [mb.batch for mb in micro]
-        data = [iter(batches) for _ in self.models] if len(self.models) > 1 else iter(batches)
+        pairs = list(zip(batches, streams))
+        data = [iter(pairs) for _ in self.models] if len(self.models) > 1 else iter(pairs)
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=data,
@@ -363,7 +380,7 @@ class MegatronPolicy:
 
     def rebuild_optimizer(self, optim_cfg: OptimizerConfig) -> None:
         """A fresh optimizer (new LR, empty Adam moments), e.g. between base pre-training and RL."""
-        self.optimizer = _build_optimizer(optim_cfg, self.models)
+        self.optimizer = build_optimizer(optim_cfg, self.models)
 
     def state_dict_for_checkpoint(self, is_loading: bool = False, include_optimizer: bool = True) -> dict:
         """megatron sharded state dicts of model and optimizer (dist_checkpointing format).
@@ -394,27 +411,6 @@ class MegatronPolicy:
         """Copy the model part of a `dist_checkpointing.load` result (see state_dict_for_checkpoint)."""
         for key, chunk in zip(self._chunk_keys, self.chunks):
             chunk.load_state_dict(loaded[key])
-
-
-def _build_optimizer(cfg: OptimizerConfig, models: list):
-    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-    from megatron.core.optimizer import get_megatron_optimizer
-
-    return get_megatron_optimizer(
-        MegatronOptimizerConfig(
-            optimizer="adam",
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2,
-            clip_grad=cfg.clip_grad,
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
-            # bf16 parameters: megatron keeps fp32 main weights and Adam state (mixed precision).
-            bf16=models[0].config.params_dtype == torch.bfloat16,
-            params_dtype=models[0].config.params_dtype,
-        ),
-        models,
-    )
 
 
 def reduce_metric_sums(outputs: list[dict[str, torch.Tensor]], ctx: ParallelContext,

@@ -1,8 +1,11 @@
-"""Editing megatron ModuleSpec trees: the local spec gets our norm and core-attention classes."""
+"""Editing megatron ModuleSpec trees (the local spec gets our norm and core-attention classes, the
+TE spec its attention mask type), and switching a built model's attention mask type for a while."""
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
+from typing import Iterator
 
 
 def replace_module(spec, old: type, new: type):
@@ -36,3 +39,25 @@ def with_attention_mask_type(spec, mask_type):
     if isinstance(spec, ModuleSpec) and "attn_mask_type" in spec.params:
         fields["params"] = {**spec.params, "attn_mask_type": mask_type}
     return dataclasses.replace(spec, **fields)
+
+
+@contextmanager
+def attention_mask_type(module, mask_type) -> Iterator[None]:
+    """Every megatron attention of `module` runs `mask_type` inside the block (restored on exit, also
+    on an exception). megatron's Attention reads `self.attn_mask_type` at each forward and hands it
+    to its core attention (core_v0.16.1 megatron/core/transformer/attention.py), and Transformer
+    Engine takes a forward-time mask type over its constructor's (TransformerEngine v2.9
+    transformer_engine/pytorch/attention/dot_product_attention/dot_product_attention.py, forward).
+    Why: under the THD layout the TE spec is built `causal`, while the torch sampler's passes carry
+    an explicit mask (left-padded prompts, a KV cache) that only `arbitrary` applies."""
+    from megatron.core.transformer.attention import Attention
+
+    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    saved = [(layer, layer.attn_mask_type) for layer in layers]
+    for layer in layers:
+        layer.attn_mask_type = mask_type
+    try:
+        yield
+    finally:
+        for layer, original in saved:
+            layer.attn_mask_type = original

@@ -8,7 +8,8 @@ Counted tensor by tensor for the two layer implementations we run, per token and
   output (q + 2kv), copies of q and k made by RoPE (for GQA k and v are expanded to every head),
   the softmax probabilities (heads x context: the unfused attention keeps them), the projection
   input (q), and SwiGLU's fc1 output, its two halves' intermediates and fc2's input (5 ffn).
-- "te": Transformer Engine spec on GPUs (bf16, flash attention: no heads x context term).
+- "te": Transformer Engine spec on GPUs (bf16; THD layout, flash attention: no heads x context term;
+  under the `arbitrary` mask fallback its unfused backend keeps the probabilities, heads x context).
   LayerNormLinear keeps its input and normalised output (2h per norm), QKV output, the RoPE'd q
   and k, the attention output, fc1's output (2 ffn) and the activation's output (ffn). This is
   the same accounting as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
@@ -28,13 +29,22 @@ from __future__ import annotations
 
 from nemo_rlsr.planner.shapes import ModelShape
 
+# s x s score matrices of the one layer being computed, besides the probabilities each layer keeps
+# (`layer_elements`): the local spec's persistent megatron buffer its baddbmm reads, the scores and
+# their masked copy (forward), or the probabilities' and scores' gradients (backward); TE's unfused
+# backend with its fused masked softmax: the scores and the probabilities, or their two gradients
+# (TransformerEngine v2.9 transformer_engine/pytorch/attention/dot_product_attention/backends.py,
+# UnfusedDotProductAttention.forward; softmax.py). Counted by planner/memory.score_working_bytes.
+SCORE_WORKING_COPIES = {"local": 3, "te": 2}
 LOGIT_CHUNK_BYTES = 8  # fp32 temporaries of the loss per (chunk token x local vocab entry)
 MOE_IMBALANCE = 1.25  # ASSUMED: the busiest expert-parallel rank gets 25% more tokens than average
 
 
 def layer_elements(shape: ModelShape, index: int, profile: str, context: int) -> tuple[float, float]:
     """(elements tensor parallelism does not split unless sequence-parallel, elements it splits)
-    kept per token by layer `index`, with `context` the sequence length attention sees."""
+    kept per token by layer `index`, with `context` the keys each query's score row holds: the
+    softmax probabilities (heads x context) that an s x s attention keeps, 0 for TE's THD attention
+    (flash / fused: no score matrix)."""
     c, h = shape.cfg, shape.cfg.hidden_size
     q, kv = shape.q_dim, shape.kv_dim
     if profile == "local":
@@ -51,6 +61,7 @@ def layer_elements(shape: ModelShape, index: int, profile: str, context: int) ->
             attention = qk + c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) + 2 * qk + q
         else:
             attention = (q + 2 * kv) + (q + kv) + q
+        attention += c.num_attention_heads * context  # the `arbitrary` fallback's probabilities
         mlp = 3 * c.ffn_hidden_size
     if shape.is_moe_layer(index):
         experts = c.moe_router_topk * (h + 3 * (c.moe_ffn_hidden_size or c.ffn_hidden_size)) * MOE_IMBALANCE

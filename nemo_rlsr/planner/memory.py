@@ -24,7 +24,8 @@ import math
 from dataclasses import dataclass, field
 
 from nemo_rlsr.config import RLSRConfig
-from nemo_rlsr.planner.activations import LOGIT_CHUNK_BYTES, final_elements, layer_elements
+from nemo_rlsr.config.rules import attention_layout
+from nemo_rlsr.planner.activations import LOGIT_CHUNK_BYTES, SCORE_WORKING_COPIES, final_elements, layer_elements
 from nemo_rlsr.planner.hardware import FRAGMENTATION_HEADROOM, Device
 from nemo_rlsr.planner.layout import Layout
 from nemo_rlsr.planner.shapes import ENCODERS, ModelShape
@@ -109,22 +110,39 @@ def activation_bytes(cfg: RLSRConfig, shape: ModelShape, lay: Layout, st: StageP
     rows (more than one makes megatron copy the logits, logits_peak_bytes). Attention's
     heads x context term is counted at the full context: a micro-batch of b rows of width w keeps
     b x w x w <= micro_tokens x max_sequence_length of it, the bound under a token budget too."""
-    pb, seq = param_bytes(cfg), cfg.model.max_sequence_length
+    pb = param_bytes(cfg)
     tokens = micro_tokens / lay.cp
+    context = score_context(cfg, profile, micro_tokens)
     split_seq = lay.tp if lay.sequence_parallel else 1
     per_layer = []
     for i in st.layers:
-        replicated, split = layer_elements(shape, i, profile, seq)
+        replicated, split = layer_elements(shape, i, profile, context)
         per_layer.append(replicated / split_seq + split / lay.tp)
     kept = recomputed_elements(cfg, per_layer, cfg.model.hidden_size / split_seq)
     in_flight = min(lay.pp - stage, in_flight_batches)
     if lay.virtual_stages > 1:
         in_flight *= 1 + (lay.pp - 1) / (lay.pp * lay.virtual_stages)
-    total = kept * tokens * pb * in_flight
+    total = kept * tokens * pb * in_flight + score_working_bytes(shape, lay, profile, context, tokens, pb)
     if st.last:
         total += final_elements(profile, cfg.model.hidden_size) / split_seq * tokens * pb
         total += logits_peak_bytes(cfg.model.logprob_chunk_tokens, tokens, micro_rows, shape.vocab / lay.tp, pb)
     return total
+
+
+def score_context(cfg: RLSRConfig, profile: str, micro_tokens: int) -> int:
+    """Keys per query of the s x s attention scores a micro-batch materialises (0: none). The mask
+    layout: rows of max_sequence_length. THD (models/packed_seq.py): none on the TE spec (flash /
+    fused attention over cu_seqlens); the local spec turns the stream back into one mask over all of
+    it, so its scores span the whole micro-batch."""
+    if attention_layout(cfg.model.attention_layout, profile == "te") == "mask":
+        return cfg.model.max_sequence_length
+    return 0 if profile == "te" else micro_tokens
+
+
+def score_working_bytes(shape: ModelShape, lay: Layout, profile: str, context: int, tokens: float, pb: int) -> float:
+    """The s x s matrices of the one layer being computed besides the probabilities every layer keeps
+    (planner/activations.SCORE_WORKING_COPIES): heads / TP x context per token each."""
+    return SCORE_WORKING_COPIES[profile] * shape.cfg.num_attention_heads / lay.tp * context * tokens * pb
 
 
 def logits_peak_bytes(chunk_tokens: int, tokens: float, micro_batch: int, local_vocab: float, pb: int) -> float:
@@ -220,6 +238,9 @@ def _stage_memory(cfg, shape, lay, dev, mode, profile, s, st) -> Memory:
     # Under a budget a micro-batch of rows shorter than the longest has several rows: counted so.
     micro_rows = 2 if budget else micro
     items["activations"] = activation_bytes(cfg, shape, lay, st, s, profile, micro_tokens, micro_rows, n_micro)
+    if profile == "te" and score_context(cfg, profile, micro_tokens):
+        notes.append("activations: model.attention_layout=mask runs TE's unfused `arbitrary` attention, whose "
+                     "s x s scores are counted (thd / auto avoids them)")
     state = items["weights"] + items["grads"] + items["optimizer"]
     if mode == "sft":
         return Memory(items, {"training": state + items["activations"]}, usable, s, notes,
