@@ -44,7 +44,7 @@ from nemo_rlsr.trainer.fingerprint import parameters_sha256
 from nemo_rlsr.trainer.guards import inject_nan
 from nemo_rlsr.trainer.loop import debug_stall, guard_metrics
 from nemo_rlsr.trainer.metrics import plot_reward
-from nemo_rlsr.trainer.pretrain import pretrain_on_text
+from nemo_rlsr.trainer.pretrain import pretrain_on_answers
 from nemo_rlsr.trainer.rollout_metrics import gather_over_dp, reward_term_metrics, rollout_metrics
 from nemo_rlsr.trainer.run import TrainingRun
 from nemo_rlsr.trainer.state import load_init_checkpoint
@@ -159,11 +159,11 @@ class RLSRTrainer(TrainingRun):
             load_hf_policy(self.policy, cfg.model, self.tokenizer.vocab_size)
             self.print(f"initialised policy and reference from the HF checkpoint {cfg.model.hf_path}")
         if cfg.pretrain.steps:
-            references = sorted({e.reference for e in self.train.examples})
+            pairs = [(ids, self.tokenizer.encode(e.reference)) for e, ids in zip(self.train.examples, self.train.token_ids)]
             bar = self.progress(cfg.pretrain.steps, "pretrain base")
-            losses = pretrain_on_text(self.policy, self.tokenizer, references, cfg.pretrain,
-                                      cfg.model.max_sequence_length, cfg.grpo.micro_batch_size,
-                                      cfg.parallel.seed, bar)
+            losses = pretrain_on_answers(self.policy, pairs, self.tokenizer.eos_id, cfg.pretrain,
+                                         cfg.model.max_sequence_length, cfg.grpo.micro_batch_size,
+                                         cfg.parallel.seed, bar)
             bar.close()
             self.print(f"base pre-training: NLL {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
             self.policy.rebuild_optimizer(cfg.optimizer)
