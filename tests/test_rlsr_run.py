@@ -97,3 +97,5 @@ def test_embedded_default_learns_to_answer_the_asked_prompt(tmp_path):
     assert trained["reward"] > base["reward"], summary
     # answering the asked prompt, not a generic centroid answer
     assert trained["own_answer_rate"] > base["own_answer_rate"] + 0.2, summary
+    # naming the asked topic as the subject, not a subjectless "a loyal pet that ..." (issue 17)
+    assert trained["topic_subject_rate"] >= 0.9 and trained["reward"] >= 0.85, summary
