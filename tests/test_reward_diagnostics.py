@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nemo_rlsr.rewards import EmbeddingSimilarityReward, RepetitionPenalty, RewardRangeError, RewardResult
-from nemo_rlsr.rewards.diagnostics import HIST_BINS, reward_diagnostics
+from nemo_rlsr.rewards.diagnostics import HIST_BINS, reward_diagnostics, topic_subject_flags
 from nemo_rlsr.rewards.repetition import longest_repeated_substring_length
 from nemo_rlsr.rewards.repetition_runner import RepetitionRunner
 
@@ -55,6 +55,31 @@ def test_diagnostics_accept_gathered_floats():
     res = _result([0.1, 0.9], empty=[True, False], cut=[True, False])
     as_float = res.map(lambda t: t.float())  # what the trainer's DP gather hands over
     assert reward_diagnostics(as_float, torch.tensor([1.0, 2.0])) == reward_diagnostics(res, torch.tensor([1.0, 2.0]))
+
+
+def test_topic_subject_flags_on_hand_written_answers():
+    """The subject is the noun after the leading article; the demo's collapsed answers have none."""
+    cases = [
+        ("a dog is a loyal pet that barks at strangers.", "dog", 1.0),
+        ("An apple is a crunchy red or green fruit.", "apple", 1.0),  # case and "an"
+        ("the dog, a loyal pet.", "dog", 1.0),
+        ("a and is a loyal pet that barks at strangers.", "dog", 0.0),  # issue 17's collapsed answer
+        ("a loyal pet that barks at strangers.", "dog", 0.0),  # subject dropped
+        ("a cat is a loyal pet that barks at strangers.", "dog", 0.0),  # another topic
+        ("a dogs life.", "dog", 0.0),  # whole words only
+        ("dog is a loyal pet.", "dog", 0.0),  # no leading article
+        ("my dog is a loyal pet.", "dog", 0.0),
+        ("", "dog", 0.0),
+        ("a ice cream is cold.", "ice cream", 1.0),  # a topic of several words
+        ("a ice is cold.", "ice cream", 0.0),
+    ]
+    flags = topic_subject_flags([r for r, _, _ in cases], [t for _, t, _ in cases])
+    assert flags.tolist() == [want for _, _, want in cases]
+    # prompts without a topic: NaN, left out of the rate
+    mixed = topic_subject_flags(["a dog is here.", "a cat is here.", "a dog is here."], ["dog", None, "cat"])
+    assert mixed[0] == 1.0 and math.isnan(mixed[1]) and mixed[2] == 0.0 and float(mixed.nanmean()) == 0.5
+    with pytest.raises(ValueError):
+        topic_subject_flags(["a dog."], [])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1.5, -1.0001])

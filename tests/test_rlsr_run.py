@@ -37,12 +37,13 @@ def test_run_writes_artifacts_and_resume_reproduces_next_steps_exactly(tmp_path)
     logged = records(full)
     assert sorted(logged) == [1, 2, 3, 4]
     for key in ["reward/mean", "reward/std", "kl", "entropy", "loss", "grad_norm", "clip_fraction",
-                "token_mult_prob_error", "time/step", "response/mean_length"]:
+                "token_mult_prob_error", "time/step", "response/mean_length", "response/topic_subject_rate"]:
         assert all(key in r for r in logged.values()), key
     assert (full / "reward.png").stat().st_size > 5000
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((full / "summary.json").read_text())
-    assert summary["steps"] == 4 and set(summary["heldout_trained"]) == {"reward", "own_answer_rate", "examples"}
+    assert summary["steps"] == 4
+    assert set(summary["heldout_trained"]) == {"reward", "own_answer_rate", "topic_subject_rate", "examples"}
     assert (full / "checkpoints" / "latest").read_text().strip() == "step_0000004"
 
     # Preempted after step 2: drop the later checkpoint and resume from the newest complete one.
@@ -96,3 +97,5 @@ def test_embedded_default_learns_to_answer_the_asked_prompt(tmp_path):
     assert trained["reward"] > base["reward"], summary
     # answering the asked prompt, not a generic centroid answer
     assert trained["own_answer_rate"] > base["own_answer_rate"] + 0.2, summary
+    # naming the asked topic as the subject, not a subjectless "a loyal pet that ..." (issue 17)
+    assert trained["topic_subject_rate"] >= 0.9 and trained["reward"] >= 0.85, summary

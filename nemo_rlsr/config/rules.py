@@ -253,6 +253,8 @@ def trainer_problems(cfg: RLSRConfig, mode: str) -> list[str]:
     if cfg.pretrain.steps < 0 or cfg.pretrain.batch_size < 1:
         out.append(f"pretrain.steps must be >= 0 and pretrain.batch_size >= 1, got {cfg.pretrain.steps} and "
                    f"{cfg.pretrain.batch_size}")
+    if not 0.0 <= cfg.pretrain.own_prompt_fraction <= 1.0:
+        out.append(f"pretrain.own_prompt_fraction must be in [0, 1], got {cfg.pretrain.own_prompt_fraction}")
     if cfg.model.hf_path and not cfg.data.tokenizer_path:
         # the word tokenizer's ids would index unrelated embedding rows of the HF model
         out.append(f"model.hf_path={cfg.model.hf_path} needs data.tokenizer_path (the model's HF tokenizer "

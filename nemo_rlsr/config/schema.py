@@ -157,7 +157,7 @@ class DataConfig:
 
 @dataclass
 class PretrainConfig:
-    """Brief LM pre-training of a random-init tiny base on the references as plain text.
+    """Brief LM pre-training of a random-init tiny base on the references, each after a training prompt.
 
     RLSR needs a base that already writes text with some variety: a random-init policy collapses to
     one repeated token and every group's rewards are equal, so GRPO gets no signal. `steps: 0`
@@ -167,6 +167,9 @@ class PretrainConfig:
     steps: int = 0
     lr: float = 3.0e-3
     batch_size: int = 32
+    # Each answer is shown after a prompt: one of its own with this probability, else a random one
+    # (trainer/pretrain.py says why).
+    own_prompt_fraction: float = 0.0
     # A checkpoint (a `step_*` directory, or a checkpoints root: its newest complete one) whose
     # weights start the run instead of pre-training, e.g. an `nemo-rlsr sft` run's: for RLSR it
     # is both the starting policy and the frozen KL reference. Needs `steps: 0`.

@@ -10,6 +10,10 @@ to the mean reward. All are computed over the whole step (every rank's rollouts)
 With several reward terms (terms.py) a policy can also game one term: the groups whose rewards tie
 (GRPO learns nothing from them), the responses' length against their references' and the trend of
 the policy's entropy (collapsing exploration) show it across terms.
+
+Where the prompts name a topic (the bundled demo set), a policy can also keep most of the cosine
+while dropping the answer's subject ("a loyal pet that barks ..." or "a and is a loyal pet ..." for
+"a dog is a loyal pet ..."): the topic-subject flags count the responses that still name it.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import torch
 
 from nemo_rlsr.algorithms.grpo import ZERO_STD
+from nemo_rlsr.data.tokenizer import split_words
 
 from .result import RewardResult
 
-__all__ = ["HIST_BINS", "TrendWindow", "length_ratios", "reward_diagnostics", "slope", "tied_group_fraction"]
+__all__ = ["HIST_BINS", "TrendWindow", "length_ratios", "reward_diagnostics", "slope", "tied_group_fraction",
+           "topic_subject_flags"]
 
 HIST_BINS = 10  # over [-1, 1]: bin k counts cosines in [-1 + 0.2k, -1 + 0.2(k+1)), the last bin includes 1
 
@@ -64,6 +70,29 @@ def length_ratios(responses: list[str], references: list[str]) -> torch.Tensor:
     """Each response's length over its reference's, in characters (tokenizer-independent): a mean
     drifting away from 1 is a policy changing its length to move the reward, not its content."""
     return torch.tensor([len(r) / max(len(ref), 1) for r, ref in zip(responses, references)], dtype=torch.float64)
+
+
+LEADING_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def _after_leading_article(text: str) -> list[str]:
+    """The words after the response's leading article, lowercased ("A dog is ..." -> ["dog", "is",
+    ...]); [] when it does not open with an article (then it names no subject in the demo's form)."""
+    words = split_words(text)
+    return words[1:] if words and words[0] in LEADING_ARTICLES else []
+
+
+def topic_subject_flags(responses: list[str], topics: list[str | None]) -> torch.Tensor:
+    """1.0 where a response's subject (the words after its leading article) is its prompt's topic,
+    0.0 where it is not, NaN where the prompt has no topic: `nanmean` is the topic-subject rate."""
+    flags = []
+    for response, topic in zip(responses, topics, strict=True):
+        if topic is None:
+            flags.append(float("nan"))
+            continue
+        want = split_words(topic)
+        flags.append(float(bool(want) and _after_leading_article(response)[: len(want)] == want))
+    return torch.tensor(flags, dtype=torch.float64)
 
 
 def slope(values: list[float]) -> float:

@@ -1,9 +1,22 @@
-"""Brief language-model pre-training of the tiny random-init base on plain reference text.
+"""Brief language-model pre-training of the tiny random-init base on the reference answers.
 
 The embedded demo starts from random weights, which do not learn under the embedding reward (the
 policy collapses to one token and every group's rewards tie, so GRPO's advantages are all zero).
-A few hundred LM steps on the references, with no prompts, give a base that writes varied answer-like
-sentences but does not know which answer goes with which question: that mapping is what RLSR learns.
+A few hundred LM steps on the references give a base that writes varied answer-like sentences.
+
+Each answer is shown after a rendered training prompt, as a policy samples it: one of its own with
+probability `pretrain.own_prompt_fraction`, else one drawn from all of them. Why (issue 17):
+- A base pre-trained on bare answers never saw a prompt: after one it spread 40-50% of its mass
+  at the answer's subject slot over mid-sentence words ("a chain ...", "a school ..."), and GRPO
+  turned those into subjectless answers ("a loyal pet that barks ...", "a and is a loyal pet ...").
+  MiniLM's cosine rewards them: against a wrong topic's reference an answer without its subject
+  scores more than one with (0.140 vs 0.110 on average), so in every group where no sample names
+  the asked topic, dropping the subject wins, whatever the prompt.
+- After random prompts only (fraction 0) the base starts its answers where a prompt ends (99% of
+  its mass on a topic at the subject slot) but nothing links a prompt to its topic: GRPO learned
+  no link in 40 steps and then dropped the subject as well.
+- With answers after their own prompts part of the time, the base names the asked topic more often
+  than chance, and GRPO learns which topic a prompt asks for before the subject-dropping hedge.
 """
 
 from __future__ import annotations
@@ -11,29 +24,45 @@ from __future__ import annotations
 import torch
 
 from nemo_rlsr.config import PretrainConfig
-from nemo_rlsr.data.tokenizer import WordTokenizer
 from nemo_rlsr.models.policy import MegatronPolicy, TokenBatch
 
 
-def text_stream_batch(
-    tokenizer: WordTokenizer, texts: list[str], rows: int, length: int, generator: torch.Generator
+def prompted_answer_batch(
+    pairs: list[tuple[list[int], list[int]]], own_prompt_fraction: float, eos_id: int, rows: int, length: int,
+    generator: torch.Generator,
 ) -> TokenBatch:
-    """`rows` windows of `length` tokens cut from a stream of the texts in random order, each as
-    `<bos> text <eos>`, as LM pre-training sees documents. A text thus appears after arbitrary
-    context, so the base learns to start a fresh answer whatever precedes it."""
-    encoded = [[tokenizer.bos_id] + tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
+    """`rows` windows of `length` tokens cut from a stream of documents `prompt answer <eos>`.
+
+    `pairs` are the training (prompt ids, answer ids) pairs; every distinct answer appears once per
+    pass, in random order. Its prompt is, with probability `own_prompt_fraction`, one of its own
+    prompts, else one drawn uniformly from all prompts (its own among them). The loss counts the
+    answer and `<eos>` tokens only: the prompts are context, the answers are what the base learns
+    to write. Windows start anywhere, so answers also follow arbitrary context, as in LM pre-training.
+    """
+    prompts = [p for p, _ in pairs]
+    answers: dict[tuple[int, ...], list[int]] = {}  # answer -> indices of its own prompts
+    for index, (_, answer) in enumerate(pairs):
+        answers.setdefault(tuple(answer), []).append(index)
+    order = sorted(answers)
     ids = torch.empty(rows, length, dtype=torch.long)
+    loss_mask = torch.empty(rows, length)
     for row in range(rows):
         stream: list[int] = []
+        is_answer: list[bool] = []
         while len(stream) < 2 * length:
-            for index in torch.randperm(len(encoded), generator=generator).tolist():
-                stream.extend(encoded[index])
+            for index in torch.randperm(len(order), generator=generator).tolist():
+                answer = order[index]
+                own = float(torch.rand((), generator=generator)) < own_prompt_fraction
+                choices = answers[answer] if own else range(len(prompts))
+                prompt = prompts[choices[int(torch.randint(len(choices), (1,), generator=generator))]]
+                stream += prompt + list(answer) + [eos_id]
+                is_answer += [False] * len(prompt) + [True] * (len(answer) + 1)
         start = int(torch.randint(len(stream) - length, (1,), generator=generator))
         ids[row] = torch.tensor(stream[start : start + length])
-    valid = torch.ones(rows, length, dtype=torch.bool)
-    loss_mask = torch.ones(rows, length)
-    loss_mask[:, -1] = 0.0  # the last position has no next token in the window
-    return TokenBatch(ids, valid, loss_mask, {})
+        # loss_mask[t] weights the prediction of token t + 1 (TokenBatch.targets)
+        loss_mask[row] = torch.tensor(is_answer[start + 1 : start + length + 1], dtype=torch.float)
+    loss_mask[:, -1] = 0.0  # the last position's target lies outside the window
+    return TokenBatch(ids, torch.ones(rows, length, dtype=torch.bool), loss_mask, {})
 
 
 def nll_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
@@ -41,21 +70,22 @@ def nll_loss(logprobs: torch.Tensor, entropy: torch.Tensor, mb: TokenBatch):
     return loss, {"loss": loss.detach()}
 
 
-def pretrain_on_text(
+def pretrain_on_answers(
     policy: MegatronPolicy,
-    tokenizer: WordTokenizer,
-    texts: list[str],
+    pairs: list[tuple[list[int], list[int]]],
+    eos_id: int,
     cfg: PretrainConfig,
     length: int,
     micro_batch_size: int,
     seed: int,
     progress=None,
 ) -> list[float]:
-    """`cfg.steps` optimizer steps of next-token prediction on `texts`; returns the mean NLL per step."""
+    """`cfg.steps` optimizer steps of next-token prediction on the answers of `prompted_answer_batch`;
+    returns the mean NLL per answer token of each step."""
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(cfg.steps):
-        batch = text_stream_batch(tokenizer, texts, cfg.batch_size, length, generator)
+        batch = prompted_answer_batch(pairs, cfg.own_prompt_fraction, eos_id, cfg.batch_size, length, generator)
         metrics = policy.train_step(batch, micro_batch_size, nll_loss)
         losses.append(metrics["loss"])
         if progress is not None:

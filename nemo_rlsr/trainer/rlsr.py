@@ -35,7 +35,7 @@ from nemo_rlsr.models.hf.start import load_hf_policy
 from nemo_rlsr.models.policy import LossFn, TokenBatch
 from nemo_rlsr.models.reference import build_reference
 from nemo_rlsr.rewards import RewardActor, build_reward_actor
-from nemo_rlsr.rewards.diagnostics import TrendWindow
+from nemo_rlsr.rewards.diagnostics import TrendWindow, topic_subject_flags
 from nemo_rlsr.rewards.overlap import OverlappedScoring, chunk_bounds
 from nemo_rlsr.rewards.replica import ReplicaScoring
 from nemo_rlsr.rewards.terms import RewardTerms
@@ -44,8 +44,8 @@ from nemo_rlsr.trainer.fingerprint import parameters_sha256
 from nemo_rlsr.trainer.guards import inject_nan
 from nemo_rlsr.trainer.loop import debug_stall, guard_metrics
 from nemo_rlsr.trainer.metrics import plot_reward
-from nemo_rlsr.trainer.pretrain import pretrain_on_text
-from nemo_rlsr.trainer.rollout_metrics import reward_term_metrics, rollout_metrics
+from nemo_rlsr.trainer.pretrain import pretrain_on_answers
+from nemo_rlsr.trainer.rollout_metrics import gather_over_dp, reward_term_metrics, rollout_metrics
 from nemo_rlsr.trainer.run import TrainingRun
 from nemo_rlsr.trainer.state import load_init_checkpoint
 from nemo_rlsr.trainer.throughput import step_throughput
@@ -159,11 +159,11 @@ class RLSRTrainer(TrainingRun):
             load_hf_policy(self.policy, cfg.model, self.tokenizer.vocab_size)
             self.print(f"initialised policy and reference from the HF checkpoint {cfg.model.hf_path}")
         if cfg.pretrain.steps:
-            references = sorted({e.reference for e in self.train.examples})
+            pairs = [(ids, self.tokenizer.encode(e.reference)) for e, ids in zip(self.train.examples, self.train.token_ids)]
             bar = self.progress(cfg.pretrain.steps, "pretrain base")
-            losses = pretrain_on_text(self.policy, self.tokenizer, references, cfg.pretrain,
-                                      cfg.model.max_sequence_length, cfg.grpo.micro_batch_size,
-                                      cfg.parallel.seed, bar)
+            losses = pretrain_on_answers(self.policy, pairs, self.tokenizer.eos_id, cfg.pretrain,
+                                         cfg.model.max_sequence_length, cfg.grpo.micro_batch_size,
+                                         cfg.parallel.seed, bar)
             bar.close()
             self.print(f"base pre-training: NLL {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
             self.policy.rebuild_optimizer(cfg.optimizer)
@@ -272,6 +272,9 @@ class RLSRTrainer(TrainingRun):
         metrics.update(reward_term_metrics(terms, scores.rewards, texts, references, cfg.grpo.num_generations,
                                            self.policy.device))
         metrics["entropy/trend"] = self.entropy_trend.add(metrics["entropy"])
+        subject = gather_over_dp(topic_subject_flags(texts, [e.topic for e in examples]), self.policy.device)
+        if not subject.isnan().all():  # the prompts name topics (the bundled set)
+            metrics["response/topic_subject_rate"] = float(subject.nanmean())
         if cfg.grpo.tis_cap is not None:
             weights = tis_weights(batch.extras["old_logprobs"], batch.extras["engine_logprobs"], batch.loss_mask,
                                   cfg.grpo.tis_cap)
@@ -293,9 +296,11 @@ class RLSRTrainer(TrainingRun):
     # ---- evaluation and summary --------------------------------------------------------------------
 
     def evaluate_heldout(self, num_examples: int = 4) -> dict:
-        """Mean reward on held-out prompts with a fixed sampling seed, and how often a response's
-        nearest reference (by embedding) is its own prompt's: a policy that drifts to one generic
-        answer scores a fair mean reward but a low `own_answer_rate`."""
+        """Mean reward on held-out prompts with a fixed sampling seed, how often a response's
+        nearest reference (by embedding) is its own prompt's (a policy that drifts to one generic
+        answer scores a fair mean reward but a low `own_answer_rate`), and how often its subject is
+        the prompt's topic (`topic_subject_rate`, null without topics: an answer that drops its
+        subject keeps most of the cosine and its own nearest reference)."""
         # Every DP rank scores all held-out prompts with the same seed: the numbers agree everywhere.
         rows = list(range(len(self.heldout)))
         seed = self.cfg.parallel.seed + 1
@@ -305,8 +310,10 @@ class RLSRTrainer(TrainingRun):
         own = torch.tensor([self.all_references[j] == e.reference for j, e in zip(nearest.tolist(), examples)])
         group = self.cfg.grpo.num_generations
         samples = [[examples[i].prompt, texts[i]] for i in range(0, len(texts), group)][:num_examples]
+        subject = topic_subject_flags(texts, [e.topic for e in examples])
+        subject_rate = None if subject.isnan().all() else float(subject.nanmean())
         return {"reward": float(scores.rewards.mean()), "own_answer_rate": float(own.float().mean()),
-                "examples": samples}
+                "topic_subject_rate": subject_rate, "examples": samples}
 
     def evaluate_final(self) -> dict:
         if not self.cfg.trainer.heldout_eval:
@@ -333,4 +340,7 @@ class RLSRTrainer(TrainingRun):
 
 
 def format_eval(result: dict) -> str:
-    return f"mean reward {result['reward']:.3f}, answers its own prompt {result['own_answer_rate']:.0%}"
+    line = f"mean reward {result['reward']:.3f}, answers its own prompt {result['own_answer_rate']:.0%}"
+    if result.get("topic_subject_rate") is not None:  # .get: a run resumed from before the field existed
+        line += f", names its topic as the subject {result['topic_subject_rate']:.0%}"
+    return line
