@@ -3,12 +3,12 @@
 Why not megatron-core's `StaticInferenceContext`: it caches keys *before* RoPE and re-applies RoPE
 to the whole cached prefix of every layer at every decode step (attention.py,
 `_adjust_key_value_for_inference` then `apply_rotary_pos_emb(key, k_pos_emb[:sequence_end])`,
-core_v0.16.1 and core_v0.19.0), so each new token costs a rotation of every earlier key: on the
+core_v0.16.1 and core_v0.19.2), so each new token costs a rotation of every earlier key: on the
 CPU that was a third of the decode time of benchmarks/generation_bench.py's tiny model. Here the
 module runs without an inference context (megatron rotates only the new tokens' keys), and, while
 `KVCache.attached` is active, every layer's core attention is a `CachedAttention` that appends them
 to this cache and attends the new queries to the whole cached prefix, and the model's rotary
-embedding starts at the cache's offset instead of 0.
+embedding starts at the cache's offset instead of 0, and the output layer sees the last position only.
 
 The layer's projections, norms, RoPE and MLP are still megatron's own modules (TP linears, MoE,
 qk-norm, qkv bias, YaRN's mscale all unchanged); only the product softmax(QK^T)V is ours:
@@ -78,9 +78,14 @@ class KVCache:
         if getattr(module, "rotary_pos_emb", None) is not None:
             swapped.append((module, "rotary_pos_emb", module.rotary_pos_emb))
             module.rotary_pos_emb = RotaryAtOffset(module.rotary_pos_emb, self)
+        # Logits of the last position only (the one sampled from), as megatron's static context
+        # does (`materialize_only_last_token_logits`): a prefill's other positions would cost a
+        # [prompt tokens, vocabulary] product each.
+        last_only = module.output_layer.register_forward_pre_hook(lambda _, args: (args[0][-1:], *args[1:]))
         try:
             yield
         finally:
+            last_only.remove()
             for owner, name, original in swapped:
                 setattr(owner, name, original)
 
