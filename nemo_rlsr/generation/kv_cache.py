@@ -30,7 +30,8 @@ import torch
 def supports(module: torch.nn.Module) -> bool:
     """Whether `module`'s attention can run on a `KVCache` (see the module docstring)."""
     config = module.config
-    return not getattr(config, "multi_latent_attention", False) and getattr(config, "softmax_type", "vanilla") == "vanilla"
+    vanilla = getattr(config, "softmax_type", "vanilla") == "vanilla"
+    return vanilla and not getattr(config, "multi_latent_attention", False)
 
 
 class KVCache:
@@ -57,7 +58,8 @@ class KVCache:
     def select_rows(self, rows: torch.Tensor) -> None:
         """Cache row i becomes old row `rows[i]`: repeated indices copy a prompt's cache into its n
         samples, a subset drops finished rows."""
-        self.layers = {layer: (k.index_select(0, rows), v.index_select(0, rows)) for layer, (k, v) in self.layers.items()}
+        self.layers = {layer: (keys.index_select(0, rows), values.index_select(0, rows))
+                       for layer, (keys, values) in self.layers.items()}
 
     def advance(self, tokens: int) -> None:
         self.offset += tokens
