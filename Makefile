@@ -36,7 +36,7 @@ demo: $(STAMP)
 demo-real: $(STAMP)
 	@[ -d $(REAL_HF_DIR) ] || $(VENV)/bin/nemo-rlsr import-gguf --out $(REAL_HF_DIR)
 	rm -rf $(REAL_DEMO_DIR)
-	$(VENV)/bin/nemo-rlsr train --config conf/rlsr_smollm2_cpu.yaml model.hf_path=$(REAL_HF_DIR) \
+	$(VENV)/bin/nemo-rlsr train --config conf/demo_smollm2_cpu.yaml model.hf_path=$(REAL_HF_DIR) \
 	  data.tokenizer_path=$(REAL_HF_DIR) trainer.output_dir=$(REAL_DEMO_DIR)
 
 # A real single-node Slurm on loopback for the Slurm tests (tests/slurm/cluster.sh: installs Debian's

@@ -129,7 +129,7 @@ def test_two_rlsr_steps_with_its_chat_template_then_export_gives_the_checkpoint_
     tied output layer is not a tensor of its own in either (the adapter reads and writes only
     model.embed_tokens.weight)."""
     run = tmp_path / "run"
-    out = run_cli("train", "--config", "conf/rlsr_smollm2_cpu.yaml", f"model.hf_path={smollm2}",
+    out = run_cli("train", "--config", "conf/demo_smollm2_cpu.yaml", f"model.hf_path={smollm2}",
                   f"data.tokenizer_path={smollm2}", f"trainer.output_dir={run}", "trainer.steps=2",
                   "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.micro_batch_size=4",
                   "rollout.max_new_tokens=12",
