@@ -250,6 +250,18 @@ def test_hf_tokenizer_identity(hf_tokenizer_dir, tmp_path):
         assert HFTokenizer(other).to_json() != HFTokenizer(hf_tokenizer_dir).to_json()
 
 
+def test_missing_tokenizer_folder_is_a_clear_error_not_a_hub_lookup(tmp_path, capsys):
+    """A path that is not there (a model folder not converted yet) names the key; transformers would
+    take it for a hub repository name and fail on the network instead (`plan` did)."""
+    from nemo_rlsr.cli import main
+
+    with pytest.raises(FileNotFoundError, match="data.tokenizer_path=.*no such directory"):
+        HFTokenizer(tmp_path / "not_converted_yet")
+    tiny = Path(__file__).resolve().parents[1] / "conf/rlsr_tiny.yaml"
+    assert main(["plan", "--config", str(tiny), f"data.tokenizer_path={tmp_path / 'nothing'}"]) == 2
+    assert "data.tokenizer_path=" in capsys.readouterr().err
+
+
 def test_json_array_file(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([{"prompt": "what is a dog ?", "response": "a pet ."}, "not a row",

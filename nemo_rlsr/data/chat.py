@@ -25,7 +25,10 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.path = str(path)
-        self.hf = AutoTokenizer.from_pretrained(self.path)
+        if not Path(path).is_dir():  # else transformers takes it for a hub name and tries the network
+            raise FileNotFoundError(f"data.tokenizer_path={path}: no such directory (a local Hugging Face "
+                                    f"tokenizer folder, e.g. the model's; `nemo-rlsr import-gguf` writes one)")
+        self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         if not self.hf.chat_template:
             raise ValueError(f"{path}: the tokenizer has no chat template (needed to render prompts)")
         if self.hf.eos_token_id is None:
