@@ -31,13 +31,12 @@ from dataclasses import dataclass
 import torch
 
 from nemo_rlsr.config import ConfigError, RewardConfig
+from nemo_rlsr.distributed.local_ray import NAMESPACE, connect_ray
 
 from .result import RewardResult
 
 __all__ = ["RayRewardPool", "PendingScore", "NAMESPACE"]
 
-NAMESPACE = "nemo_rlsr"
-_LOCAL_OBJECT_STORE_BYTES = 128 * 2**20  # a local (single-machine) Ray: texts and results are small
 
 
 class _Worker:
@@ -121,23 +120,13 @@ class RayRewardPool:
         import ray
 
         self.cfg = cfg
-        self._started_ray = False
-        if not ray.is_initialized():
-            address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-            if address is None and world_size > 1:  # where the job runs, not the values: checked here
-                raise ConfigError(
-                    "reward.backend=ray with several ranks needs one Ray cluster for all of them: set "
-                    "reward.ray_address or RAY_ADDRESS (slurm/launch.sh starts one), or `ray start --head`"
-                )
-            if address is None:
-                cpus = math.ceil(cfg.ray_num_actors * cfg.ray_cpus_per_actor)
-                # Loopback only: a Ray started for one machine's ranks has no business on the network.
-                ray.init(num_cpus=max(cpus, 1), include_dashboard=False, namespace=NAMESPACE,
-                         object_store_memory=_LOCAL_OBJECT_STORE_BYTES, configure_logging=False,
-                         _node_ip_address="127.0.0.1")
-                self._started_ray = True
-            else:
-                ray.init(address=address, namespace=NAMESPACE, configure_logging=False)
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized() and address is None and world_size > 1:  # where the job runs: checked here
+            raise ConfigError(
+                "reward.backend=ray with several ranks needs one Ray cluster for all of them: set "
+                "reward.ray_address or RAY_ADDRESS (slurm/launch.sh starts one), or `ray start --head`"
+            )
+        self._started_ray = connect_ray(address, math.ceil(cfg.ray_num_actors * cfg.ray_cpus_per_actor))
         actor_class = ray.remote(_Worker)
         self.actors = [
             actor_class.options(
