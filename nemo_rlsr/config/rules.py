@@ -24,6 +24,7 @@ ENCODER_FAMILIES = ({name: "sb" for name in ("minilm-l6", "mpnet-base-v2")}
 LONG_RESPONSE_POLICIES = ("truncate", "chunk")
 REPETITION_MODES = ("self", "reference", "prompt")
 REFERENCE_PLACEMENTS = ("resident", "cpu_swap")
+ROLLOUT_PLACEMENTS = ("colocated", "separate")
 ATTENTION_LAYOUTS = ("auto", "thd", "mask")
 
 # Keys the schema accepts (recipes for GPU clusters set them; the planner and the launcher read
@@ -296,6 +297,40 @@ def rlsr_problems(cfg: RLSRConfig) -> list[str]:
         out.append(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
                    f"model.max_sequence_length={cfg.model.max_sequence_length}")
     return out + reward_problems(cfg.reward) + term_problems(cfg.reward, r.max_new_tokens)
+
+
+def placement_problems(cfg: RLSRConfig, world_size: int, cuda: bool) -> list[str]:
+    """rollout.placement, grpo.max_staleness and trainer.debug_skip_refit_steps on a job of
+    `world_size` ranks. The separate worker is built for the first slice only: one trainer rank on
+    the CPU, our torch sampler in one Ray actor (generation/rollout_worker.py); the rest is refused
+    here rather than run wrong."""
+    r, g = cfg.rollout, cfg.grpo
+    if r.placement not in ROLLOUT_PLACEMENTS:
+        return [f"rollout.placement={r.placement!r}: choose one of {', '.join(ROLLOUT_PLACEMENTS)}"]
+    out = []
+    if g.max_staleness < 0:
+        out.append(f"grpo.max_staleness must be >= 0, got {g.max_staleness}")
+    if r.placement == "colocated":
+        if g.max_staleness:
+            out.append(f"grpo.max_staleness={g.max_staleness} needs rollout.placement=separate (a colocated engine "
+                       f"generates between training phases, always on the current weights)")
+        if cfg.trainer.debug_skip_refit_steps:
+            out.append("trainer.debug_skip_refit_steps needs rollout.placement=separate (a colocated engine has no "
+                       "refit to skip)")
+        return out
+    if g.max_staleness > 0 and g.tis_cap is None:
+        out.append(f"grpo.max_staleness={g.max_staleness} needs grpo.tis_cap (e.g. 2.0): rollouts of an older policy "
+                   f"are corrected by truncated importance sampling against the engine's logprobs")
+    if r.engine != "torch" or cuda:
+        out.append(f"rollout.placement=separate is built for rollout.engine=torch on the CPU only (here: engine="
+                   f"{r.engine}, {'CUDA' if cuda else 'no CUDA'})")
+    if world_size != 1:  # one rank: tp = pp = cp = ep = dp = 1 (size_problems)
+        out.append(f"rollout.placement=separate is built for one trainer rank only (this job has {world_size}): "
+                   f"use rollout.placement=colocated")
+    if cfg.reward.overlap_chunks != 1:
+        out.append(f"reward.overlap_chunks={cfg.reward.overlap_chunks} with rollout.placement=separate is refused: the "
+                   f"worker returns a step's rollouts at once and the trainer scores them whole; use 1")
+    return out
 
 
 def data_problems(cfg: RLSRConfig, mode: str) -> list[str]:

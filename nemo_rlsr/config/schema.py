@@ -189,10 +189,14 @@ class RolloutConfig:
     the token that completed one). Sampling seeds derive from parallel.seed, the step and the
     DP rank. `refit_bucket_mb`: size of the buckets of HF-named tensors a refit streams to an engine
     holding its own copy of the weights (trtllm). `fp8`: FP8 rollout, refused for now (no test shows
-    TensorRT-LLM quantizing the bf16 weights a refit sends).
+    TensorRT-LLM quantizing the bf16 weights a refit sends). `placement`: "colocated" (the engine
+    samples on the trainer's devices, between training phases) or "separate" (a rollout worker
+    process with its own copy of the model, fed prompts by the trainer and refitted after every
+    optimizer step: asynchronous GRPO with grpo.max_staleness; generation/rollout_worker.py).
     """
 
     engine: str = "torch"
+    placement: str = "colocated"
     tensor_parallel: int | None = None
     expert_parallel: int = 1
     max_new_tokens: int = 24
@@ -222,6 +226,10 @@ class GRPOConfig:
     # Truncated importance sampling (algorithms/grpo.py: tis_weights): each token's surrogate is
     # weighted by min(pi_old / pi_engine, tis_cap) against the rollout engine's numerics; null: off.
     tis_cap: float | None = None
+    # Asynchronous GRPO (rollout.placement=separate; trainer/async_rollouts.py): the rollouts of steps
+    # k+1..k+max_staleness generate while step k trains, so a step trains on rollouts of a policy up to
+    # this many optimizer steps old; older ones are dropped, counted and regenerated. 0: on-policy.
+    max_staleness: int = 0
     # Where the frozen KL reference lives (models/reference.py): "resident" (its own model on the
     # device: +1x parameters in device memory) or "cpu_swap" (weights in host memory, copied into the
     # policy for the reference pass and back: +1x parameters in host memory, 2 copies per step).
@@ -355,7 +363,9 @@ class TrainerConfig:
     stack-dumping watchdog off. `preemption_signals` save a checkpoint and exit with
     `PREEMPTED_EXIT_CODE` (75). The `debug_*` keys inject faults on purpose, to check a cluster
     setup: a NaN loss at the listed steps; rank world_size-1 sleeping `debug_stall_s` at the start
-    of step `debug_stall_step` (watchdog, collective timeouts, preemption mid-step).
+    of step `debug_stall_step` (watchdog, collective timeouts, preemption mid-step); no refit of the
+    separate rollout worker after the listed steps (`debug_skip_refit_steps`: a lagging worker, whose
+    rollouts then exceed grpo.max_staleness and are dropped).
     """
 
     steps: int = 100
@@ -371,6 +381,7 @@ class TrainerConfig:
     debug_inject_nan_steps: list[int] = field(default_factory=list)
     debug_stall_step: int = 0
     debug_stall_s: float = 0.0
+    debug_skip_refit_steps: list[int] = field(default_factory=list)
 
 
 @dataclass

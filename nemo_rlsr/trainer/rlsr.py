@@ -30,6 +30,7 @@ from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.generation.factory import build_engine
 from nemo_rlsr.generation.interface import RolloutEngine, SamplingParams
 from nemo_rlsr.generation.layout import concat_rollouts
+from nemo_rlsr.generation.rollout_worker import RolloutWorker
 from nemo_rlsr.generation.sampling import request_seeds
 from nemo_rlsr.models.hf.start import load_hf_policy
 from nemo_rlsr.models.policy import LossFn, TokenBatch
@@ -39,6 +40,7 @@ from nemo_rlsr.rewards.diagnostics import TrendWindow, topic_subject_flags
 from nemo_rlsr.rewards.overlap import OverlappedScoring, chunk_bounds
 from nemo_rlsr.rewards.replica import ReplicaScoring
 from nemo_rlsr.rewards.terms import RewardTerms
+from nemo_rlsr.trainer.async_rollouts import AsyncRollouts
 from nemo_rlsr.trainer.checkpoint import find_resumable_checkpoint
 from nemo_rlsr.trainer.fingerprint import parameters_sha256
 from nemo_rlsr.trainer.guards import inject_nan
@@ -137,6 +139,13 @@ class RLSRTrainer(TrainingRun):
                                        top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                                        stop_on_eos=cfg.rollout.stop_on_eos, stop=tuple(cfg.rollout.stop),
                                        n=cfg.grpo.num_generations)
+        # rollout.placement=separate: the training rollouts come from a worker of their own (held-out
+        # evaluation keeps sampling with `engine`, on the trainer's module)
+        self.async_rollouts: AsyncRollouts | None = None
+        if cfg.rollout.placement == "separate":
+            worker = RolloutWorker(cfg.model, self.tokenizer, cfg.parallel.seed, cfg.reward.ray_address)
+            self.async_rollouts = self.own(AsyncRollouts(worker, self.train.token_ids, self.sampling,
+                                                         cfg.grpo.max_staleness, cfg.trainer.steps, self._sample_seed))
         return PromptSampler(len(self.train), cfg.grpo.prompts_per_step // self.ctx.dp, self.ctx.dp_rank,
                              self.ctx.dp, seed=cfg.data.shuffle_seed)
 
@@ -231,12 +240,30 @@ class RLSRTrainer(TrainingRun):
             timings.update(refit)
         return rollouts, texts, examples, scores
 
+    def _async_rollout(self, rows: list[int], timings: dict):
+        """`_rollout`'s results for the training step from the separate worker's queue
+        (trainer/async_rollouts.py), scored whole here (reward.overlap_chunks=1, one rank)."""
+        rollouts, metrics = self.async_rollouts.take(self.step, rows, self.state.sampler, self.policy.module)
+        group = self.cfg.grpo.num_generations
+        examples = [self.train.examples[i] for i in rows for _ in range(group)]
+        texts = [self.tokenizer.decode(r) for r in rollouts.response_ids]
+        prompts = [e.prompt for e in examples]
+        start = time.perf_counter()
+        scores = self.reward.score(prompts, texts, [e.reference for e in examples]).check(prompts)
+        timings.update(metrics)
+        timings.update({"time/reward": time.perf_counter() - start, "time/reward_overlapped": 0.0,
+                        "reward/scored_rows": len(texts)})
+        return rollouts, texts, examples, scores
+
     def train_step(self) -> dict[str, float]:
         cfg, timings = self.cfg, {}
         t0 = time.perf_counter()
         debug_stall(cfg.trainer, self.step + 1, self.ctx)
         rows = self.state.sampler.next_batch()
-        rollouts, texts, examples, scores = self._rollout(self.train, rows, self._sample_seed(self.step), timings)
+        if self.async_rollouts is None:
+            rollouts, texts, examples, scores = self._rollout(self.train, rows, self._sample_seed(self.step), timings)
+        else:
+            rollouts, texts, examples, scores = self._async_rollout(rows, timings)
         # The trained reward: the terms of reward.terms over what the reward actor returned.
         references = [e.reference for e in examples]
         terms = self.reward_terms.evaluate(scores, [e.prompt for e in examples], texts, references,
@@ -262,9 +289,12 @@ class RLSRTrainer(TrainingRun):
                                           skip_nonfinite=True, temperature=temperature, max_tokens=budget,
                                           with_entropy=True)
                    for i in range(0, len(batch), mini_size)]
-        t4 = time.perf_counter()
         self.state.step += 1
         self._engine_stale = True
+        if self.async_rollouts is not None and self.step not in cfg.trainer.debug_skip_refit_steps:
+            refit = self.async_rollouts.refit(self.policy.module, self.step)  # part of time/train
+            timings.update({k: timings.get(k, 0.0) + v for k, v in refit.items()})  # with a drop's refit, if any
+        t4 = time.perf_counter()
 
         metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
         metrics.update(guard_metrics(self.guard, self.step, updates))

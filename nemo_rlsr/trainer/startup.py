@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 
 from nemo_rlsr.config import ConfigError, RLSRConfig
-from nemo_rlsr.config.rules import config_problems, size_problems
+from nemo_rlsr.config.rules import config_problems, placement_problems, size_problems
 from nemo_rlsr.distributed.layout import run_problems
 from nemo_rlsr.generation.factory import engine_problems
 
@@ -80,6 +80,7 @@ def startup_problems(cfg: RLSRConfig, machine: Machine, mode: str = "rlsr") -> l
                                  machine.cuda_version)
     if mode == "rlsr":
         problems += engine_problems(cfg, machine.cuda, machine.trtllm)
+        problems += placement_problems(cfg, machine.world_size, machine.cuda)
     return problems
 
 
