@@ -12,6 +12,7 @@ from nemo_rlsr.config import ConfigError, load_config
 from nemo_rlsr.config.rules import unsupported_problems
 from nemo_rlsr.planner import make_plan
 from nemo_rlsr.planner.shapes import ModelShape
+from nemo_rlsr.planner.timing import overlapped_step_seconds, plan_time
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in REPO.glob("conf/*.yaml") if p.name.startswith(("rlsr_", "sft_")) and "tiny" not in p.name)
@@ -158,3 +159,26 @@ def test_docs_recipe_table_is_generated_from_the_planner():
     assert result.returncode == 0, result.stderr
     table = (REPO / "docs/recipes.md").read_text()
     assert all(f"`conf/{p.name}`" in table for p in RECIPES)
+
+
+def test_async_step_time_is_the_longer_side_plus_the_refit():
+    """rollout.placement=separate at grpo.max_staleness >= 1: generation beside the trainer's phases;
+    at staleness 0 the phases still add up (the worker and the trainer wait for each other)."""
+    assert overlapped_step_seconds({"generation": 3.0, "reward": 1.0, "training": 1.0, "refit": 0.5}) == 3.5
+    assert overlapped_step_seconds({"generation": 1.0, "logprobs": 1.0, "training": 2.0, "refit": 0.5}) == 3.5
+    # The start-up rules refuse the separate worker on GPUs for now (`plan` prints that refusal), so
+    # its step time is modelled on the colocated plan's layout and memory.
+    path = REPO / "conf/rlsr_qwen32b_sb.yaml"
+    plan = make_plan(load_config(path), nodes=1, gpu="h200-141gb")
+
+    def step_time(overrides: list[str]):
+        return plan_time(load_config(path, overrides), plan.shape, plan.layout, plan.device, plan.memory, "rlsr")
+
+    separate = ["rollout.placement=separate", "grpo.tis_cap=2.0"]
+    on_policy, stale = step_time(separate), step_time(separate + ["grpo.max_staleness=1"])
+    assert plan.time.phases["refit"] < stale.phases["refit"]  # the whole model to the worker's copy, not shards
+    assert not on_policy.overlapped and on_policy.total == pytest.approx(sum(on_policy.phases.values()))
+    rest = sum(v for k, v in stale.phases.items() if k not in ("generation", "refit"))
+    assert stale.overlapped
+    assert stale.total == pytest.approx(max(stale.phases["generation"], rest) + stale.phases["refit"])
+    assert stale.total < on_policy.total

@@ -120,7 +120,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
         t = plan.time
         lines.append(f"step time estimate, s ({plan.device.name}; assumptions in nemo_rlsr/planner/hardware.py):")
         lines += [f"  {name:<24}{value:9.1f}" for name, value in t.phases.items()]
-        lines.append(f"  {'total':<24}{t.total:9.1f}")
+        lines.append(f"  {'total':<24}{t.total:9.1f}" + ("   = max(generation, the rest) + refit" if t.overlapped else ""))
         lines += [f"  note: {n}" for n in t.notes]
     if plan.checkpoint:
         c = plan.checkpoint

@@ -27,10 +27,22 @@ CPU_CORE_FLOPS = 50e9  # ASSUMED: one core's fp32 FLOP/s in an encoder forward (
 class StepTime:
     phases: dict[str, float]  # seconds
     notes: list[str]
+    overlapped: bool = False  # asynchronous GRPO: generation runs beside the trainer's phases
 
     @property
     def total(self) -> float:
-        return sum(self.phases.values())
+        return overlapped_step_seconds(self.phases) if self.overlapped else sum(self.phases.values())
+
+
+def overlapped_step_seconds(phases: dict[str, float]) -> float:
+    """One step of asynchronous GRPO (rollout.placement=separate, grpo.max_staleness >= 1): the
+    worker generates the next step's rollouts while the trainer scores, computes logprobs and
+    trains on this step's, and both wait for the refit between them (trainer/async_rollouts.py),
+    so a step takes the longer side plus the refit instead of the sum. At staleness 0 the worker
+    waits for each refit and the trainer for each generation: the sum (`StepTime.total`)."""
+    generation, refit = phases.get("generation", 0.0), phases.get("refit", 0.0)
+    trainer = sum(v for k, v in phases.items() if k not in ("generation", "refit"))
+    return max(generation, trainer) + refit
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,8 @@ def _generation(cfg, shape, lay, dev, memory: Memory, n: Lengths) -> float:
 
 
 def _refit(cfg, shape, lay, dev) -> float:
+    if cfg.rollout.placement == "separate":  # the whole state dict to the worker's own copy
+        return param_bytes(cfg) * shape.total_params() / _link(dev, lay, lay.world)
     if cfg.rollout.engine != "trtllm":
         return 0.0  # the torch and megatron engines run on the policy's own weights
     """The busiest GPU's bytes of a shard-only refit (planner/refit.py) over the links of the ranks
@@ -195,4 +209,8 @@ def plan_time(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, memo
         "refit": _refit(cfg, shape, lay, dev),
     }
     notes.append(f"mean prompt {n.prompt:.0f} + response {n.response:.0f} tokens (ASSUMED)")
-    return StepTime(phases, notes)
+    overlapped = cfg.rollout.placement == "separate" and g.max_staleness >= 1
+    if overlapped:
+        notes.append(f"asynchronous (grpo.max_staleness={g.max_staleness}): total = max(generation, the trainer's "
+                     f"phases) + refit; the worker's devices are not in the layout (ASSUMED as fast as the engines')")
+    return StepTime(phases, notes, overlapped)
