@@ -28,7 +28,8 @@ def connect_ray(address: str | None, num_cpus: int) -> bool:
         ray.init(address=address, namespace=NAMESPACE, configure_logging=False)
     else:
         # Loopback only: a Ray started for one machine's ranks has no business on the network.
-        ray.init(num_cpus=max(num_cpus, 1), include_dashboard=False, namespace=NAMESPACE,
+        # address="local": a new Ray, never one a `ray start` left running on this machine.
+        ray.init(address="local", num_cpus=max(num_cpus, 1), include_dashboard=False, namespace=NAMESPACE,
                  object_store_memory=_LOCAL_OBJECT_STORE_BYTES, configure_logging=False,
                  _node_ip_address="127.0.0.1")
     _restore(handlers)

@@ -37,7 +37,8 @@ from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 @dataclass
 class Generated:
     """One generate call's result: the rollouts, the policy version whose weights sampled them, the
-    seconds the worker sat idle before starting it and the seconds it generated."""
+    seconds the worker sat without work between the previous generate and this one (refits not
+    counted) and the seconds it generated."""
 
     batch: RolloutBatch
     version: int
@@ -62,13 +63,15 @@ class _Worker:
         self.engine = TorchRolloutEngine(self.module, tokenizer.pad_id, tokenizer.eos_id, tokenizer.vocab_size,
                                          detokenize=tokenizer.decode)
         self.version: int | None = None
-        self.free_since = time.perf_counter()
+        self.free_since = time.perf_counter()  # the end of the last call
+        self.idle = 0.0  # seconds without a call since the last generate ended
 
     def load(self, state: dict[str, torch.Tensor], version: int) -> float:
         """Load the trainer's weights of `version`; returns the seconds it took."""
         start = time.perf_counter()
         self.module.load_state_dict(state, strict=True)
         self.version = version
+        self.idle += start - self.free_since
         self.free_since = time.perf_counter()
         return self.free_since - start
 
@@ -78,7 +81,8 @@ class _Worker:
         start = time.perf_counter()
         batch = self.engine.generate(prompts, params, seeds)
         end = time.perf_counter()
-        idle, self.free_since = start - self.free_since, end
+        idle = self.idle + start - self.free_since
+        self.idle, self.free_since = 0.0, end
         return Generated(batch, self.version, idle, end - start)
 
     def pid(self) -> int:

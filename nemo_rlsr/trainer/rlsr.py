@@ -144,8 +144,11 @@ class RLSRTrainer(TrainingRun):
         self.async_rollouts: AsyncRollouts | None = None
         if cfg.rollout.placement == "separate":
             worker = RolloutWorker(cfg.model, self.tokenizer, cfg.parallel.seed, cfg.reward.ray_address)
-            self.async_rollouts = self.own(AsyncRollouts(worker, self.train.token_ids, self.sampling,
-                                                         cfg.grpo.max_staleness, cfg.trainer.steps, self._sample_seed))
+            self.async_rollouts = self.own(AsyncRollouts(
+                worker, self.train.token_ids, self.sampling, cfg.grpo.max_staleness, cfg.trainer.steps,
+                self._sample_seed, stopping=lambda: self.preemption.received is not None,
+                local=lambda rows, seed: self.engine.generate([self.train.token_ids[i] for i in rows], self.sampling,
+                                                              request_seeds(seed, len(rows)))))
         return PromptSampler(len(self.train), cfg.grpo.prompts_per_step // self.ctx.dp, self.ctx.dp_rank,
                              self.ctx.dp, seed=cfg.data.shuffle_seed)
 
