@@ -48,6 +48,12 @@ def test_placement_rules_name_the_keys():
                for p in problems(["trainer.debug_skip_refit_steps=[2]"]))
 
 
+@pytest.mark.slow
+def test_cli_refuses_staleness_without_the_worker_with_exit_2(tmp_path):
+    output = run(["grpo.max_staleness=1", f"trainer.output_dir={tmp_path}"], timeout=300, expect=2)
+    assert "grpo.max_staleness=1 needs rollout.placement=separate" in output
+
+
 def summary(run_dir) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
