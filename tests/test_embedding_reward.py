@@ -114,3 +114,22 @@ def test_mismatched_lengths_raise(reward: EmbeddingSimilarityReward):
 def test_empty_batch(reward: EmbeddingSimilarityReward):
     res = reward.score([], [], [])
     assert res.rewards.shape == (0,) and res.penalized.shape == (0,)
+
+
+def test_repeated_responses_embedded_once_with_the_same_rewards(reward: EmbeddingSimilarityReward):
+    """A step's samples of one prompt are often the same text: each distinct text reaches the
+    encoder once, and every copy gets the reward that text gets when scored alone."""
+    sent: list[list[str]] = []
+    encode = reward.encoder.encode
+    reward.encoder.encode = lambda texts: sent.append(list(texts)) or encode(texts)
+    try:
+        responses = [PARAPHRASE, UNRELATED, PARAPHRASE, LOOPING, PARAPHRASE, UNRELATED]
+        res = reward.score(["p"] * 6, responses, [REFERENCE] * 6)
+    finally:
+        reward.encoder.encode = encode
+    assert sent[0] == [PARAPHRASE, UNRELATED, LOOPING]
+    alone = {text: reward.score(["p"], [text], [REFERENCE]) for text in (PARAPHRASE, UNRELATED, LOOPING)}
+    for i, text in enumerate(responses):
+        assert res.cosine[i].item() == pytest.approx(alone[text].cosine.item(), abs=1e-6)
+        assert res.rewards[i].item() == pytest.approx(alone[text].rewards.item(), abs=1e-6)
+        assert res.penalized[i].item() == alone[text].penalized.item()

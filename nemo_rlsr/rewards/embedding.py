@@ -19,7 +19,7 @@ import torch
 
 from nemo_rlsr.config import RewardConfig
 
-from .encoders import SentenceEncoder
+from .encoders import Encoded, SentenceEncoder
 from .endpoint import EndpointEncoder
 from .repetition import RepetitionPenalty
 from .repetition_runner import RepetitionRunner
@@ -86,6 +86,15 @@ class EmbeddingSimilarityReward:
                 self._ref_cache[k] = e.clone()  # clone: don't pin the whole batch tensor
         return torch.stack([self._ref_cache[k] for k in keys])
 
+    def _encode_unique(self, responses: list[str]) -> Encoded:
+        """The encoder's output for `responses`, each distinct text embedded once: as the policy
+        sharpens, most of a prompt's samples are the same text (the encoder was most of a CPU
+        demo step: 0.62 s for 128 short texts, 0.09 s for their 16 distinct ones)."""
+        position: dict[str, int] = {}
+        rows = torch.tensor([position.setdefault(text, len(position)) for text in responses], dtype=torch.long)
+        encoded = self.encoder.encode(list(position))
+        return Encoded(encoded.embeddings.index_select(0, rows), encoded.cut[rows], encoded.chunked[rows])
+
     def score(self, prompts: list[str], responses: list[str], references: list[str]) -> RewardResult:
         """Rewards for N rollouts; ``prompts[i]`` only matters in ``prompt`` mode. Raises
         RewardRangeError rather than return a reward that is NaN or outside [-1, 1]."""
@@ -97,7 +106,7 @@ class EmbeddingSimilarityReward:
         if n == 0:
             return RewardResult.empty_batch()
         checks = self.runner.submit(list(prompts), list(responses), list(references))
-        encoded = self.encoder.encode(list(responses))  # "" is embedded like any other text
+        encoded = self._encode_unique(list(responses))  # "" is embedded like any other text
         ref = self._reference_embeddings(list(references))
         if self.offload_after_score:
             self.encoder.offload()
