@@ -2,6 +2,7 @@
 
     python benchmarks/generation_bench.py --prompts 64                       # tiny model, CPU (issue 17's size)
     python benchmarks/generation_bench.py --model smollm2 --prompts 16 --new-tokens 32   # SmolLM2-135M-Instruct
+    python benchmarks/generation_bench.py --model smollm2 --prompts 4 --samples 4 --new-tokens 32   # GRPO's shape
     python benchmarks/generation_bench.py --hf-path DIR --prompts 16       # any local Llama-family HF folder
     python benchmarks/generation_bench.py --model 1.5b          # 1.5B-shaped random weights (GPU)
     python benchmarks/generation_bench.py --iterations 1 --prompts 2 --new-tokens 4   # smoke
@@ -14,8 +15,13 @@ timed; or `--hf-path DIR`): our policy is built and loaded the way a run with `m
 (MegatronPolicy, models/hf/start.py), transformers loads the same folder (fp32); prompts are the
 bundled instructions, chat-templated by the folder's tokenizer. Same left-padded prompts, same
 max_new_tokens, greedy, no early stop (EOS disabled on both sides), so both produce exactly
-prompts x new_tokens tokens. A sanity line counts the rows whose generated tokens are identical
-(greedy ties in float noise may rarely flip a token).
+prompts x samples x new_tokens tokens. A sanity line counts the rows whose generated tokens are
+identical (greedy ties in float noise may rarely flip a token).
+
+`--samples N`: N samples per prompt, as a GRPO step draws them (greedy, so a prompt's samples are
+the same text). Ours prefills each prompt once and copies its KV cache into the N rows (the
+sampler's `share_prompt_kv`); `generate` gets each prompt N times, as it expands its inputs itself
+for `num_return_sequences` (which it refuses with greedy decoding).
 
 Timing: one warm-up call each, then `--iterations` rounds that alternate ours and HF, best time of
 each: on a shared machine the load changes within a run, and alternating exposes both sides to it.
@@ -117,17 +123,18 @@ def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(2, vocab, (int(n),), generator=g).tolist() for n in lengths]
 
 
-def torch_sampler(module, vocab: int, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+def torch_sampler(module, vocab: int, batch: list[list[int]], new_tokens: int, samples: int = 1) -> list[list[int]]:
     from nemo_rlsr.generation.interface import SamplingParams
     from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
 
     engine = TorchRolloutEngine(module, pad_id=0, eos_id=1, vocab_size=vocab)
-    params = SamplingParams(max_new_tokens=new_tokens, greedy=True, stop_on_eos=False)
+    params = SamplingParams(max_new_tokens=new_tokens, greedy=True, stop_on_eos=False, n=samples)
     return engine.generate(batch, params, seed=0).response_ids
 
 
 @torch.no_grad()
-def hf_generate(hf, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+def hf_generate(hf, batch: list[list[int]], new_tokens: int, samples: int = 1) -> list[list[int]]:
+    batch = [prompt for prompt in batch for _ in range(samples)]
     width = max(map(len, batch))
     device = next(hf.parameters()).device
     ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=1, help="samples per prompt (GRPO's n)")
     args = parser.parse_args(argv)
 
     from nemo_rlsr.distributed.dims import ParallelDims
@@ -181,22 +189,24 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = torch.bfloat16 if torch.cuda.is_available() and args.model != "tiny" else torch.float32
         module, hf = build_pair(cfg, vocab, dtype)
         batch = prompts(args.prompts, vocab)
-    tokens = args.prompts * args.new_tokens
+    tokens = args.prompts * args.samples * args.new_tokens
     (ours_s, hf_s), (ours, theirs) = timed_alternating(
-        [lambda: torch_sampler(module, vocab, batch, args.new_tokens), lambda: hf_generate(hf, batch, args.new_tokens)],
+        [lambda: torch_sampler(module, vocab, batch, args.new_tokens, args.samples),
+         lambda: hf_generate(hf, batch, args.new_tokens, args.samples)],
         args.iterations)
     same = sum(a == b for a, b in zip(ours, theirs))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"model": name, "prompt_tokens": [min(map(len, batch)), max(map(len, batch))], "device": device,
-              "dtype": str(dtype), "prompts": args.prompts,
+              "dtype": str(dtype), "prompts": args.prompts, "samples": args.samples,
               "new_tokens": args.new_tokens, "torch_sampler_tok_s": tokens / ours_s, "hf_generate_tok_s": tokens / hf_s,
               "speedup": hf_s / ours_s, "identical_rows": same}
     print(f"{name} on {device} ({dtype}), {args.prompts} prompts ({min(map(len, batch))}-{max(map(len, batch))} "
-          f"tokens) x {args.new_tokens} new tokens, greedy, best of {args.iterations} alternating rounds")
+          f"tokens) x {args.samples} samples x {args.new_tokens} new tokens, greedy, best of {args.iterations} "
+          "alternating rounds")
     print(f"  torch sampler (ours): {tokens / ours_s:10.1f} tokens/s  ({ours_s:.3f} s)")
     print(f"  HF generate:          {tokens / hf_s:10.1f} tokens/s  ({hf_s:.3f} s)")
     print(f"  ratio ours/HF:        {hf_s / ours_s:10.2f}x")
-    print(f"  sanity: {same}/{len(batch)} rows token-identical")
+    print(f"  sanity: {same}/{len(ours)} rows token-identical")
     return result
 
 
