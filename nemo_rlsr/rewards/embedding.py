@@ -88,8 +88,8 @@ class EmbeddingSimilarityReward:
 
     def _encode_unique(self, responses: list[str]) -> Encoded:
         """The encoder's output for `responses`, each distinct text embedded once: as the policy
-        sharpens, most of a prompt's samples are the same text (the encoder was most of a CPU
-        demo step: 0.62 s for 128 short texts, 0.09 s for their 16 distinct ones)."""
+        sharpens, most of a prompt's samples are the same text, and the encoder's cost grows with
+        the texts it is given."""
         position: dict[str, int] = {}
         rows = torch.tensor([position.setdefault(text, len(position)) for text in responses], dtype=torch.long)
         encoded = self.encoder.encode(list(position))
