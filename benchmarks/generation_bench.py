@@ -23,8 +23,10 @@ the same text). Ours prefills each prompt once and copies its KV cache into the 
 sampler's `share_prompt_kv`); `generate` gets each prompt N times, as it expands its inputs itself
 for `num_return_sequences` (which it refuses with greedy decoding).
 
-Timing: one warm-up call each, then `--iterations` rounds that alternate ours and HF, best time of
-each: on a shared machine the load changes within a run, and alternating exposes both sides to it.
+Timing: one warm-up call each, then `--iterations` rounds that run ours and HF back to back (the
+order flips each round). Printed: the ratio of each side's best time, and each round's ratio with
+their median: on a shared machine the load drifts within a run, and a round's two runs see nearly
+the same load.
 On a GPU the megatron-core inference engine is not timed here: it needs megatron-core's own
 tokenizer plumbing and runs only in the NGC image (see generation/megatron_engine.py).
 """
@@ -32,6 +34,7 @@ tokenizer plumbing and runs only in the NGC image (see generation/megatron_engin
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -148,20 +151,22 @@ def hf_generate(hf, batch: list[list[int]], new_tokens: int, samples: int = 1) -
 
 
 def timed_alternating(fns, iterations: int):
-    """Per function: best-of-`iterations` wall time and its last result; one warm-up call each, then
-    rounds that call every function once, in turn."""
+    """Per function: its wall time in each of `iterations` rounds and its last result; one warm-up
+    call each, then rounds that call every function once, in turn (the order flips each round, so
+    neither side always runs right after the other)."""
     results = [fn() for fn in fns]
-    best = [float("inf")] * len(fns)
-    for _ in range(iterations):
-        for i, fn in enumerate(fns):
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(iterations):
+        order = range(len(fns)) if round_ % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            results[i] = fn()
+            results[i] = fns[i]()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best, results
+            times[i].append(time.perf_counter() - start)
+    return times, results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -190,22 +195,29 @@ def main(argv: list[str] | None = None) -> dict:
         module, hf = build_pair(cfg, vocab, dtype)
         batch = prompts(args.prompts, vocab)
     tokens = args.prompts * args.samples * args.new_tokens
-    (ours_s, hf_s), (ours, theirs) = timed_alternating(
+    (ours_times, hf_times), (ours, theirs) = timed_alternating(
         [lambda: torch_sampler(module, vocab, batch, args.new_tokens, args.samples),
          lambda: hf_generate(hf, batch, args.new_tokens, args.samples)],
         args.iterations)
+    ours_s, hf_s = min(ours_times), min(hf_times)
+    # each round's ratio compares two runs seconds apart: the load of a shared machine drifts less
+    # within a round than across the run, so their median is the steadier statistic
+    round_ratios = sorted(h / o for o, h in zip(ours_times, hf_times))
+    median_ratio = statistics.median(round_ratios)
     same = sum(a == b for a, b in zip(ours, theirs))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"model": name, "prompt_tokens": [min(map(len, batch)), max(map(len, batch))], "device": device,
               "dtype": str(dtype), "prompts": args.prompts, "samples": args.samples,
               "new_tokens": args.new_tokens, "torch_sampler_tok_s": tokens / ours_s, "hf_generate_tok_s": tokens / hf_s,
-              "speedup": hf_s / ours_s, "identical_rows": same}
+              "speedup": hf_s / ours_s, "round_speedups": round_ratios, "median_round_speedup": median_ratio,
+              "identical_rows": same}
     print(f"{name} on {device} ({dtype}), {args.prompts} prompts ({min(map(len, batch))}-{max(map(len, batch))} "
           f"tokens) x {args.samples} samples x {args.new_tokens} new tokens, greedy, best of {args.iterations} "
           "alternating rounds")
     print(f"  torch sampler (ours): {tokens / ours_s:10.1f} tokens/s  ({ours_s:.3f} s)")
     print(f"  HF generate:          {tokens / hf_s:10.1f} tokens/s  ({hf_s:.3f} s)")
-    print(f"  ratio ours/HF:        {hf_s / ours_s:10.2f}x")
+    print(f"  ratio ours/HF:        {hf_s / ours_s:10.2f}x  (best times)")
+    print(f"  per-round ratios:     {', '.join(f'{r:.2f}x' for r in round_ratios)}  (median {median_ratio:.2f}x)")
     print(f"  sanity: {same}/{len(ours)} rows token-identical")
     return result
 

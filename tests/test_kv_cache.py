@@ -8,7 +8,7 @@ from nemo_rlsr.config import ModelConfig
 from nemo_rlsr.generation import kv_cache
 from nemo_rlsr.generation.interface import SamplingParams
 from nemo_rlsr.generation.kv_cache import KVCache, MegatronStaticCache, new_cache
-from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine, decode_mask
+from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine, decode_mask, direct_linears
 from nemo_rlsr.models.policy import MegatronPolicy, attention_mask
 
 VOCAB = 61
@@ -27,9 +27,14 @@ def far_from_init(module) -> None:
             param.copy_(1.0 + 0.3 * noise if param.dim() == 1 else 0.15 * noise)
 
 
-@pytest.fixture(scope="module", params=[None, 2], ids=["mha", "gqa"])
+MODELS = {"mha": {}, "gqa": {"num_query_groups": 2},
+          # a head dim half outside RoPE (kv_cache.Rope's pass-through) and the bias direct_linears adds
+          "partial_rope_qkv_bias": {"rotary_percent": 0.5, "add_qkv_bias": True}}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
 def module(single_rank, request):
-    policy = MegatronPolicy(ModelConfig(**SHAPE, num_query_groups=request.param), None, VOCAB, single_rank)
+    policy = MegatronPolicy(ModelConfig(**SHAPE, **MODELS[request.param]), None, VOCAB, single_rank)
     far_from_init(policy.module)
     return policy.module
 
@@ -42,7 +47,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_our_cache_samples_what_megatrons_static_context_samples(module, monkeypatch, case):
+def test_our_cache_samples_what_megatrons_static_context_samples(module, monkeypatch, case, request):
     """Same tokens and logprobs as megatron-core's own static-batching KV cache (the sampler's
     path before; kept for MLA), with rows leaving the batch and prompt caches copied to samples."""
     params, options = CASES[case]
@@ -52,10 +57,37 @@ def test_our_cache_samples_what_megatrons_static_context_samples(module, monkeyp
     assert isinstance(new_cache(module, 4, 16), MegatronStaticCache)
     theirs = TorchRolloutEngine(module, PAD, EOS, VOCAB, **options).generate(PROMPTS, params, seed=5)
     assert ours.response_ids == theirs.response_ids
-    if case == "greedy_rows_leave_at_eos":
+    if case == "greedy_rows_leave_at_eos" and request.node.callspec.params["module"] != "partial_rope_qkv_bias":
+        # (that model's greedy rows happen to run to the end: the others cover rows leaving)
         assert len({len(r) for r in ours.response_ids}) > 1, "no row left early: the case tests less than it says"
     assert torch.equal(ours.response_mask, theirs.response_mask)
     torch.testing.assert_close(ours.engine_logprobs, theirs.engine_logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rotary_percent", [1.0, 0.5])
+def test_rope_rotates_bit_for_bit_as_megatron(single_rank, rotary_percent):
+    """`Rope` (cos and sin once per forward) = megatron's own unfused rotation of the same table."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    model = MegatronPolicy(ModelConfig(**SHAPE, rotary_percent=rotary_percent), None, VOCAB, single_rank).module
+    freqs = model.rotary_pos_emb(5, offset=3)
+    assert freqs.shape[-1] == int(16 * rotary_percent)
+    t = torch.randn(5, 2, 4, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(kv_cache.Rope(freqs)(t), apply_rotary_pos_emb(t, freqs, config=model.config))
+
+
+def test_direct_linears_give_megatrons_logits_bit_for_bit(module):
+    """The TP linears' plain product (`direct_linears`) changes no bit of a forward's logits."""
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    positions = torch.arange(5).expand_as(ids)
+    mask = attention_mask(torch.ones_like(ids, dtype=torch.bool))
+    module.eval()
+    with torch.no_grad():
+        megatrons = module(ids, positions, mask)
+        with direct_linears(module):
+            ours = module(ids, positions, mask)
+        assert "_forward_impl" not in vars(module.output_layer), "the class's method is not back"
+    assert torch.equal(ours, megatrons)
 
 
 def test_decode_mask_hides_future_and_pad_keys_but_never_a_querys_own():

@@ -76,6 +76,35 @@ def generation_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+@contextmanager
+def direct_linears(module: torch.nn.Module) -> Iterator[None]:
+    """megatron's TP linears (local spec) multiply without their autograd function, whose
+    bookkeeping under `no_grad` is per-token overhead. The product is the function's own,
+    `torch.matmul(input, weight.t())` then `+ bias` (tensor_parallel/layers.py `LinearWithFrozenWeight`
+    and `LinearWithGradAccumulationAndAsyncCommunication`, core_v0.16.1 and core_v0.19.0), so logits
+    are bit for bit the trainer's. Valid only with sequence parallelism off, which `generation_mode`
+    ensures (the function would all-gather the input first). TE's linears are other classes and
+    stay as they are."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    linears = [m for m in module.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    for linear in linears:
+        linear._forward_impl = _matmul
+    try:
+        yield
+    finally:
+        for linear in linears:
+            del linear._forward_impl
+
+
+def _matmul(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            sequence_parallel: bool = False, **_) -> torch.Tensor:
+    if sequence_parallel:
+        raise RuntimeError("direct_linears needs sequence parallelism off (generation_mode)")
+    output = torch.matmul(input, weight.t())
+    return output + bias if bias is not None else output
+
+
 class DecodeState:
     """One `generate` call's rows in the trainer's layout, the KV cache that runs them, and which
     have finished. Four index spaces:
@@ -210,8 +239,8 @@ class TorchRolloutEngine:
         device = next(self.module.parameters()).device
         strategy = decode_strategy(device)
         state = DecodeState(self, prompts, params, request_seeds(seed, len(prompts)), strategy, device)
-        with (generation_mode(self.module), explicit_mask_attention(self.module), state.cache.attached(self.module),
-              device_rewrite_suspended()):
+        with (generation_mode(self.module), explicit_mask_attention(self.module), direct_linears(self.module),
+              state.cache.attached(self.module), device_rewrite_suspended()):
             logits = state.prefill(self._forward)
             while True:
                 keep = state.step(logits)
