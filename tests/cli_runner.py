@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+from nemo_rlsr.distributed.parallel import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # What a launcher sets up for its children: inherited, they would make a child join (or bind) the
@@ -37,12 +38,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return env | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"} | extra
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_python(argv: Sequence[str], timeout: float = 600, env: dict[str, str] | None = None

@@ -36,7 +36,7 @@ class ParallelContext(ParallelDims):
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -78,7 +78,7 @@ def init_distributed(dims: ParallelDims = ParallelDims()) -> ParallelContext:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         if world_size == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         timeout = datetime.timedelta(seconds=dims.timeout_s)

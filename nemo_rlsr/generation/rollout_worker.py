@@ -51,12 +51,12 @@ class _Worker:
 
     def __init__(self, model: ModelConfig, tokenizer, seed: int, threads: int) -> None:
         from nemo_rlsr.distributed.dims import ParallelDims
-        from nemo_rlsr.distributed.parallel import _free_port, init_distributed
+        from nemo_rlsr.distributed.parallel import free_port, init_distributed
         from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
         from nemo_rlsr.models.gpt import build_gpt
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
         torch.set_num_threads(threads)
         ctx = init_distributed(ParallelDims(seed=seed))
         self.module = build_gpt(model, tokenizer.vocab_size, ctx)
