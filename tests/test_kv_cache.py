@@ -76,6 +76,15 @@ def test_rope_rotates_bit_for_bit_as_megatron(single_rank, rotary_percent):
     assert torch.equal(kv_cache.Rope(freqs)(t), apply_rotary_pos_emb(t, freqs, config=model.config))
 
 
+def test_only_unfused_plain_rope_is_rotated_by_the_cache(module, monkeypatch):
+    """The cache rotates plain RoPE itself; with TE's fused RoPE (the TE spec) megatron keeps it."""
+    with KVCache(8).attached(module):
+        assert module.rotary_pos_emb.rotate_here
+    monkeypatch.setattr(module.config, "apply_rope_fusion", True)
+    with KVCache(8).attached(module):
+        assert not module.rotary_pos_emb.rotate_here
+
+
 def test_direct_linears_give_megatrons_logits_bit_for_bit(module):
     """The TP linears' plain product (`direct_linears`) changes no bit of a forward's logits."""
     ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])

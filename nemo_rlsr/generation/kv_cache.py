@@ -16,7 +16,7 @@ with megatron's softmax scale. So is plain RoPE's rotation (`Rope`): megatron co
 of the table again for the query and the key of every layer (rope_utils.py `_apply_rotary_pos_emb_bshd`,
 core_v0.16.1 and core_v0.19.0), 60 times per decode step for a 30-layer model; `Rope` computes them
 once per forward and rotates with the same formula, so the result is bit for bit megatron's. YaRN
-(its mscale) and other rotary modules keep megatron's rotation. Not for
+(its mscale), other rotary modules and TE's fused RoPE keep megatron's rotation. Not for
 multi-latent attention (MLA rotates inside its own attention with its own rotary module) nor a
 non-vanilla softmax (`softmax_type`): `supports(module)` says so, and the sampler then keeps
 megatron's static context.
@@ -95,9 +95,11 @@ class KVCache:
         if getattr(module, "rotary_pos_emb", None) is not None:
             swapped.append((module, "rotary_pos_emb", module.rotary_pos_emb))
             # exactly RoPE: YaRN (a subclass) scales cos and sin by its mscale inside megatron's
-            # rotation; interleaved RoPE (never built by models/gpt.py) keeps megatron's too
+            # rotation; interleaved RoPE (never built by models/gpt.py) keeps megatron's too, and so
+            # does TE's fused rotation (the TE spec, models/fusions.py): one kernel, the trainer's rounding
             rotary = module.rotary_pos_emb
-            rotate_here = type(rotary) is RotaryEmbedding and not rotary.rotary_interleaved
+            rotate_here = (type(rotary) is RotaryEmbedding and not rotary.rotary_interleaved
+                           and not module.config.apply_rope_fusion)
             module.rotary_pos_emb = RotaryAtOffset(module.rotary_pos_emb, self, rotate_here)
         # Logits of the last position only (the one sampled from), as megatron's static context
         # does (`materialize_only_last_token_logits`): a prefill's other positions would cost a
