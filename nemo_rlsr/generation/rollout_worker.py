@@ -10,11 +10,16 @@ How it behaves:
   of its own (a fresh rendezvous port: the variables it inherits name the trainer's), with the
   trainer's torch thread count: the same weights then give the same logits bit for bit, hence the
   same tokens as the colocated engine (the staleness-0 digest test shows it).
-* A refit is the trainer's `state_dict()` under a policy version (the number of optimizer steps
-  the weights have had), put into Ray's object store at once (a copy: the trainer may go on
-  training) and loaded by the actor when it gets to it.
+* A refit is the trainer's weights under a policy version (the number of optimizer steps they have
+  had), broadcast from the trainer's rank 0 over a process group of the two processes
+  (weight_sync/broadcast.py: the HF-named stream of weight_sync/source.py, in buckets of
+  rollout.refit_bucket_mb) and loaded through the HF loader (models/hf/load.py), the path the
+  TensorRT-LLM workers take too. Nothing of it goes through Ray's object store.
 * The actor runs its calls one at a time, in the order they were sent: a generate sent after a
-  refit samples on that refit's weights, and generation stops only while a refit loads. Each result
+  refit samples on that refit's weights, and generation stops only while a refit loads. The
+  trainer asks for a refit, then waits until the actor reaches it (it signals on the group's
+  store; `async/refit_wait_s`: under max_staleness >= 1 the worker is finishing the next step's
+  rollouts then) and only then sends, so the bytes never wait behind a generate. Each result
   carries the version that produced it, and the actor's idle time before it (waiting for work).
 * Ray is joined, or started on loopback (distributed/local_ray.py). The actor asks for no Ray CPU:
   its threads are the trainer's thread count, and a local Ray sized for the reward actors would
@@ -23,15 +28,20 @@ How it behaves:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from nemo_rlsr.config import ModelConfig
 from nemo_rlsr.distributed.local_ray import NAMESPACE, connect_ray
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
+from nemo_rlsr.weight_sync.broadcast import RefitGroup, bucket_plan, manifest_of, receive_refit, send_refit
+
+HOST = "127.0.0.1"  # the worker runs on the trainer's node (one CPU trainer rank)
 
 
 @dataclass
@@ -49,7 +59,7 @@ class Generated:
 class _Worker:
     """The body of the rollout actor (runs in its own process)."""
 
-    def __init__(self, model: ModelConfig, tokenizer, seed: int, threads: int) -> None:
+    def __init__(self, model: ModelConfig, adapter, tokenizer, seed: int, threads: int) -> None:
         from nemo_rlsr.distributed.dims import ParallelDims
         from nemo_rlsr.distributed.parallel import free_port, init_distributed
         from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
@@ -60,16 +70,28 @@ class _Worker:
         torch.set_num_threads(threads)
         ctx = init_distributed(ParallelDims(seed=seed))
         self.module = build_gpt(model, tokenizer.vocab_size, ctx)
+        self.adapter, self.hf_cfg = adapter, dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
+        self.group: RefitGroup | None = None
         self.engine = TorchRolloutEngine(self.module, tokenizer.pad_id, tokenizer.eos_id, tokenizer.vocab_size,
                                          detokenize=tokenizer.decode)
         self.version: int | None = None
         self.free_since = time.perf_counter()  # the end of the last call
         self.idle = 0.0  # seconds without a call since the last generate ended
 
-    def load(self, state: dict[str, torch.Tensor], version: int) -> float:
-        """Load the trainer's weights of `version`; returns the seconds it took."""
+    def join(self, port: int, manifest, plan, timeout_s: float) -> None:
+        """Join the trainer's refit group (rank 1 of 2) and keep the stream's manifest and plan."""
+        self.group = RefitGroup.create(HOST, port, 1, 2, "gloo", timeout_s)
+        self.manifest, self.plan = manifest, plan
+
+    def receive(self, version: int) -> float:
+        """Receive and load the trainer's weights of `version`; returns the seconds it took."""
+        from nemo_rlsr.models.hf.load import TensorDictReader, load_hf_weights
+
         start = time.perf_counter()
-        self.module.load_state_dict(state, strict=True)
+        self.group.signal(f"ready/{version}")
+        received: dict[str, torch.Tensor] = {}
+        receive_refit(self.group, self.manifest, self.plan, received.update)  # each bucket in its own buffer
+        load_hf_weights(self.module, self.adapter, self.hf_cfg, TensorDictReader(received, f"refit {version}"))
         self.version = version
         self.idle += start - self.free_since
         self.free_since = time.perf_counter()
@@ -92,24 +114,57 @@ class _Worker:
 class RolloutWorker:
     """Client of one rollout actor: `refit` and `submit` return at once, `result` waits."""
 
-    def __init__(self, model: ModelConfig, tokenizer, seed: int, ray_address: str | None = None) -> None:
+    def __init__(self, model: ModelConfig, adapter, tokenizer, seed: int, bucket_mb: int, timeout_s: float,
+                 ray_address: str | None = None) -> None:
         import ray
 
+        self.adapter, self.hf_cfg = adapter, dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
+        self.bucket_bytes, self.timeout_s = bucket_mb * 2**20, timeout_s
+        self.group: RefitGroup | None = None
         self._started_ray = connect_ray(ray_address, 1)
         self.actor = ray.remote(_Worker).options(num_cpus=0, namespace=NAMESPACE).remote(
-            model, tokenizer, seed, torch.get_num_threads())
+            model, adapter, tokenizer, seed, torch.get_num_threads())
 
-    def refit(self, module: torch.nn.Module, version: int) -> dict[str, float]:
-        """Send `module`'s weights as `version`; returns refit/seconds (the trainer's side: the copy
-        into the object store) and refit/gib."""
+    def _named(self, module):
+        from nemo_rlsr.weight_sync.source import hf_named_tensors
+
+        return hf_named_tensors(module, self.adapter, self.hf_cfg, self.hf_cfg.vocab_size)
+
+    def _join(self, module) -> None:
+        """Set up the refit group: the manifest is the stream's now (one pass), fixed for the run."""
         import ray
 
+        from nemo_rlsr.distributed.parallel import free_port
+
+        manifest = manifest_of((name, t.detach()) for name, t in self._named(module))
+        self.manifest, self.plan = manifest, bucket_plan(manifest, self.bucket_bytes)
+        port = free_port()
+        joined = self.actor.join.remote(port, self.manifest, self.plan, self.timeout_s)
+        self.group = RefitGroup.create(HOST, port, 0, 2, "gloo", self.timeout_s)
+        ray.get(joined)
+
+    def refit(self, module: torch.nn.Module, version: int, stopping: Callable[[], bool] = lambda: False
+              ) -> dict[str, float]:
+        """Send `module`'s weights as `version` once the actor is ready for them (after the calls
+        queued before this one); returns refit/seconds, refit/gib, refit/buckets (the broadcast) and
+        async/refit_wait_s (waiting for the actor). Sends nothing if `stopping()` turns true while
+        waiting (a preemption: the run ends after this step and the actor is killed)."""
+        import ray
+
+        if self.group is None:
+            self._join(module)
         start = time.perf_counter()
-        # megatron's `_extra_state` entries (None on the local spec) travel as they are
-        state = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in module.state_dict().items()}
-        self.actor.load.remote(ray.put(state), version)
-        gib = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor)) / 2**30
-        return {"refit/seconds": time.perf_counter() - start, "refit/gib": gib}
+        received = self.actor.receive.remote(version)
+        while not self.group.is_set(f"ready/{version}"):
+            done, _ = ray.wait([received], timeout=0.05)
+            if done:  # the actor failed before it signalled: raise its error
+                ray.get(received)
+            if stopping():
+                return {}
+        waited = time.perf_counter() - start
+        with torch.no_grad():
+            sent = send_refit(self.group, ((n, t.detach()) for n, t in self._named(module)), self.manifest, self.plan)
+        return sent | {"async/refit_wait_s": waited}
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]):
         """Queue a generate call behind everything sent before it; returns its Ray reference."""
@@ -130,5 +185,7 @@ class RolloutWorker:
 
         if ray.is_initialized():
             ray.kill(self.actor)
+        if self.group is not None:
+            self.group.close()
         if self._started_ray:
             ray.shutdown()

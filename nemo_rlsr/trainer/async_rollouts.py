@@ -70,7 +70,7 @@ class AsyncRollouts:
         if self.stopping():
             return {}
         self.refitted = version
-        return self.worker.refit(module, version)
+        return self.worker.refit(module, version, self.stopping)
 
     def _submit(self, step: int, rows: list[int]) -> _Request:
         ref = self.worker.submit([self.prompt_ids[i] for i in rows], self.params,

@@ -143,7 +143,8 @@ class RLSRTrainer(TrainingRun):
         # evaluation keeps sampling with `engine`, on the trainer's module)
         self.async_rollouts: AsyncRollouts | None = None
         if cfg.rollout.placement == "separate":
-            worker = RolloutWorker(cfg.model, self.tokenizer, cfg.parallel.seed, cfg.reward.ray_address)
+            worker = RolloutWorker(cfg.model, self.policy.hf_adapter, self.tokenizer, cfg.parallel.seed,
+                                   cfg.rollout.refit_bucket_mb, cfg.parallel.collective_timeout_s, cfg.reward.ray_address)
             self.async_rollouts = self.own(AsyncRollouts(
                 worker, self.train.token_ids, self.sampling, cfg.grpo.max_staleness, cfg.trainer.steps,
                 self._sample_seed, stopping=lambda: self.preemption.received is not None,

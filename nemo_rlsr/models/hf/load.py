@@ -99,6 +99,32 @@ class SafetensorsReader:
         return self._counted(part[(slice(None),) * dim + (slice(start, stop),)])
 
 
+class TensorDictReader:
+    """The reader interface over full HF tensors already in memory (a refit received from the
+    trainer: weight_sync/broadcast.py), so they load through the same code as a checkpoint."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], label: str = "received weights") -> None:
+        self.tensors, self.hf_dir, self.bytes_read = tensors, label, 0
+
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KeyError(f"{self.hf_dir}: no tensor {name!r}")
+        return self.tensors[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        tensor = self._get(name)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._get(name).shape)
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        part = self._get(name).narrow(dim, start, stop - start)
+        self.bytes_read += part.numel() * part.element_size()
+        return part
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside DDP / Float16Module wrappers (their parameter names carry `module.`)."""
     while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
@@ -149,14 +175,16 @@ def shard(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp: int, ran
 
 
 @torch.no_grad()
-def load_hf_weights(modules, adapter: HFAdapter, cfg: ModelConfig, hf_dir: str | Path) -> LoadStats:
-    """Copy the HF checkpoint at `hf_dir` into this rank's parameters; returns how many were set
-    and how many bytes this rank read (also logged).
+def load_hf_weights(modules, adapter: HFAdapter, cfg: ModelConfig,
+                    source: str | Path | SafetensorsReader | TensorDictReader) -> LoadStats:
+    """Copy the HF checkpoint at `source` (a directory, or a reader) into this rank's parameters;
+    returns how many were set and how many bytes this rank read (also logged).
 
     Every parameter of the module(s) must come from the checkpoint (a missing HF tensor is an
     error naming it); HF tensors no parameter asks for (e.g. another stage's layers) are not read.
     """
-    reader = SafetensorsReader(hf_dir)
+    reader = source if isinstance(source, (SafetensorsReader, TensorDictReader)) else SafetensorsReader(source)
+    hf_dir = reader.hf_dir
     count = 0
     for name, param in global_parameters(modules):
         tp, rank = shard_group_size_and_rank(name)  # routed experts: the expert-TP group
