@@ -83,17 +83,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                              "generate_s": mean(timed, "time/generate"),
                              "trainer_idle_s": mean(timed, "async/trainer_idle_s"),
                              "generation_idle_s": mean(timed, "async/generation_idle_s"),
+                             "refit_wait_s": mean(timed, "async/refit_wait_s"),
                              "refit_s": mean(timed, "refit/seconds"), "reward_mean": mean(timed, "reward/mean")}
     base, s0 = results["sync"], results["async_s0"]
     # async_s0's phases, which take turns: the worker's generation, the trainer's own work (its step
-    # less the wait for rollouts and the refit), the refit
-    phases = {"generation": s0["generate_s"], "trainer": s0["step_s"] - s0["trainer_idle_s"] - s0["refit_s"],
+    # less its waits for rollouts and for the worker to take a refit, and the refit), the refit
+    phases = {"generation": s0["generate_s"],
+              "trainer": s0["step_s"] - s0["trainer_idle_s"] - s0["refit_wait_s"] - s0["refit_s"],
               "refit": s0["refit_s"]}
     for name, r in results.items():
         r["ratio_vs_sync"] = r["steps_per_s"] / base["steps_per_s"]
         print(f"variant={name} processes={r['processes']} threads_per_process={r['threads']} "
               f"steps_per_s={r['steps_per_s']:.3f} step_s={r['step_s']:.3f} generate_s={r['generate_s']:.3f} "
-              f"trainer_idle_s={r['trainer_idle_s']:.3f} generation_idle_s={r['generation_idle_s']:.3f} "
+              f"trainer_idle_s={r['trainer_idle_s']:.3f} refit_wait_s={r['refit_wait_s']:.3f} "
+              f"generation_idle_s={r['generation_idle_s']:.3f} "
               f"refit_s={r['refit_s']:.4f} ratio_vs_sync={r['ratio_vs_sync']:.2f}")
     predicted = overlapped_step_seconds(phases)
     print(f"predicted_s1_step_s={predicted:.3f} measured_s1_step_s={results['async_s1']['step_s']:.3f} "

@@ -96,6 +96,7 @@ def test_staleness_1_trains_on_the_previous_version_and_drops_older_rollouts(tmp
         assert r["async/trainer_idle_s"] >= 0 and r["async/generation_idle_s"] >= 0 and r["time/generate"] > 0
         assert "tis/weight_mean" in r  # the off-policy correction ran
     assert "refit/seconds" not in logged[2] and "refit/seconds" in logged[3]  # the skipped refit
+    assert logged[3]["refit/buckets"] >= 1 and logged[3]["async/refit_wait_s"] >= 0  # a broadcast (rollout_worker.py)
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ How it behaves:
 * A refit is the trainer's weights under a policy version (the number of optimizer steps they have
   had), broadcast from the trainer's rank 0 over a process group of the two processes
   (weight_sync/broadcast.py: the HF-named stream of weight_sync/source.py, in buckets of
-  rollout.refit_bucket_mb) and loaded through the HF loader (models/hf/load.py), the path the
-  TensorRT-LLM workers take too. Nothing of it goes through Ray's object store.
+  rollout.refit_bucket_mb) and loaded through the HF loader (models/hf/load.py): the bytes an
+  engine on other GPUs or nodes can receive too (docs/refit.md). Nothing of it goes through Ray's
+  object store.
 * The actor runs its calls one at a time, in the order they were sent: a generate sent after a
   refit samples on that refit's weights, and generation stops only while a refit loads. The
   trainer asks for a refit, then waits until the actor reaches it (it signals on the group's

@@ -24,14 +24,17 @@ when its object store is gone). So once a preemption signal has arrived (`stoppi
 stops using Ray: the step's rollouts are generated on the trainer's own module (`local`, the
 colocated engine: the current weights, staleness 0, `async/local_fallback` 1) and no refit is
 sent; a worker lost while waiting for its rollouts after the signal falls back the same way. Left
-open: a signal during a Ray call that reads the object store (a refit's put, a result too large to
-travel inline) can still end the process with exit 1 (README, "Asynchronous GRPO").
+open: a signal during a Ray call that reads the object store (a result too large to travel inline)
+can still end the process with exit 1 (README, "Asynchronous GRPO"). A refit puts nothing there (a
+broadcast over a process group of its own, generation/rollout_worker.py) and stops waiting for the
+worker once the signal has come.
 
 Metrics per step: async/policy_version and async/staleness of the rollouts trained,
 async/staleness_<v> (their rows at staleness v: summed over steps, the run's staleness histogram),
 async/dropped_rows (this step) and async/dropped_total, async/trainer_idle_s (the trainer waiting
-for rollouts), async/generation_idle_s (the worker without work between its previous generate and
-this step's, refits not counted), time/generate (the worker's generation time), refit/*.
+for rollouts), async/refit_wait_s (the trainer waiting for the worker to take its refit),
+async/generation_idle_s (the worker without work between its previous generate and this step's,
+refits not counted), time/generate (the worker's generation time), refit/*.
 """
 
 from __future__ import annotations

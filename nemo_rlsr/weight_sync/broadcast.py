@@ -24,6 +24,7 @@ The protocol (both sides hold the same `Manifest` and the same plan, so no size 
 from __future__ import annotations
 
 import datetime
+import pickle
 import re
 import time
 from dataclasses import dataclass
@@ -163,6 +164,15 @@ class RefitGroup:
 
     def signal(self, key: str) -> None:
         self.store.set(key, b"1")
+
+    def publish(self, key: str, value) -> None:
+        """Put a small picklable value (the manifest and plan) where every member can `fetch` it: how
+        a receiver that no Ray call reaches (a TensorRT-LLM worker) learns the layout of a refit."""
+        self.store.set(key, pickle.dumps(value))
+
+    def fetch(self, key: str):
+        """The value published under `key` (waits for it up to the group's timeout)."""
+        return pickle.loads(self.store.get(key))
 
     def is_set(self, key: str) -> bool:
         return self.store.check([key])
