@@ -5,8 +5,8 @@
     python benchmarks/gpu_check.py --smoke --hide ray,datasets,wandb,mlflow   # tiny shapes on the CPU (what CI runs)
 
 Sections, in order (gpu_check_sections/__init__.py has each one's limits, its module its checks):
-environment, train_step, bf16_vs_fp32, torch_sampler, megatron_engine (CUDA), reward_encoder,
-train_step_1p5b, cli_train, cli_train_megatron_engine (CUDA).
+environment, train_step, bf16_vs_fp32, torch_sampler, megatron_engine (CUDA), refit_broadcast,
+reward_encoder, train_step_1p5b, cli_train, cli_train_megatron_engine (CUDA).
 
 A GPU lease is one shot, so nothing here may lose results:
 * every section runs in its own process (a CUDA fault, a hang or megatron's global state stay

@@ -21,7 +21,8 @@ from cli_runner import REPO, child_env, run_python
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("environment", "train_step", "bf16_vs_fp32", "torch_sampler", "megatron_engine", "reward_encoder",
+SECTIONS = ("environment", "train_step", "bf16_vs_fp32", "torch_sampler", "megatron_engine", "refit_broadcast",
+            "reward_encoder",
             "train_step_1p5b", "cli_train", "cli_train_megatron_engine")
 CUDA_ONLY = ("cli_train_megatron_engine",)  # check_engine refuses rollout.engine=megatron without CUDA
 
@@ -64,6 +65,9 @@ def test_smoke_mode_runs_every_section_through_the_runner(tmp_path):
     assert 0 < bf16["bf16_compute"]["mean_abs"] < 0.05 and bf16["bf16_policy"]["param_dtypes"] == ["torch.bfloat16"]
     errors = sections["torch_sampler"]["metrics"]["logprobs_match_policy_at_T_token_mult_prob_error"]
     assert errors["policy_at_T=0.7"] < 1.001 < errors["policy_at_T=1.0"]  # the temperature is what matters
+    refit = sections["refit_broadcast"]["metrics"]
+    assert refit["stream"]["buckets"] >= 1 and refit["received_vs_policy_logprobs"]["max_abs"] < 1e-4
+    assert refit["group_send"]["backend"] == "gloo" and refit["group_send"]["gib"] > 0
     speed = sections["reward_encoder"]["metrics"]["sentences_per_s"]
     assert speed["ours"] > 0 and speed["sentence_transformers_encode"] > 0
     lines = {line["variant"]: line for line in sections["train_step_1p5b"]["metrics"]["lines"]}

@@ -37,6 +37,8 @@ SECTIONS = (
             "greedy = teacher-forced argmax, logprobs at T = policy's, seeds, no padded vocab id"),
     Section("megatron_engine", "engine_checks:megatron_engine", False, 150, 150,
             "megatron-core engine: EOS kept, finished, seeds, logprobs at T, training after generate, padded ids"),
+    Section("refit_broadcast", "refit_checks:refit_broadcast", False, 90, 90,
+            "refit to an engine in another process: NCCL refit group, buckets into transformers = policy logprobs"),
     Section("reward_encoder", "reward_checks:reward_encoder", False, 120, 150,
             "MiniLM encoder: our batching = sentence-transformers encode(), sentences/s of both"),
     Section("train_step_1p5b", "run_checks:train_step_1p5b", False, 240, 180,

@@ -118,8 +118,9 @@ def plain_logprobs(module: torch.nn.Module, batch: TokenBatch, vocab: int, tempe
     return logprobs_from_logits(model_logits(module, batch, vocab), batch.targets, temperature)
 
 
-def hf_llama(module: torch.nn.Module, cfg: ModelConfig, vocab: int):
-    """transformers' LlamaForCausalLM holding `module`'s weights, fp32, on the same device."""
+def hf_llama(module: torch.nn.Module, cfg: ModelConfig, vocab: int, state: dict[str, torch.Tensor] | None = None):
+    """transformers' LlamaForCausalLM holding `module`'s weights, fp32, on the same device: from the
+    refit stream, or from `state` (the HF-named tensors an engine received from it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from nemo_rlsr.models.hf import adapter_for
@@ -130,7 +131,8 @@ def hf_llama(module: torch.nn.Module, cfg: ModelConfig, vocab: int):
     config = LlamaConfig(**fields)
     config._attn_implementation = "eager"  # fully masked (left-pad) query rows stay finite
     hf = LlamaForCausalLM(config)
-    state = {name: tensor.detach().float().cpu() for name, tensor in hf_named_tensors(module, llama, cfg, vocab)}
+    named = state.items() if state is not None else hf_named_tensors(module, llama, cfg, vocab)
+    state = {name: tensor.detach().float().cpu() for name, tensor in named}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"refit names do not match LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
