@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,9 +61,14 @@ def main(scenario: str, port: int, out: Path) -> None:
         manifest = manifest_of(stream())
         plan = bucket_plan(manifest, 400)
         if rank == 0:
+            assert not group.all_ready(7)
+            while not group.all_ready(7):  # both receivers inside their receive: then send
+                time.sleep(0.01)
             send_refit(group, stream(), manifest, plan)
         else:
             got: dict[str, torch.Tensor] = {}
+            time.sleep(0.5 * rank)  # rank 0 must wait for the later one too
+            group.signal_ready(7)
             receive_refit(group, manifest, plan, got.update)
             torch.save({"received": {k: v.clone() for k, v in got.items()}, "plan": plan}, out / f"stream{rank}.pt")
     elif scenario == "trainer":
@@ -94,7 +100,7 @@ def trainer(rank: int, port: int, out: Path) -> None:
     plan = bucket_plan(manifest, BUCKET_BYTES)
     group = RefitGroup.create("127.0.0.1", port, 0, 2, "gloo", 60) if rank == 0 else None
     if group is not None:
-        group.publish("layout", (manifest, plan, adapter.hf_config(cfg)))
+        group.publish("layout_and_config", (manifest, plan, adapter.hf_config(cfg)))
     results = {}
     for version in (0, 1):
         if version == 1:
@@ -120,7 +126,7 @@ def receiver(port: int, out: Path, skip_first: bool) -> None:
 
     dist.init_process_group("gloo")  # its own job's default group, like a TensorRT-LLM worker's
     group = RefitGroup.create("127.0.0.1", port, 1, 2, "gloo", 60)
-    manifest, plan, hf_config = group.fetch("layout")
+    manifest, plan, hf_config = group.fetch("layout_and_config")
     hf = LlamaForCausalLM(LlamaConfig(**hf_config)).eval()
     buckets = iter(range(len(plan)))
 

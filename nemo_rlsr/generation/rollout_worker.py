@@ -40,7 +40,7 @@ import torch
 from nemo_rlsr.config import ModelConfig
 from nemo_rlsr.distributed.local_ray import NAMESPACE, connect_ray
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
-from nemo_rlsr.weight_sync.broadcast import RefitGroup, bucket_plan, manifest_of, receive_refit, send_refit
+from nemo_rlsr.weight_sync.broadcast import LAYOUT, RefitGroup, bucket_plan, manifest_of, receive_refit, send_refit
 
 HOST = "127.0.0.1"  # the worker runs on the trainer's node (one CPU trainer rank)
 
@@ -79,17 +79,17 @@ class _Worker:
         self.free_since = time.perf_counter()  # the end of the last call
         self.idle = 0.0  # seconds without a call since the last generate ended
 
-    def join(self, port: int, manifest, plan, timeout_s: float) -> None:
-        """Join the trainer's refit group (rank 1 of 2) and keep the stream's manifest and plan."""
+    def join(self, port: int, timeout_s: float) -> None:
+        """Join the trainer's refit group (rank 1 of 2) and read the stream's manifest and plan."""
         self.group = RefitGroup.create(HOST, port, 1, 2, "gloo", timeout_s)
-        self.manifest, self.plan = manifest, plan
+        self.manifest, self.plan = self.group.fetch(LAYOUT)
 
     def receive(self, version: int) -> float:
         """Receive and load the trainer's weights of `version`; returns the seconds it took."""
         from nemo_rlsr.models.hf.load import TensorDictReader, load_hf_weights
 
         start = time.perf_counter()
-        self.group.signal(f"ready/{version}")
+        self.group.signal_ready(version)
         received: dict[str, torch.Tensor] = {}
         receive_refit(self.group, self.manifest, self.plan, received.update)  # each bucket in its own buffer
         load_hf_weights(self.module, self.adapter, self.hf_cfg, TensorDictReader(received, f"refit {version}"))
@@ -140,8 +140,9 @@ class RolloutWorker:
         manifest = manifest_of((name, t.detach()) for name, t in self._named(module))
         self.manifest, self.plan = manifest, bucket_plan(manifest, self.bucket_bytes)
         port = free_port()
-        joined = self.actor.join.remote(port, self.manifest, self.plan, self.timeout_s)
+        joined = self.actor.join.remote(port, self.timeout_s)
         self.group = RefitGroup.create(HOST, port, 0, 2, "gloo", self.timeout_s)
+        self.group.publish(LAYOUT, (self.manifest, self.plan))
         ray.get(joined)
 
     def refit(self, module: torch.nn.Module, version: int, stopping: Callable[[], bool] = lambda: False
@@ -156,7 +157,7 @@ class RolloutWorker:
             self._join(module)
         start = time.perf_counter()
         received = self.actor.receive.remote(version)
-        while not self.group.is_set(f"ready/{version}"):
+        while not self.group.all_ready(version):
             done, _ = ray.wait([received], timeout=0.05)
             if done:  # the actor failed before it signalled: raise its error
                 ray.get(received)

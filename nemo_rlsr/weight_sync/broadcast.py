@@ -35,6 +35,7 @@ import torch
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # (HF name, shape, dtype as sent)
 Manifest = list[Entry]
 Load = Callable[[list[tuple[str, torch.Tensor]]], None]
+LAYOUT = "layout"  # the store key of (manifest, plan), published by the sender at setup
 
 # q/k/v and gate/up are one tensor in megatron and in TensorRT-LLM's modules: one fused group.
 _FUSED = re.compile(r"^(.*\.)(?:q_proj|k_proj|v_proj)(\.(?:weight|bias))$|^(.*\.)(?:gate_proj|up_proj)(\.weight)$")
@@ -162,8 +163,13 @@ class RefitGroup:
         options.rootRank, options.rootTensor = src, 0
         self.pg.broadcast([tensor], options).wait()
 
-    def signal(self, key: str) -> None:
-        self.store.set(key, b"1")
+    def signal_ready(self, version: int) -> None:
+        """A receiver says it is inside the receive of refit `version` (the sender waits for all)."""
+        self.store.set(f"ready/{version}/{self.rank}", b"1")
+
+    def all_ready(self, version: int) -> bool:
+        """Whether every receiver (ranks 1..world-1) has signalled for refit `version`."""
+        return self.store.check([f"ready/{version}/{rank}" for rank in range(1, self.world)])
 
     def publish(self, key: str, value) -> None:
         """Put a small picklable value (the manifest and plan) where every member can `fetch` it: how
@@ -173,9 +179,6 @@ class RefitGroup:
     def fetch(self, key: str):
         """The value published under `key` (waits for it up to the group's timeout)."""
         return pickle.loads(self.store.get(key))
-
-    def is_set(self, key: str) -> bool:
-        return self.store.check([key])
 
     def close(self) -> None:
         self.pg = self.store = None
