@@ -299,11 +299,10 @@ def rlsr_problems(cfg: RLSRConfig) -> list[str]:
     return out + reward_problems(cfg.reward) + term_problems(cfg.reward, r.max_new_tokens)
 
 
-def placement_problems(cfg: RLSRConfig, world_size: int, cuda: bool) -> list[str]:
-    """rollout.placement, grpo.max_staleness and trainer.debug_skip_refit_steps on a job of
-    `world_size` ranks. The separate worker is built for the first slice only: one trainer rank on
-    the CPU, our torch sampler in one Ray actor (generation/rollout_worker.py); the rest is refused
-    here rather than run wrong."""
+def placement_problems(cfg: RLSRConfig, cuda: bool) -> list[str]:
+    """rollout.placement, grpo.max_staleness and trainer.debug_skip_refit_steps. The separate worker is built for data-parallel trainer ranks on the CPU, our
+    torch sampler in one Ray actor (generation/rollout_worker.py); the rest is refused here rather
+    than run wrong."""
     r, g = cfg.rollout, cfg.grpo
     if r.placement not in ROLLOUT_PLACEMENTS:
         return [f"rollout.placement={r.placement!r}: choose one of {', '.join(ROLLOUT_PLACEMENTS)}"]
@@ -324,9 +323,14 @@ def placement_problems(cfg: RLSRConfig, world_size: int, cuda: bool) -> list[str
     if r.engine != "torch" or cuda:
         out.append(f"rollout.placement=separate is built for rollout.engine=torch on the CPU only (here: engine="
                    f"{r.engine}, {'CUDA' if cuda else 'no CUDA'})")
-    if world_size != 1:  # one rank: tp = pp = cp = ep = dp = 1 (size_problems)
-        out.append(f"rollout.placement=separate is built for one trainer rank only (this job has {world_size}): "
-                   f"use rollout.placement=colocated")
+    p = cfg.parallel
+    model_parallel = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
+                      "context_parallel": p.context_parallel, "expert_parallel": p.expert_parallel}
+    split = {key: size for key, size in model_parallel.items() if size != 1}
+    if split:  # rank 0 alone streams the refit: its model-parallel peers would have to take part
+        out.append(f"rollout.placement=separate is built for data-parallel trainer ranks only (each holding the "
+                   f"whole model), not {', '.join(f'parallel.{k}={v}' for k, v in split.items())}: use "
+                   f"rollout.placement=colocated")
     if cfg.reward.overlap_chunks != 1:
         out.append(f"reward.overlap_chunks={cfg.reward.overlap_chunks} with rollout.placement=separate is refused: the "
                    f"worker returns a step's rollouts at once and the trainer scores them whole; use 1")

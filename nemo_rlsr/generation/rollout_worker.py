@@ -68,6 +68,11 @@ class _Worker:
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+        # Under torchrun the actor inherits rank 0's TORCHELASTIC_USE_AGENT_STORE=True, which makes an
+        # env:// rendezvous join the launcher's store as a client (torch/distributed/rendezvous.py,
+        # `_create_c10d_store`) on the port just replaced, where no store listens: it would wait forever.
+        for key in [k for k in os.environ if k.startswith("TORCHELASTIC_")]:
+            del os.environ[key]
         torch.set_num_threads(threads)
         ctx = init_distributed(ParallelDims(seed=seed))
         self.module = build_gpt(model, tokenizer.vocab_size, ctx)
@@ -157,12 +162,14 @@ class RolloutWorker:
             self._join(module)
         start = time.perf_counter()
         received = self.actor.receive.remote(version)
+        poll = 0.001  # doubling to 50 ms: an idle actor answers within a millisecond or two
         while not self.group.all_ready(version):
-            done, _ = ray.wait([received], timeout=0.05)
+            done, _ = ray.wait([received], timeout=poll)
             if done:  # the actor failed before it signalled: raise its error
                 ray.get(received)
             if stopping():
                 return {}
+            poll = min(2 * poll, 0.05)
         waited = time.perf_counter() - start
         with torch.no_grad():
             sent = send_refit(self.group, ((n, t.detach()) for n, t in self._named(module)), self.manifest, self.plan)

@@ -143,8 +143,11 @@ class RLSRTrainer(TrainingRun):
         # evaluation keeps sampling with `engine`, on the trainer's module)
         self.async_rollouts: AsyncRollouts | None = None
         if cfg.rollout.placement == "separate":
-            worker = RolloutWorker(cfg.model, self.policy.hf_adapter, self.tokenizer, cfg.parallel.seed,
-                                   cfg.rollout.refit_bucket_mb, cfg.parallel.collective_timeout_s, cfg.reward.ray_address)
+            worker = None  # the worker's client lives on rank 0, which serves every rank (async_rollouts.py)
+            if self.ctx.rank == 0:
+                worker = RolloutWorker(cfg.model, self.policy.hf_adapter, self.tokenizer, cfg.parallel.seed,
+                                       cfg.rollout.refit_bucket_mb, cfg.parallel.collective_timeout_s,
+                                       cfg.reward.ray_address)
             self.async_rollouts = self.own(AsyncRollouts(
                 worker, self.train.token_ids, self.sampling, cfg.grpo.max_staleness, cfg.trainer.steps,
                 self._sample_seed, stopping=lambda: self.preemption.received is not None,
@@ -246,7 +249,7 @@ class RLSRTrainer(TrainingRun):
 
     def _async_rollout(self, rows: list[int], timings: dict):
         """`_rollout`'s results for the training step from the separate worker's queue
-        (trainer/async_rollouts.py), scored whole here (reward.overlap_chunks=1, one rank)."""
+        (trainer/async_rollouts.py), scored whole here (reward.overlap_chunks=1): this rank's rows."""
         rollouts, metrics = self.async_rollouts.take(self.step, rows, self.state.sampler, self.policy.module)
         group = self.cfg.grpo.num_generations
         examples = [self.train.examples[i] for i in rows for _ in range(group)]

@@ -80,7 +80,7 @@ def startup_problems(cfg: RLSRConfig, machine: Machine, mode: str = "rlsr") -> l
                                  machine.cuda_version)
     if mode == "rlsr":
         problems += engine_problems(cfg, machine.cuda, machine.trtllm)
-        problems += placement_problems(cfg, machine.world_size, machine.cuda)
+        problems += placement_problems(cfg, machine.cuda)
     return problems
 
 
