@@ -42,7 +42,7 @@ from nemo_rlsr.distributed.local_ray import NAMESPACE, connect_ray
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 from nemo_rlsr.weight_sync.broadcast import LAYOUT, RefitGroup, bucket_plan, manifest_of, receive_refit, send_refit
 
-HOST = "127.0.0.1"  # the worker runs on the trainer's node (one CPU trainer rank)
+HOST = "127.0.0.1"  # the worker is pinned to global rank 0's node
 
 
 @dataclass
@@ -123,12 +123,15 @@ class RolloutWorker:
     def __init__(self, model: ModelConfig, adapter, tokenizer, seed: int, bucket_mb: int, timeout_s: float,
                  ray_address: str | None = None) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.adapter, self.hf_cfg = adapter, dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
         self.bucket_bytes, self.timeout_s = bucket_mb * 2**20, timeout_s
         self.group: RefitGroup | None = None
         self._started_ray = connect_ray(ray_address, 1)
-        self.actor = ray.remote(_Worker).options(num_cpus=0, namespace=NAMESPACE).remote(
+        # on this node: the refit group's store listens on loopback (HOST), even under a cluster's Ray
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = ray.remote(_Worker).options(num_cpus=0, namespace=NAMESPACE, scheduling_strategy=here).remote(
             model, adapter, tokenizer, seed, torch.get_num_threads())
 
     def _named(self, module):
@@ -161,18 +164,24 @@ class RolloutWorker:
         if self.group is None:
             self._join(module)
         start = time.perf_counter()
-        received = self.actor.receive.remote(version)
-        poll = 0.001  # doubling to 50 ms: an idle actor answers within a millisecond or two
-        while not self.group.all_ready(version):
-            done, _ = ray.wait([received], timeout=poll)
-            if done:  # the actor failed before it signalled: raise its error
-                ray.get(received)
-            if stopping():
+        try:
+            received = self.actor.receive.remote(version)
+            poll = 0.001  # doubling to 50 ms: an idle actor answers within a millisecond or two
+            while not self.group.all_ready(version):
+                if stopping():
+                    return {}
+                done, _ = ray.wait([received], timeout=poll)
+                if done:  # the actor failed before it signalled: raise its error
+                    ray.get(received)
+                poll = min(2 * poll, 0.05)
+            waited = time.perf_counter() - start
+            with torch.no_grad():
+                sent = send_refit(self.group, ((n, t.detach()) for n, t in self._named(module)), self.manifest,
+                                  self.plan)
+        except Exception:
+            if stopping():  # the actor (or Ray) went down with the preemption signal: the run ends anyway
                 return {}
-            poll = min(2 * poll, 0.05)
-        waited = time.perf_counter() - start
-        with torch.no_grad():
-            sent = send_refit(self.group, ((n, t.detach()) for n, t in self._named(module)), self.manifest, self.plan)
+            raise
         return sent | {"async/refit_wait_s": waited}
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]):

@@ -87,8 +87,19 @@ class AsyncRollouts:
         nothing once a preemption signal has come (the run stops after this step), nothing off rank 0."""
         if self.worker is None or self.stopping():
             return {}
-        self.refitted = version
-        return self.worker.refit(module, version, self.stopping)
+        metrics = self.worker.refit(module, version, self.stopping)
+        if metrics:  # empty: a preemption signal came while waiting for the worker, nothing was sent
+            self.refitted = version
+        return metrics
+
+    def _refit_now(self, module, version: int) -> dict[str, float]:
+        """Rank 0, inside `take`: a refit the next generate needs. If a preemption stopped it, raise:
+        `take` then has every rank generate locally (a generate queued behind the refit the worker
+        is still waiting for would wait out the group's timeout)."""
+        metrics = self.refit(module, version)
+        if self.refitted != version:
+            raise RuntimeError(f"the refit of version {version} was not sent (preemption signal)")
+        return metrics
 
     def _submit(self, rows: list[int], seed: int) -> _Request:
         ref = self.worker.submit([self.prompt_ids[i] for i in rows], self.params, request_seeds(seed, len(rows)))
@@ -127,7 +138,7 @@ class AsyncRollouts:
         """Rank 0: queue every rank's requests not queued yet, then each rank's rollouts of `step`."""
         metrics: dict[str, float] = {}
         if self.refitted is None:  # a fresh or resumed run: the worker has no weights yet
-            metrics.update(self.refit(module, step))
+            metrics.update(self._refit_now(module, step))
         for rank, wanted in enumerate(requests):
             for j, (rows, seed) in sorted(wanted.items()):
                 if (j, rank) not in self.pending:
@@ -146,7 +157,7 @@ class AsyncRollouts:
             dropped = len(generated.batch.response_ids)
             self.dropped_total += dropped
             if self.refitted != step:
-                metrics.update(self.refit(module, step))
+                metrics.update(self._refit_now(module, step))
             generated = self.worker.result(self._submit(rows, request.seed).ref)
         staleness = step - generated.version
         metrics.update({

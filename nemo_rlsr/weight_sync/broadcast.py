@@ -132,6 +132,7 @@ class RefitGroup:
     pg: object
     rank: int
     world: int
+    backend: str
 
     @classmethod
     def create(cls, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float) -> "RefitGroup":
@@ -151,7 +152,7 @@ class RefitGroup:
             pg = dist.ProcessGroupNCCL(prefixed, rank, world, options)
         else:
             raise ValueError(f"refit group backend {backend!r}: choose nccl or gloo")
-        group = cls(store, pg, rank, world)
+        group = cls(store, pg, rank, world, backend)
         device = "cuda" if backend == "nccl" else "cpu"
         group.broadcast(torch.zeros(1, device=device))  # the connection is made here, not mid-refit
         return group
@@ -181,6 +182,10 @@ class RefitGroup:
         return pickle.loads(self.store.get(key))
 
     def close(self) -> None:
+        """Release the group; an NCCL group is shut down first (its communicators are not freed by
+        dropping the object)."""
+        if self.pg is not None and self.backend == "nccl":
+            self.pg.shutdown()
         self.pg = self.store = None
 
 
