@@ -43,7 +43,19 @@ def test_placement_rules_name_the_keys():
     assert problems(STALE_1, world_size=2) == []  # data-parallel ranks
     assert any("data-parallel trainer ranks only (each holding the whole model), not parallel.tensor_parallel=2" in p
                for p in problems(STALE_1 + ["parallel.tensor_parallel=2"], world_size=2))
-    assert any("rollout.engine=torch on the CPU only" in p for p in problems(STALE_1, cuda=True))
+    assert any("rollout.engine=torch is built for the CPU only" in p for p in problems(STALE_1, cuda=True))
+    assert any("megatron samples on the trainer's own module" in p
+               for p in problems(STALE_1 + ["rollout.engine=megatron"], cuda=True))
+    # TensorRT-LLM engines on GPUs of their own (generation/trtllm_worker.py): rollout.gpus
+    trtllm = STALE_1 + ["rollout.engine=trtllm", "rollout.tensor_parallel=2"]
+    assert problems(trtllm + ["rollout.gpus=4"], world_size=2, cuda=True) == []
+    for gpus in (0, 3):
+        assert any(f"rollout.gpus={gpus} must be a positive multiple of rollout.tensor_parallel=2" in p
+                   for p in problems(trtllm + [f"rollout.gpus={gpus}"], cuda=True))
+    assert any("rollout.engine=trtllm needs CUDA GPUs" in p for p in problems(trtllm + ["rollout.gpus=2"]))
+    assert any("rollout.gpus=2 is for rollout.engine=trtllm with rollout.placement=separate" in p
+               for p in problems(["rollout.engine=trtllm", "rollout.gpus=2"], cuda=True))
+    assert any("rollout.gpus=1 is for rollout.engine=trtllm" in p for p in problems(STALE_1 + ["rollout.gpus=1"]))
     assert any("reward.overlap_chunks=2 with rollout.placement=separate" in p
                for p in problems(STALE_1 + ["reward.overlap_chunks=2"]))
     assert any("trainer.debug_skip_refit_steps needs rollout.placement=separate" in p

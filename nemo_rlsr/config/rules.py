@@ -300,15 +300,20 @@ def rlsr_problems(cfg: RLSRConfig) -> list[str]:
 
 
 def placement_problems(cfg: RLSRConfig, cuda: bool) -> list[str]:
-    """rollout.placement, grpo.max_staleness and trainer.debug_skip_refit_steps. The separate worker is built for data-parallel trainer ranks on the CPU, our
-    torch sampler in one Ray actor (generation/rollout_worker.py); the rest is refused here rather
-    than run wrong."""
+    """rollout.placement, rollout.gpus, grpo.max_staleness and trainer.debug_skip_refit_steps. A
+    separate worker is our torch sampler in a Ray actor on the CPU (generation/rollout_worker.py) or
+    TensorRT-LLM engines on GPUs of their own (generation/trtllm_worker.py), for data-parallel
+    trainer ranks; the rest is refused here rather than run wrong."""
     r, g = cfg.rollout, cfg.grpo
     if r.placement not in ROLLOUT_PLACEMENTS:
         return [f"rollout.placement={r.placement!r}: choose one of {', '.join(ROLLOUT_PLACEMENTS)}"]
     out = []
     if g.max_staleness < 0:
         out.append(f"grpo.max_staleness must be >= 0, got {g.max_staleness}")
+    separate_trtllm = r.placement == "separate" and r.engine == "trtllm"
+    if r.gpus and not separate_trtllm:
+        out.append(f"rollout.gpus={r.gpus} is for rollout.engine=trtllm with rollout.placement=separate (engines on "
+                   f"GPUs of their own); here engine={r.engine}, placement={r.placement}: use 0")
     if r.placement == "colocated":
         if g.max_staleness:
             out.append(f"grpo.max_staleness={g.max_staleness} needs rollout.placement=separate (a colocated engine "
@@ -320,9 +325,17 @@ def placement_problems(cfg: RLSRConfig, cuda: bool) -> list[str]:
     if g.max_staleness > 0 and g.tis_cap is None:
         out.append(f"grpo.max_staleness={g.max_staleness} needs grpo.tis_cap (e.g. 2.0): rollouts of an older policy "
                    f"are corrected by truncated importance sampling against the engine's logprobs")
-    if r.engine != "torch" or cuda:
-        out.append(f"rollout.placement=separate is built for rollout.engine=torch on the CPU only (here: engine="
-                   f"{r.engine}, {'CUDA' if cuda else 'no CUDA'})")
+    if r.engine == "megatron":
+        out.append("rollout.placement=separate is built for rollout.engine=torch (CPU) and trtllm (GPUs): megatron "
+                   "samples on the trainer's own module")
+    if r.engine == "torch" and cuda:
+        out.append("rollout.placement=separate with rollout.engine=torch is built for the CPU only (our sampler in a "
+                   "Ray actor); on GPUs use rollout.engine=trtllm with rollout.gpus")
+    if separate_trtllm:
+        gpus = r.tensor_parallel or 1
+        if r.gpus < 1 or r.gpus % gpus:
+            out.append(f"rollout.gpus={r.gpus} must be a positive multiple of rollout.tensor_parallel={gpus}: the "
+                       f"GPUs of the Ray cluster the TensorRT-LLM engines take (the trainer's are not among them)")
     p = cfg.parallel
     model_parallel = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
                       "context_parallel": p.context_parallel, "expert_parallel": p.expert_parallel}

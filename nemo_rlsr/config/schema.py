@@ -193,6 +193,8 @@ class RolloutConfig:
     samples on the trainer's devices, between training phases) or "separate" (a rollout worker
     process with its own copy of the model, fed prompts by the trainer and refitted after every
     optimizer step: asynchronous GRPO with grpo.max_staleness; generation/rollout_worker.py).
+    `gpus`: under placement=separate with engine=trtllm, the GPUs of the Ray cluster its engines
+    take (a multiple of tensor_parallel, null there meaning 1; generation/trtllm_worker.py); else 0.
     """
 
     engine: str = "torch"
@@ -207,6 +209,7 @@ class RolloutConfig:
     stop_on_eos: bool = True
     refit_bucket_mb: int = 512
     fp8: bool = False
+    gpus: int = 0
 
 
 @dataclass

@@ -45,6 +45,9 @@ def engine_problems(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> lis
     need(engine == "torch" or parallel.context_parallel <= 1,
          f"rollout.engine={engine} at parallel.context_parallel={parallel.context_parallel} is not built: "
          f"use rollout.engine=torch")
+    if engine == "trtllm" and rollout.placement == "separate":  # GPUs of its own: config/rules.placement_problems
+        need(not rollout.stop, "rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos")
+        return out
     if engine == "trtllm":
         # TensorRT-LLM's TorchSampler draws every request's tokens from one generator seeded once
         # (tensorrt_llm/_torch/pyexecutor/sampler.py, `get_generator`, `_global_seed = 42`, in the
@@ -103,10 +106,12 @@ def trtllm_importable() -> bool:
 
 
 def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir) -> RolloutEngine:
-    """The configured engine over `policy` (our MegatronPolicy); `run_dir` holds trtllm's config."""
+    """The configured engine over `policy` (our MegatronPolicy); `run_dir` holds trtllm's config.
+    Under rollout.placement=separate the training rollouts come from the separate worker and this
+    engine samples held-out prompts on the trainer's module: our torch sampler."""
     rollout = cfg.rollout
     vocab = tokenizer.vocab_size
-    if rollout.engine == "torch":
+    if rollout.engine == "torch" or rollout.placement == "separate":
         from nemo_rlsr.generation.torch_sampler import TorchRolloutEngine
 
         return TorchRolloutEngine(policy.module, tokenizer.pad_id, tokenizer.eos_id, vocab,
@@ -121,6 +126,20 @@ def build_engine(cfg: RLSRConfig, policy, tokenizer, run_dir) -> RolloutEngine:
     return _build_trtllm(cfg, policy, tokenizer, run_dir)
 
 
+def build_rollout_worker(cfg: RLSRConfig, adapter, tokenizer, run_dir, dp: int):
+    """rollout.placement=separate: the client of the rollout worker (trainer rank 0 only): TensorRT-LLM
+    engines on GPUs of their own (generation/trtllm_worker.py) or our torch sampler in a Ray actor
+    (generation/rollout_worker.py). `dp`: the trainer's data-parallel ranks (one generate call each)."""
+    if cfg.rollout.engine == "trtllm":
+        from nemo_rlsr.generation.trtllm_worker import trtllm_rollout_worker
+
+        return trtllm_rollout_worker(cfg, adapter, tokenizer, run_dir, dp)
+    from nemo_rlsr.generation.rollout_worker import torch_rollout_worker
+
+    return torch_rollout_worker(cfg.model, adapter, tokenizer, cfg.parallel.seed, cfg.rollout.refit_bucket_mb,
+                                cfg.parallel.collective_timeout_s, cfg.reward.ray_address)
+
+
 def trtllm_model_config(adapter, model, vocab_size: int, pad_id: int, eos_id: int) -> dict:
     """The config.json of the TensorRT-LLM engine's model folder: the policy's own architecture
     (`adapter`, MegatronPolicy.hf_adapter: its `architectures` entry picks the engine's model class),
@@ -131,8 +150,21 @@ def trtllm_model_config(adapter, model, vocab_size: int, pad_id: int, eos_id: in
     return config | {"pad_token_id": pad_id, "eos_token_id": eos_id}
 
 
-def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
+def write_model_dir(cfg: RLSRConfig, adapter, tokenizer, run_dir):
+    """The engine's model folder, `run_dir`/trtllm_model: config.json only (`load_format: dummy`, the
+    weights come with the first refit). Every engine worker reads it: `run_dir` must be on a
+    filesystem they all see."""
     import json
+    from pathlib import Path
+
+    model_dir = Path(run_dir) / "trtllm_model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config = trtllm_model_config(adapter, cfg.model, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id)
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return model_dir
+
+
+def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
     from pathlib import Path
 
     import torch.distributed as dist
@@ -142,12 +174,10 @@ def _build_trtllm(cfg: RLSRConfig, policy, tokenizer, run_dir):
 
     vocab = tokenizer.vocab_size
     adapter = policy.hf_adapter  # one architecture for the engine's config.json and every refit
-    model_dir = Path(run_dir) / "trtllm_model"
-    if dist.get_rank() == 0:  # config.json only: the weights arrive with the first refit
-        model_dir.mkdir(parents=True, exist_ok=True)
-        config = trtllm_model_config(adapter, cfg.model, vocab, tokenizer.pad_id, tokenizer.eos_id)
-        (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if dist.get_rank() == 0:
+        write_model_dir(cfg, adapter, tokenizer, run_dir)
     dist.barrier()
+    model_dir = Path(run_dir) / "trtllm_model"
     engine_tp = engine_gpus(cfg)
     model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
     rows = cfg.grpo.prompts_per_step // policy.ctx.dp * cfg.grpo.num_generations  # one DP rank's rollouts

@@ -1,4 +1,7 @@
-"""`rollout.placement: separate`: our torch sampler in a Ray actor with its own copy of the model.
+"""`rollout.placement: separate`: a rollout actor with its own copy of the model, and its client.
+
+`RolloutWorker` is the trainer's client of any such actor: ours below (`torch_rollout_worker`: our
+torch sampler, CPU) or TensorRT-LLM engines on GPUs of their own (generation/trtllm_worker.py).
 
 Why a process of its own: the trainer's module cannot sample while it trains, so a colocated
 engine's generation and the trainer's logprob and update passes take turns. A worker with its own
@@ -40,9 +43,10 @@ import torch
 from nemo_rlsr.config import ModelConfig
 from nemo_rlsr.distributed.local_ray import NAMESPACE, connect_ray
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
-from nemo_rlsr.weight_sync.broadcast import LAYOUT, RefitGroup, bucket_plan, manifest_of, receive_refit, send_refit
+from nemo_rlsr.weight_sync.broadcast import LAYOUT, RefitGroup, receive_refit
+from nemo_rlsr.weight_sync.refit_sender import RefitSender
 
-HOST = "127.0.0.1"  # the worker is pinned to global rank 0's node
+LOOPBACK = "127.0.0.1"  # the torch worker is pinned to global rank 0's node
 
 
 @dataclass
@@ -57,8 +61,36 @@ class Generated:
     generate_s: float
 
 
-class _Worker:
-    """The body of the rollout actor (runs in its own process)."""
+class VersionedWork:
+    """A rollout actor's policy version and its idle time (the seconds between calls)."""
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.free_since = time.perf_counter()  # the end of the last call
+        self.idle = 0.0  # seconds without a call since the last generate ended
+
+    def receive(self, version: int, load: Callable[[], object]) -> float:
+        """Run `load` (a refit's receive) as `version`; returns the seconds it took."""
+        start = time.perf_counter()
+        load()
+        self.version = version
+        self.idle += start - self.free_since
+        self.free_since = time.perf_counter()
+        return self.free_since - start
+
+    def generate(self, run: Callable[[], RolloutBatch]) -> Generated:
+        if self.version is None:
+            raise RuntimeError("the rollout worker has no weights yet: refit it before generating")
+        start = time.perf_counter()
+        batch = run()
+        end = time.perf_counter()
+        idle = self.idle + start - self.free_since
+        self.idle, self.free_since = 0.0, end
+        return Generated(batch, self.version, idle, end - start)
+
+
+class _TorchWorker:
+    """The body of the torch rollout actor (runs in its own process)."""
 
     def __init__(self, model: ModelConfig, adapter, tokenizer, seed: int, threads: int) -> None:
         from nemo_rlsr.distributed.dims import ParallelDims
@@ -80,109 +112,47 @@ class _Worker:
         self.group: RefitGroup | None = None
         self.engine = TorchRolloutEngine(self.module, tokenizer.pad_id, tokenizer.eos_id, tokenizer.vocab_size,
                                          detokenize=tokenizer.decode)
-        self.version: int | None = None
-        self.free_since = time.perf_counter()  # the end of the last call
-        self.idle = 0.0  # seconds without a call since the last generate ended
+        self.work = VersionedWork()
 
-    def join(self, port: int, timeout_s: float) -> None:
+    def join(self, host: str, port: int, world: int, timeout_s: float) -> None:
         """Join the trainer's refit group (rank 1 of 2) and read the stream's manifest and plan."""
-        self.group = RefitGroup.create(HOST, port, 1, 2, "gloo", timeout_s)
+        self.group = RefitGroup.create(host, port, 1, world, "gloo", timeout_s)
         self.manifest, self.plan = self.group.fetch(LAYOUT)
 
     def receive(self, version: int) -> float:
         """Receive and load the trainer's weights of `version`; returns the seconds it took."""
+        return self.work.receive(version, lambda: self._load(version))
+
+    def _load(self, version: int) -> None:
         from nemo_rlsr.models.hf.load import TensorDictReader, load_hf_weights
 
-        start = time.perf_counter()
         self.group.signal_ready(version)
         received: dict[str, torch.Tensor] = {}
         receive_refit(self.group, self.manifest, self.plan, received.update)  # each bucket in its own buffer
         load_hf_weights(self.module, self.adapter, self.hf_cfg, TensorDictReader(received, f"refit {version}"))
-        self.version = version
-        self.idle += start - self.free_since
-        self.free_since = time.perf_counter()
-        return self.free_since - start
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> Generated:
-        if self.version is None:
-            raise RuntimeError("the rollout worker has no weights yet: refit it before generating")
-        start = time.perf_counter()
-        batch = self.engine.generate(prompts, params, seeds)
-        end = time.perf_counter()
-        idle = self.idle + start - self.free_since
-        self.idle, self.free_since = 0.0, end
-        return Generated(batch, self.version, idle, end - start)
+        return self.work.generate(lambda: self.engine.generate(prompts, params, seeds))
 
     def pid(self) -> int:
         return os.getpid()
 
 
 class RolloutWorker:
-    """Client of one rollout actor: `refit` and `submit` return at once, `result` waits."""
+    """Client of one rollout actor (`join`, `receive`, `generate`, `pid` as `_TorchWorker`'s):
+    `refit` and `submit` return at once, `result` waits."""
 
-    def __init__(self, model: ModelConfig, adapter, tokenizer, seed: int, bucket_mb: int, timeout_s: float,
-                 ray_address: str | None = None) -> None:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        self.adapter, self.hf_cfg = adapter, dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
-        self.bucket_bytes, self.timeout_s = bucket_mb * 2**20, timeout_s
-        self.group: RefitGroup | None = None
-        self._started_ray = connect_ray(ray_address, 1)
-        # on this node: the refit group's store listens on loopback (HOST), even under a cluster's Ray
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.actor = ray.remote(_Worker).options(num_cpus=0, namespace=NAMESPACE, scheduling_strategy=here).remote(
-            model, adapter, tokenizer, seed, torch.get_num_threads())
-
-    def _named(self, module):
-        from nemo_rlsr.weight_sync.source import hf_named_tensors
-
-        return hf_named_tensors(module, self.adapter, self.hf_cfg, self.hf_cfg.vocab_size)
-
-    def _join(self, module) -> None:
-        """Set up the refit group: the manifest is the stream's now (one pass), fixed for the run."""
-        import ray
-
-        from nemo_rlsr.distributed.parallel import free_port
-
-        manifest = manifest_of((name, t.detach()) for name, t in self._named(module))
-        self.manifest, self.plan = manifest, bucket_plan(manifest, self.bucket_bytes)
-        port = free_port()
-        joined = self.actor.join.remote(port, self.timeout_s)
-        self.group = RefitGroup.create(HOST, port, 0, 2, "gloo", self.timeout_s)
-        self.group.publish(LAYOUT, (self.manifest, self.plan))
-        ray.get(joined)
+    def __init__(self, actor, sender: RefitSender, started_ray: bool) -> None:
+        self.actor, self.sender, self._started_ray = actor, sender, started_ray
 
     def refit(self, module: torch.nn.Module, version: int, stopping: Callable[[], bool] = lambda: False
               ) -> dict[str, float]:
         """Send `module`'s weights as `version` once the actor is ready for them (after the calls
-        queued before this one); returns refit/seconds, refit/gib, refit/buckets (the broadcast) and
-        async/refit_wait_s (waiting for the actor). Sends nothing if `stopping()` turns true while
-        waiting (a preemption: the run ends after this step and the actor is killed)."""
-        import ray
-
-        if self.group is None:
-            self._join(module)
-        start = time.perf_counter()
-        try:
-            received = self.actor.receive.remote(version)
-            poll = 0.001  # doubling to 50 ms: an idle actor answers within a millisecond or two
-            while not self.group.all_ready(version):
-                if stopping():
-                    return {}
-                done, _ = ray.wait([received], timeout=poll)
-                if done:  # the actor failed before it signalled: raise its error
-                    ray.get(received)
-                poll = min(2 * poll, 0.05)
-            waited = time.perf_counter() - start
-            with torch.no_grad():
-                sent = send_refit(self.group, ((n, t.detach()) for n, t in self._named(module)), self.manifest,
-                                  self.plan)
-        except Exception:
-            if stopping():  # the actor (or Ray) went down with the preemption signal: the run ends anyway
-                return {}
-            raise
-        return sent | {"async/refit_wait_s": waited}
+        queued before this one): weight_sync/refit_sender.py. The first call sets the group up."""
+        if self.sender.group is None:
+            self.sender.join(module, lambda host, port: self.actor.join.remote(host, port, self.sender.world,
+                                                                              self.sender.timeout_s))
+        return self.sender.send(module, version, self.actor.receive.remote(version), stopping)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]):
         """Queue a generate call behind everything sent before it; returns its Ray reference."""
@@ -203,7 +173,30 @@ class RolloutWorker:
 
         if ray.is_initialized():
             ray.kill(self.actor)
-        if self.group is not None:
-            self.group.close()
+        self.sender.close()
         if self._started_ray:
             ray.shutdown()
+
+
+def named_hf_tensors(adapter, model: ModelConfig, vocab_size: int):
+    """The refit stream of a module: its HF-named tensors (weight_sync/source.py)."""
+    from nemo_rlsr.weight_sync.source import hf_named_tensors
+
+    hf_cfg = dataclasses.replace(model, vocab_size=vocab_size)
+    return lambda module: hf_named_tensors(module, adapter, hf_cfg, vocab_size)
+
+
+def torch_rollout_worker(model: ModelConfig, adapter, tokenizer, seed: int, bucket_mb: int, timeout_s: float,
+                         ray_address: str | None = None) -> RolloutWorker:
+    """Our torch sampler in a Ray actor on this node, refitted over gloo."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    started_ray = connect_ray(ray_address, 1)
+    # on this node: the refit group's store listens on loopback, even under a cluster's Ray
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(_TorchWorker).options(num_cpus=0, namespace=NAMESPACE, scheduling_strategy=here).remote(
+        model, adapter, tokenizer, seed, torch.get_num_threads())
+    sender = RefitSender(named_hf_tensors(adapter, model, tokenizer.vocab_size), LOOPBACK, 2, "gloo",
+                         bucket_mb * 2**20, timeout_s)
+    return RolloutWorker(actor, sender, started_ray)

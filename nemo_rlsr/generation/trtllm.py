@@ -143,6 +143,10 @@ class TRTLLMOptions:
     max_input_len: int | None = None  # longest prompt; None: any that leaves room for one new token
     kv_cache_fraction: float = 0.5  # of the GPU memory left free once the weights are loaded
     expert_parallel: int = 1  # moe_expert_parallel_size (the experts' moe-TP is tensor_parallel / it)
+    # the class mixed into every Ray GPU worker: TensorRT-LLM's own (CUDA IPC refits) or ours
+    # (broadcast refits, generation/trtllm_refit_ext.py)
+    worker_extension: str = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
+    sleep: bool = True  # weights and KV cache can be released (colocated: the trainer needs the memory)
 
     def __post_init__(self) -> None:
         if (self.tensor_parallel < 1 or self.max_batch_size < 1 or self.max_seq_len < 2 or self.expert_parallel < 1
@@ -158,12 +162,12 @@ def llm_kwargs(opts: TRTLLMOptions) -> dict:
     """Keyword arguments of `AsyncLLM`, with its KvCacheConfig as a plain dict that TRTLLMLeader builds."""
     return {
         "model": opts.model_dir, "backend": "pytorch", "orchestrator_type": "ray",
-        "ray_worker_extension_cls": "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension",
+        "ray_worker_extension_cls": opts.worker_extension,
         "tensor_parallel_size": opts.tensor_parallel, "moe_expert_parallel_size": opts.expert_parallel,
         "max_batch_size": opts.max_batch_size,
         "max_seq_len": opts.max_seq_len,
         "max_input_len": opts.max_seq_len - 1 if opts.max_input_len is None else opts.max_input_len,
-        "enable_sleep": True, "load_format": "dummy", "skip_tokenizer_init": True,
+        "enable_sleep": opts.sleep, "load_format": "dummy", "skip_tokenizer_init": True,
         # prefix reuse is what shares a prompt's KV cache among its n samples
         "kv_cache_config": {"enable_block_reuse": True, "free_gpu_memory_fraction": opts.kv_cache_fraction},
     }
@@ -223,6 +227,11 @@ class TRTLLMLeader:
     def update_weights(self, handles: dict | None) -> None:
         """One bucket of {device_uuid: handles}, or None to finalise the refit."""
         self._run(self.llm.update_weights(handles))
+
+    def call_workers(self, method: str, *args) -> list:
+        """`method` of the worker extension on every worker of the engine; their results, in rank order
+        (AsyncLLM.collective_rpc, tensorrt_llm/_torch/async_llm.py @0acd798d)."""
+        return self._run(self.llm.collective_rpc(method, args=args))
 
     def release(self, tags: tuple[str, ...]) -> None:
         todo = [t for t in tags if t not in self.released]

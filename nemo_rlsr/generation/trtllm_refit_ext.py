@@ -43,15 +43,19 @@ class BroadcastReceiver:
     """Methods mixed into each TensorRT-LLM Ray GPU worker (`self.engine`, `self.device_id` are the
     worker's)."""
 
-    def nemo_rlsr_join(self, host: str, port: int, rank_offset: int, world: int, timeout_s: float) -> int:
+    def nemo_rlsr_join(self, host: str, port: int, rank_offset: int, world: int, timeout_s: float,
+                       backend: str = "nccl") -> int:
         """Join the refit group as rank `rank_offset` + this worker's rank in its engine; read the
-        manifest and plan the trainer published. Returns the group rank."""
+        manifest and plan the trainer published. Returns the group rank. `backend`: nccl (buckets
+        arrive in the worker's GPU memory); gloo (CPU buffers: a test without GPUs)."""
         import torch.distributed as dist
 
-        torch.cuda.set_device(self.device_id)
         rank = rank_offset + dist.get_rank()
-        self._nemo_rlsr_device = torch.device("cuda", self.device_id)
-        self._nemo_rlsr_group = RefitGroup.create(host, port, rank, world, "nccl", timeout_s)
+        self._nemo_rlsr_device = torch.device("cpu")
+        if backend == "nccl":
+            torch.cuda.set_device(self.device_id)
+            self._nemo_rlsr_device = torch.device("cuda", self.device_id)
+        self._nemo_rlsr_group = RefitGroup.create(host, port, rank, world, backend, timeout_s)
         self._nemo_rlsr_layout = self._nemo_rlsr_group.fetch(LAYOUT)
         return rank
 

@@ -27,10 +27,9 @@ from nemo_rlsr.config import OptimizerConfig, RLSRConfig
 from nemo_rlsr.data.dataset import TrainingData, TrainingExample
 from nemo_rlsr.data.instructions import DatasetError, InstructionExample
 from nemo_rlsr.data.sampler import PromptSampler
-from nemo_rlsr.generation.factory import build_engine
+from nemo_rlsr.generation.factory import build_engine, build_rollout_worker
 from nemo_rlsr.generation.interface import RolloutEngine, SamplingParams
 from nemo_rlsr.generation.layout import concat_rollouts
-from nemo_rlsr.generation.rollout_worker import RolloutWorker
 from nemo_rlsr.generation.sampling import request_seeds
 from nemo_rlsr.models.hf.start import load_hf_policy
 from nemo_rlsr.models.policy import LossFn, TokenBatch
@@ -145,9 +144,7 @@ class RLSRTrainer(TrainingRun):
         if cfg.rollout.placement == "separate":
             worker = None  # the worker's client lives on rank 0, which serves every rank (async_rollouts.py)
             if self.ctx.rank == 0:
-                worker = RolloutWorker(cfg.model, self.policy.hf_adapter, self.tokenizer, cfg.parallel.seed,
-                                       cfg.rollout.refit_bucket_mb, cfg.parallel.collective_timeout_s,
-                                       cfg.reward.ray_address)
+                worker = build_rollout_worker(cfg, self.policy.hf_adapter, self.tokenizer, self.run_dir, self.ctx.dp)
             self.async_rollouts = self.own(AsyncRollouts(
                 worker, self.train.token_ids, self.sampling, cfg.grpo.max_staleness, cfg.trainer.steps,
                 self._sample_seed, stopping=lambda: self.preemption.received is not None,

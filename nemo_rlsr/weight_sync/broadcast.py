@@ -24,6 +24,7 @@ The protocol (both sides hold the same `Manifest` and the same plan, so no size 
 from __future__ import annotations
 
 import datetime
+import math
 import pickle
 import re
 import time
@@ -51,14 +52,7 @@ def fused_group(name: str) -> str:
 
 def entry_bytes(entry: Entry) -> int:
     _, shape, dtype = entry
-    return _numel(shape) * dtype.itemsize
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+    return math.prod(shape) * dtype.itemsize
 
 
 def bucket_plan(manifest: Manifest, bucket_bytes: int) -> list[list[int]]:
@@ -189,37 +183,32 @@ class RefitGroup:
         self.pg = self.store = None
 
 
-def manifest_of(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> Manifest:
-    """The manifest of a stream (consumes it); `dtype`: floating tensors are sent as that."""
-    return [(name, tuple(t.shape), _sent_dtype(t, dtype)) for name, t in named]
+def manifest_of(named: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
+    """The manifest of a stream (consumes it)."""
+    return [(name, tuple(t.shape), t.dtype) for name, t in named]
 
 
-def _sent_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-
-
-def _checked(named: Iterable[tuple[str, torch.Tensor]], manifest: Manifest, dtype: torch.dtype | None
-             ) -> Iterator[torch.Tensor]:
-    """The stream's tensors (cast to `dtype`), checked against the manifest entry by entry."""
+def _checked(named: Iterable[tuple[str, torch.Tensor]], manifest: Manifest) -> Iterator[torch.Tensor]:
+    """The stream's tensors, checked against the manifest entry by entry."""
     count = 0
     for name, tensor in named:
-        entry = (name, tuple(tensor.shape), _sent_dtype(tensor, dtype))
+        entry = (name, tuple(tensor.shape), tensor.dtype)
         if count >= len(manifest) or manifest[count] != entry:
             expected = manifest[count] if count < len(manifest) else "the end of the stream"
             raise RuntimeError(f"refit stream entry {count} is {entry}, the manifest has {expected} (the model "
                                f"changed shape after the refit group was set up)")
         count += 1
-        yield tensor.to(entry[2])
+        yield tensor
     if count != len(manifest):
         raise RuntimeError(f"refit stream ended after {count} tensors, the manifest has {len(manifest)}")
 
 
 def send_refit(group: RefitGroup, named: Iterable[tuple[str, torch.Tensor]], manifest: Manifest,
-               plan: list[list[int]], dtype: torch.dtype | None = None) -> dict[str, float]:
+               plan: list[list[int]]) -> dict[str, float]:
     """Broadcast the stream bucket by bucket from group rank 0; returns refit/seconds, refit/gib,
     refit/buckets. Holds one bucket of gathered tensors at a time."""
     start, total = time.perf_counter(), 0
-    tensors = _checked(named, manifest, dtype)
+    tensors = _checked(named, manifest)
     for bucket in plan:
         buffer = pack([next(tensors) for _ in bucket])
         group.broadcast(buffer)
