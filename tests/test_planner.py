@@ -166,8 +166,13 @@ def test_async_step_time_is_the_longer_side_plus_the_refit():
     at staleness 0 the phases still add up (the worker and the trainer wait for each other)."""
     assert overlapped_step_seconds({"generation": 3.0, "reward": 1.0, "training": 1.0, "refit": 0.5}) == 3.5
     assert overlapped_step_seconds({"generation": 1.0, "logprobs": 1.0, "training": 2.0, "refit": 0.5}) == 3.5
-    # The start-up rules refuse the separate worker on GPUs for now (`plan` prints that refusal), so
-    # its step time is modelled on the colocated plan's layout and memory.
+    # The plan refuses separate TensorRT-LLM engines (it does not lay out their GPUs), so their step
+    # time is modelled on the colocated plan's layout and memory.
+    refused = make_plan(load_config(REPO / "conf/rlsr_qwen32b_sb.yaml", [
+        "rollout.placement=separate", "grpo.tis_cap=2.0", "grpo.max_staleness=1", "rollout.gpus=8",
+        "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.context_parallel=1",
+        "rollout.tensor_parallel=8"]), nodes=1, gpu="h200-141gb")
+    assert [p for p in refused.problems if "is not laid out by this plan or the Slurm launcher" in p]
     path = REPO / "conf/rlsr_qwen32b_sb.yaml"
     plan = make_plan(load_config(path), nodes=1, gpu="h200-141gb")
 

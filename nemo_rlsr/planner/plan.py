@@ -78,6 +78,11 @@ def make_plan(cfg: RLSRConfig, nodes: int | None = None, gpus_per_node: int | No
     from nemo_rlsr.trainer.startup import Machine, startup_problems  # (it imports the planner's layout rules)
 
     plan.problems = startup_problems(cfg, Machine.container(lay.world, dev.compute_capability), mode)
+    if mode == "rlsr" and cfg.rollout.placement == "separate" and cfg.rollout.engine == "trtllm":
+        plan.problems.append(
+            f"rollout.engine=trtllm with rollout.placement=separate (rollout.gpus={cfg.rollout.gpus}) is not laid out "
+            f"by this plan or the Slurm launcher, which gives Ray every GPU of the allocation, the trainer's too: "
+            f"run the trainer beside a Ray cluster of the rollout GPUs only (RAY_ADDRESS; docs/refit.md)")
     if plan.problems:  # sizes below assume a valid layout
         return plan
     plan.memory = plan_memory(cfg, shape, lay, dev, mode)
