@@ -9,7 +9,8 @@
 #    container without a lock across job steps, and the Ray and trainer steps start together)
 # 3. a Ray cluster over the allocation when the plan says the config needs one (TensorRT-LLM
 #    rollouts or the Ray reward pool); the launcher waits until every node has joined with its
-#    GPUs and stops at once if a Ray srun dies
+#    GPUs and stops at once if a Ray srun dies; separate rollout engines (rollout.placement=separate,
+#    rollout.engine=trtllm) get the allocation's last nodes, the only GPUs Ray has, the trainer the others
 # 4. the trainer: one `torchrun` per node (c10d rendezvous on the first node), or one task per rank
 # 5. preemption: SIGUSR1 (`#SBATCH --signal=B:USR1@N`) or SIGTERM reaching this shell is sent to the
 #    job step as SIGUSR1 (srun would turn a TERM into a KILL of its tasks); the trainer saves a
@@ -187,6 +188,16 @@ else
 fi
 # shellcheck source=/dev/null
 source "$env_file"
+# Separate rollout engines (rollout.placement=separate, rollout.engine=trtllm) take the allocation's
+# last NEMO_RLSR_ENGINE_NODES nodes, which only Ray uses (ray_cluster.sh); the trainer the others.
+engine_nodes=${NEMO_RLSR_ENGINE_NODES:-0}
+trainer_nnodes=$((nnodes - engine_nodes))
+engine_hosts=("${nodes[@]:trainer_nnodes}")
+trainer_hosts=()
+if ((engine_nodes)); then
+  trainer_hosts=(-w "$(IFS=,; echo "${nodes[*]:0:trainer_nnodes}")")
+  say "separate rollout engines on ${engine_hosts[*]}; the trainer on ${nodes[*]:0:trainer_nnodes}"
+fi
 
 # ---- 2. pyxis: the container on every node, before steps start concurrently ------------------------
 if [[ $runtime == pyxis ]]; then
@@ -205,14 +216,15 @@ command=train
 [[ $mode == sft ]] && command=sft
 entry=(-m nemo_rlsr.cli "$command" --config "$config" --resume auto "trainer.output_dir=$run_dir" "${overrides[@]}")
 if [[ $launcher == torchrun ]]; then
-  step=(srun "${per_node[@]}" --kill-on-bad-exit=1 "${step_opts[@]}" --output="$log_dir/%N.log"
-    bash "$workdir/slurm/node.sh" torchrun --nnodes="$nnodes" --nproc-per-node="$ranks_per_node"
+  step=(srun --nodes="$trainer_nnodes" --ntasks="$trainer_nnodes" --ntasks-per-node=1 "${trainer_hosts[@]}"
+    --kill-on-bad-exit=1 "${step_opts[@]}" --output="$log_dir/%N.log"
+    bash "$workdir/slurm/node.sh" torchrun --nnodes="$trainer_nnodes" --nproc-per-node="$ranks_per_node"
     --rdzv-backend=c10d --rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="$job_id"
     --max-restarts=0 "${entry[@]}")
 else
   export MASTER_ADDR=$head_node MASTER_PORT=$rdzv_port
-  step=(srun --nodes="$nnodes" --ntasks=$((nnodes * ranks_per_node)) --ntasks-per-node="$ranks_per_node"
-    --kill-on-bad-exit=1 "${step_opts[@]}" --output="$log_dir/%N-%t.log"
+  step=(srun --nodes="$trainer_nnodes" --ntasks=$((trainer_nnodes * ranks_per_node)) --ntasks-per-node="$ranks_per_node"
+    "${trainer_hosts[@]}" --kill-on-bad-exit=1 "${step_opts[@]}" --output="$log_dir/%N-%t.log"
     bash "$workdir/slurm/node.sh" task python3 "${entry[@]}")
 fi
 if ((dry_run)); then

@@ -25,24 +25,32 @@ node_addresses() { # "node=ip ..." for the job's nodes
 }
 
 start_ray_cluster() {
-  local port=${NEMO_RLSR_RAY_PORT:-6379} ray_gpus=$ranks_per_node head_ip
+  local port=${NEMO_RLSR_RAY_PORT:-6379} ray_gpus=$ranks_per_node head_ip head_gpus workers
   [[ ${NEMO_RLSR_GPU:-} == cpu ]] && ray_gpus=0
+  head_gpus=$ray_gpus
+  workers=(--nodes=$((nnodes - 1)) --ntasks=$((nnodes - 1)) --ntasks-per-node=1 --exclude="$head_node")
+  local ray_nodes=$nnodes gpu_nodes=$nnodes
+  if ((engine_nodes)); then # separate rollout engines: Ray's GPUs are their nodes' only, never the trainer's
+    head_gpus=0 ray_nodes=$((engine_nodes + 1)) gpu_nodes=$engine_nodes
+    workers=(--nodes="$engine_nodes" --ntasks="$engine_nodes" --ntasks-per-node=1 -w "$(IFS=,; echo "${engine_hosts[*]}")")
+  fi
   NEMO_RLSR_NODE_IPS=$(node_addresses)
   export NEMO_RLSR_NODE_IPS
   head_ip=${NEMO_RLSR_NODE_IPS%% *}
   head_ip=${head_ip#*=}
   export RAY_ADDRESS=$head_ip:$port
-  say "starting Ray: head $head_node, $((nnodes - 1)) worker node(s), $ray_gpus GPU(s) each; $NEMO_RLSR_NODE_IPS"
-  local ray_opts=(--num-gpus="$ray_gpus" --block --disable-usage-stats)
+  say "starting Ray: head $head_node ($head_gpus GPU(s)), $((ray_nodes - 1)) worker node(s), $ray_gpus GPU(s) each; $NEMO_RLSR_NODE_IPS"
+  local ray_opts=(--block --disable-usage-stats)
   run_background ray-head srun --overlap "${one_task[@]}" -w "$head_node" "${step_opts[@]}" \
-    bash "$workdir/slurm/node.sh" ray --head --port="$port" "${ray_opts[@]}"
-  if ((nnodes > 1)); then
-    run_background ray-workers srun --overlap --nodes=$((nnodes - 1)) --ntasks=$((nnodes - 1)) --ntasks-per-node=1 \
-      --exclude="$head_node" "${step_opts[@]}" bash "$workdir/slurm/node.sh" ray --address="$RAY_ADDRESS" "${ray_opts[@]}"
+    bash "$workdir/slurm/node.sh" ray --head --port="$port" --num-gpus="$head_gpus" "${ray_opts[@]}"
+  if ((ray_nodes > 1)); then
+    run_background ray-workers srun --overlap "${workers[@]}" "${step_opts[@]}" \
+      bash "$workdir/slurm/node.sh" ray --address="$RAY_ADDRESS" --num-gpus="$ray_gpus" "${ray_opts[@]}"
   fi
   local timeout=${NEMO_RLSR_RAY_TIMEOUT_S:-600}
   run_background ray-ready srun --overlap "${one_task[@]}" -w "$head_node" "${step_opts[@]}" \
-    python3 "$workdir/slurm/ray_ready.py" --nodes "$nnodes" --gpus-per-node "$ray_gpus" --timeout "$timeout"
+    python3 "$workdir/slurm/ray_ready.py" --nodes "$ray_nodes" --gpu-nodes "$gpu_nodes" --gpus-per-node "$ray_gpus" \
+    --timeout "$timeout"
   ((dry_run)) || wait_for_ray $((SECONDS + timeout + 60))
 }
 

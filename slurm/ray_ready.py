@@ -1,8 +1,9 @@
 """Wait until the job's Ray cluster has every node, each with its GPUs (slurm/ray_cluster.sh).
 
-    python3 slurm/ray_ready.py --nodes N --gpus-per-node G [--address HOST:PORT] [--timeout S]
+    python3 slurm/ray_ready.py --nodes N --gpus-per-node G [--gpu-nodes K] [--address HOST:PORT] [--timeout S]
 
-Exit 0 once N live nodes each report at least G GPUs; 1 at the timeout, saying what had joined.
+Exit 0 once N nodes are live and K of them (default: all N) report at least G GPUs each; 1 at the
+timeout, saying what had joined. (K < N: separate rollout engines, whose nodes alone give Ray GPUs.)
 `ray status` succeeding only says that the head is up, and one read of `ray.nodes()` only what
 had joined at that moment: a trainer started then meets a cluster whose workers are still joining
 (or never will). Every poll here is a fresh read from the GCS. Runs on the head node (a Ray driver
@@ -19,14 +20,17 @@ import sys
 import time
 
 
-def missing(nodes: list[dict], expected: int, gpus_per_node: int) -> str:
-    """What the cluster still lacks, or "" when `expected` live nodes have `gpus_per_node` GPUs each."""
+def missing(nodes: list[dict], expected: int, gpus_per_node: int, gpu_nodes: int | None = None) -> str:
+    """What the cluster still lacks, or "" when `expected` nodes are live and `gpu_nodes` of them
+    (default: all) have `gpus_per_node` GPUs each."""
+    gpu_nodes = expected if gpu_nodes is None else gpu_nodes
     alive = [n for n in nodes if n.get("Alive")]
     full = [n for n in alive if n.get("Resources", {}).get("GPU", 0) >= gpus_per_node]
-    if len(full) >= expected:
+    if len(alive) >= expected and len(full) >= gpu_nodes:
         return ""
     have = ", ".join(f"{n['NodeManagerAddress']} ({n.get('Resources', {}).get('GPU', 0):g} GPUs)" for n in alive)
-    return f"{len(full)} of {expected} nodes with {gpus_per_node} GPUs each; live: {have or 'none'}"
+    return (f"{len(alive)} of {expected} nodes, {len(full)} of {gpu_nodes} with {gpus_per_node} GPUs each; "
+            f"live: {have or 'none'}")
 
 
 def connect(address: str, deadline: float) -> None:
@@ -50,6 +54,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
+    parser.add_argument("--gpu-nodes", type=int, default=None, help="nodes that give GPUs (default: --nodes)")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="default: $RAY_ADDRESS")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
@@ -62,7 +67,7 @@ def main() -> int:
     connect(args.address, deadline)
     last = None
     while True:
-        lacking = missing(ray.nodes(), args.nodes, args.gpus_per_node)
+        lacking = missing(ray.nodes(), args.nodes, args.gpus_per_node, args.gpu_nodes)
         if not lacking:
             ready = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
             print(f"ray_ready: {args.nodes} node(s) joined: {' '.join(ready)}", flush=True)

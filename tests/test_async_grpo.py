@@ -53,6 +53,8 @@ def test_placement_rules_name_the_keys():
         assert any(f"rollout.gpus={gpus} must be a positive multiple of rollout.tensor_parallel=2" in p
                    for p in problems(trtllm + [f"rollout.gpus={gpus}"], cuda=True))
     assert any("rollout.engine=trtllm needs CUDA GPUs" in p for p in problems(trtllm + ["rollout.gpus=2"]))
+    assert any("reward.ray_gpus_per_actor=1.0 with separate TensorRT-LLM engines" in p for p in problems(
+        trtllm + ["rollout.gpus=2", "reward.backend=ray", "reward.ray_gpus_per_actor=1"], cuda=True))
     assert any("rollout.gpus=2 is for rollout.engine=trtllm with rollout.placement=separate" in p
                for p in problems(["rollout.engine=trtllm", "rollout.gpus=2"], cuda=True))
     assert any("rollout.gpus=1 is for rollout.engine=trtllm" in p for p in problems(STALE_1 + ["rollout.gpus=1"]))

@@ -10,7 +10,7 @@ from cli_runner import run_python
 from nemo_rlsr.cli import main as cli_main
 from nemo_rlsr.config import ConfigError, load_config
 from nemo_rlsr.config.rules import unsupported_problems
-from nemo_rlsr.planner import make_plan
+from nemo_rlsr.planner import make_plan, write_launch_env
 from nemo_rlsr.planner.shapes import ModelShape
 from nemo_rlsr.planner.timing import overlapped_step_seconds, plan_time
 
@@ -139,6 +139,33 @@ def test_plan_cli_exit_codes_and_launch_env(tmp_path, capsys):
     assert cli_main(["plan", "--config", str(REPO / "conf/rlsr_tiny.yaml"), "--gpu", "a100"]) == 2
 
 
+def test_separate_engines_take_whole_nodes_beside_the_trainer(tmp_path):
+    """rollout.engine=trtllm, rollout.placement=separate: the plan gives the engines the last
+    rollout.gpus / gpus-per-node nodes (slurm/launch.sh reads how many), the trainer the others; an
+    engine GPU holds only the engine's weights and KV cache."""
+    separate = ["rollout.placement=separate", "rollout.gpus=8", "rollout.tensor_parallel=2", "grpo.max_staleness=1",
+                "grpo.tis_cap=2.0", "parallel.tensor_parallel=1", "parallel.sequence_parallel=false"]
+    cfg = load_config(REPO / "conf/rlsr_qwen7b_sb.yaml", separate)
+    plan = make_plan(cfg, nodes=3, gpus_per_node=8, gpu="h200-141gb")
+    assert plan.fits, plan.problems
+    assert plan.engine_nodes == 1 and plan.layout.world == 16 and plan.layout.dp == 16 and plan.layout.engines == 4
+    m = plan.memory
+    assert m.phases["generation"] == m.items["rollout engine weights"] + m.items["rollout KV cache"]
+    assert m.phases["training"] > m.items["weights"] + m.items["grads"]  # the trainer's, without the engine
+    assert plan.time.overlapped
+    colocated = make_plan(load_config(REPO / "conf/rlsr_qwen7b_sb.yaml",
+                                      ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false",
+                                       "rollout.tensor_parallel=2"]), nodes=2, gpus_per_node=8, gpu="h200-141gb")
+    assert colocated.layout.engines == 8 and colocated.engine_nodes == 0  # engines on the trainer's 16 GPUs
+    env_file = tmp_path / "launch.env"
+    write_launch_env(plan, env_file)
+    assert "NEMO_RLSR_ENGINE_NODES='1'" in env_file.read_text() and "NEMO_RLSR_WORLD_SIZE='16'" in env_file.read_text()
+    for nodes, gpus in ((3, 4), (1, 8)):  # part of a node; no node left for the trainer
+        refused = make_plan(load_config(REPO / "conf/rlsr_qwen7b_sb.yaml", separate + [f"rollout.gpus={gpus}"]),
+                            nodes=nodes, gpus_per_node=8, gpu="h200-141gb")
+        assert any(f"rollout.gpus={gpus} must be whole nodes of 8 GPUs" in p for p in refused.problems)
+
+
 def test_trainer_refuses_recipe_keys_it_cannot_act_on():
     for recipe in ("rlsr_tiny", "rlsr_qwen7b_sb", "rlsr_moe_1t"):  # sequence parallel recipes included
         assert unsupported_problems(load_config(REPO / f"conf/{recipe}.yaml")) == []
@@ -166,13 +193,8 @@ def test_async_step_time_is_the_longer_side_plus_the_refit():
     at staleness 0 the phases still add up (the worker and the trainer wait for each other)."""
     assert overlapped_step_seconds({"generation": 3.0, "reward": 1.0, "training": 1.0, "refit": 0.5}) == 3.5
     assert overlapped_step_seconds({"generation": 1.0, "logprobs": 1.0, "training": 2.0, "refit": 0.5}) == 3.5
-    # The plan refuses separate TensorRT-LLM engines (it does not lay out their GPUs), so their step
-    # time is modelled on the colocated plan's layout and memory.
-    refused = make_plan(load_config(REPO / "conf/rlsr_qwen32b_sb.yaml", [
-        "rollout.placement=separate", "grpo.tis_cap=2.0", "grpo.max_staleness=1", "rollout.gpus=8",
-        "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.context_parallel=1",
-        "rollout.tensor_parallel=8"]), nodes=1, gpu="h200-141gb")
-    assert [p for p in refused.problems if "is not laid out by this plan or the Slurm launcher" in p]
+    # The torch worker's devices are not in the layout: its step time is modelled on the colocated
+    # plan's layout and memory.
     path = REPO / "conf/rlsr_qwen32b_sb.yaml"
     plan = make_plan(load_config(path), nodes=1, gpu="h200-141gb")
 

@@ -116,10 +116,32 @@ def test_dry_run_prints_the_job(slurm_env, script, args, nodes, config, mode):
     if nodes > 1:
         assert f"--nodes={nodes - 1} --ntasks={nodes - 1} --ntasks-per-node=1 --exclude=node001" in workers[0]
         assert "node.sh ray --address=node001:6379 --num-gpus=8" in workers[0]
-    assert "-w node001" in ready and f"ray_ready.py --nodes {nodes} --gpus-per-node 8" in ready
+    assert "-w node001" in ready and f"ray_ready.py --nodes {nodes} --gpu-nodes {nodes} --gpus-per-node 8" in ready
     assert all("--overlap" in line for line in ray)
     assert "node001=node001 node002=node002" in out  # Slurm's address of each node (no DNS for these)
     assert lines.index(ready) < lines.index(step)
+
+
+def test_dry_run_lays_out_separate_engines_on_the_last_nodes(slurm_env):
+    """rollout.placement=separate with TensorRT-LLM engines: the plan gives them whole nodes at the end
+    of the allocation; the trainer runs on the others and Ray's GPUs are the engines' nodes' only."""
+    separate = ["rollout.placement=separate", "rollout.gpus=8", "grpo.max_staleness=1", "grpo.tis_cap=2.0",
+                "parallel.tensor_parallel=1", "parallel.sequence_parallel=false"]
+    env = allocation(slurm_env, 3) | {"NEMO_RLSR_GPU": "h200-141gb"}
+    result = run("slurm/rlsr_qwen7b.sh", env, "--dry-run", *separate)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out, lines = result.stdout, srun_lines(result.stdout)
+    assert "4 engine(s) of 2 GPU(s) on 1 more node(s) of their own" in out and "verdict: fits" in out
+    step = next(line for line in lines if "node.sh torchrun" in line)
+    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 -w node001,node002 --kill-on-bad-exit=1" in step
+    assert "--nnodes=2" in step and "--nproc-per-node=8" in step
+    head, workers, ready = [line for line in lines if "node.sh ray " in line or "ray_ready.py" in line]
+    assert "-w node001" in head and "node.sh ray --head --port=6379 --num-gpus=0" in head
+    assert "--nodes=1 --ntasks=1 --ntasks-per-node=1 -w node003" in workers and "--num-gpus=8" in workers
+    assert "ray_ready.py --nodes 2 --gpu-nodes 1 --gpus-per-node 8" in ready
+    # not whole nodes: refused by the preflight, with the reason
+    result = run("slurm/rlsr_qwen7b.sh", env, "--dry-run", *separate[:1], "rollout.gpus=4", *separate[2:])
+    assert result.returncode == 1 and "rollout.gpus=4 must be whole nodes of 8 GPUs" in result.stdout
 
 
 def test_container_env_names_every_variable_the_launcher_sets(slurm_env):

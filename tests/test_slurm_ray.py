@@ -84,7 +84,7 @@ def test_ray_ready_waits_for_every_node_and_its_gpus():
         assert one.returncode == 0, one.stdout + one.stderr
         waiting = ray_ready(env, "--nodes", "2", "--gpus-per-node", "1", "--timeout", "3", "--interval", "1")
         assert waiting.returncode == 1, waiting.stdout + waiting.stderr
-        assert "1 of 2 nodes with 1 GPUs each" in waiting.stdout, waiting.stdout
+        assert "1 of 2 nodes, 1 of 2 with 1 GPUs each" in waiting.stdout, waiting.stdout
 
         procs.append(subprocess.Popen(
             ["bash", str(REPO / "slurm/node.sh"), "ray", f"--address=127.0.0.1:{port}", *common],
@@ -95,10 +95,26 @@ def test_ray_ready_waits_for_every_node_and_its_gpus():
         assert "ray_ready: 2 node(s) joined" in ready.stdout
         # Nodes count only with all their GPUs: 2 nodes of 1 GPU are not 2 nodes of 2.
         short = ray_ready(env, "--nodes", "2", "--gpus-per-node", "2", "--timeout", "3", "--interval", "1")
-        assert short.returncode == 1 and "0 of 2 nodes with 2 GPUs each" in short.stdout, short.stdout
+        assert short.returncode == 1 and "2 of 2 nodes, 0 of 2 with 2 GPUs each" in short.stdout, short.stdout
         assert all(proc.poll() is None for proc in procs)
     finally:
         end(procs, temp)
+
+
+def test_separate_engines_count_gpus_on_their_nodes_only():
+    """Separate rollout engines (slurm/ray_cluster.sh): the head gives Ray no GPU, the engines' nodes all theirs."""
+    sys.path.insert(0, str(REPO / "slurm"))
+    from ray_ready import missing
+
+    def node(address: str, gpus: float, alive: bool = True) -> dict:
+        return {"Alive": alive, "NodeManagerAddress": address, "Resources": {"GPU": gpus} if gpus else {}}
+
+    head, engines = node("10.0.0.1", 0), [node("10.0.0.2", 8), node("10.0.0.3", 8)]
+    assert missing([head, *engines], 3, 8, gpu_nodes=2) == ""
+    assert "3 of 3 nodes, 2 of 3 with 8 GPUs each" in missing([head, *engines], 3, 8)  # the default: every node
+    assert "2 of 3 nodes, 1 of 2" in missing([head, engines[0]], 3, 8, gpu_nodes=2)
+    assert "2 of 3 nodes" in missing([head, engines[0], node("10.0.0.3", 8, alive=False)], 3, 8, gpu_nodes=2)
+    assert "1 of 2 with 8 GPUs" in missing([head, engines[0], node("10.0.0.3", 4)], 3, 8, gpu_nodes=2)
 
 
 def test_ray_ready_gives_up_without_a_head():

@@ -336,6 +336,9 @@ def placement_problems(cfg: RLSRConfig, cuda: bool) -> list[str]:
         if r.gpus < 1 or r.gpus % gpus:
             out.append(f"rollout.gpus={r.gpus} must be a positive multiple of rollout.tensor_parallel={gpus}: the "
                        f"GPUs of the Ray cluster the TensorRT-LLM engines take (the trainer's are not among them)")
+        if cfg.reward.backend == "ray" and cfg.reward.ray_gpus_per_actor:
+            out.append(f"reward.ray_gpus_per_actor={cfg.reward.ray_gpus_per_actor} with separate TensorRT-LLM engines: "
+                       f"the Ray cluster's GPUs are the engines' (rollout.gpus); score on CPUs (0) or reward.backend=local")
     p = cfg.parallel
     model_parallel = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
                       "context_parallel": p.context_parallel, "expert_parallel": p.expert_parallel}

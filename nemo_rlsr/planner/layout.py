@@ -19,9 +19,10 @@ from nemo_rlsr.planner.shapes import ModelShape
 class Layout(ParallelDims):
     """The run's parallel split (distributed/dims.py) on a cluster of `world` devices."""
 
-    world: int
+    world: int  # the trainer's devices
     gpus_per_node: int
     engine_tp: int
+    rollout_gpus: int = 0  # separate TensorRT-LLM engines' GPUs (rollout.gpus), beside `world`
 
     @property
     def dp(self) -> int:
@@ -34,7 +35,7 @@ class Layout(ParallelDims):
 
     @property
     def engines(self) -> int:
-        return self.world // self.engine_tp
+        return (self.rollout_gpus or self.world) // self.engine_tp
 
     @property
     def nodes(self) -> int:
@@ -46,8 +47,15 @@ class Layout(ParallelDims):
 
     @classmethod
     def of(cls, cfg: RLSRConfig, nodes: int, gpus_per_node: int) -> "Layout":
+        """`nodes`: the trainer's (separate engines' nodes are not among them)."""
         return cls.from_config(cfg.parallel, world=nodes * gpus_per_node, gpus_per_node=gpus_per_node,
-                               engine_tp=engine_gpus(cfg))
+                               engine_tp=engine_gpus(cfg), rollout_gpus=separate_engine_gpus(cfg))
+
+
+def separate_engine_gpus(cfg: RLSRConfig) -> int:
+    """rollout.gpus under separate TensorRT-LLM engines (generation/trtllm_worker.py), else 0."""
+    r = cfg.rollout
+    return r.gpus if r.placement == "separate" and r.engine == "trtllm" else 0
 
 
 def layout_problems(cfg: RLSRConfig, shape: ModelShape, lay: Layout, mode: str) -> list[str]:
@@ -83,7 +91,7 @@ def layout_problems(cfg: RLSRConfig, shape: ModelShape, lay: Layout, mode: str) 
              f"model.num_moe_experts={m.num_moe_experts} is not divisible by expert_parallel={lay.ep}")
     else:
         need(lay.ep == 1, "parallel.expert_parallel > 1 needs an MoE model (model.num_moe_experts)")
-    if mode == "rlsr":
+    if mode == "rlsr" and not lay.rollout_gpus:
         need(lay.world % lay.engine_tp == 0,
              f"world size {lay.world} is not divisible by rollout.tensor_parallel={lay.engine_tp}")
         out += _batch_problems(cfg, lay.dp)

@@ -251,9 +251,13 @@ def _stage_memory(cfg, shape, lay, dev, mode, profile, s, st) -> Memory:
     resident = items["weights"] + items["reference"] + items["reward encoder"]
     engine = cfg.rollout.engine
     items["rollout engine weights"] = engine_weight_bytes(cfg, shape, lay) if engine == "trtllm" else 0.0
-    generation = resident + items["rollout engine weights"]
+    # separate engines: the generation phase is an engine GPU's, which holds nothing of the trainer
+    generation = (0.0 if lay.rollout_gpus else resident) + items["rollout engine weights"]
     if engine == "torch":
         generation += items["grads"] + items["optimizer"]
+    elif lay.rollout_gpus:
+        notes.append(f"generation: on the engines' own {lay.rollout_gpus} GPUs (rollout.gpus); its phase and the "
+                     f"rollout items are an engine GPU's")
     else:
         notes.append("generation: policy grads and optimizer state offloaded to host memory")
     kv_token = kv_bytes_per_token(cfg, shape, lay)
@@ -265,8 +269,9 @@ def _stage_memory(cfg, shape, lay, dev, mode, profile, s, st) -> Memory:
         pool = min(seqs, MIN_CONCURRENT_SEQUENCES) * seq_bytes  # the minimum; the phase then overflows
     items["rollout KV cache"] = pool
     held = {
-        "generation": ["weights", "reference", "reward encoder", "rollout engine weights", "rollout KV cache"]
-        + (["grads", "optimizer"] if engine == "torch" else []),
+        "generation": (["rollout engine weights", "rollout KV cache"] if lay.rollout_gpus else
+                       ["weights", "reference", "reward encoder", "rollout engine weights", "rollout KV cache"]
+                       + (["grads", "optimizer"] if engine == "torch" else [])),
         "logprobs": ["weights", "grads", "optimizer", "reference", "reward encoder"],
         "training": ["weights", "grads", "optimizer", "reference", "reward encoder", "activations"],
     }

@@ -15,7 +15,7 @@ from nemo_rlsr.config import ConfigError, RLSRConfig
 from nemo_rlsr.config.rules import size_problems
 from nemo_rlsr.planner.checkpoint import CheckpointTime, checkpoint_time, preemption_lead_s
 from nemo_rlsr.planner.hardware import GiB, Device, device
-from nemo_rlsr.planner.layout import Layout
+from nemo_rlsr.planner.layout import Layout, separate_engine_gpus
 from nemo_rlsr.planner.memory import Memory, plan_memory
 from nemo_rlsr.planner.shapes import ModelShape
 from nemo_rlsr.planner.timing import StepTime, plan_time
@@ -43,6 +43,7 @@ class Plan:
     time: StepTime | None = None
     checkpoint: CheckpointTime | None = None
     problems: list[str] = field(default_factory=list)
+    engine_nodes: int = 0  # the allocation's last nodes, for separate TensorRT-LLM engines
 
     @property
     def fits(self) -> bool:
@@ -72,17 +73,19 @@ def make_plan(cfg: RLSRConfig, nodes: int | None = None, gpus_per_node: int | No
     gpus_per_node = gpus_per_node or cfg.cluster.gpus_per_node
     dev = device(gpu or cfg.cluster.gpu)
     shape = ModelShape.build(cfg.model, vocab_size(cfg))
-    lay = Layout.of(cfg, nodes, gpus_per_node)
-    plan = Plan(cfg, mode, dev, lay, shape)
+    engine_gpus = separate_engine_gpus(cfg) if mode == "rlsr" else 0
+    engine_nodes = -(-engine_gpus // gpus_per_node)  # separate engines take whole nodes (slurm/launch.sh)
+    lay = Layout.of(cfg, max(nodes - engine_nodes, 1), gpus_per_node)
+    plan = Plan(cfg, mode, dev, lay, shape, engine_nodes=engine_nodes)
+    if engine_nodes and (engine_gpus % gpus_per_node or engine_nodes >= nodes):
+        plan.problems = [f"rollout.gpus={engine_gpus} must be whole nodes of {gpus_per_node} GPUs, fewer than the "
+                         f"{nodes} node(s): the separate engines take the last nodes of the allocation, the trainer "
+                         f"the others"]
+        return plan
     # Every rule the trainer checks at start-up, on a node of these GPUs in our image.
     from nemo_rlsr.trainer.startup import Machine, startup_problems  # (it imports the planner's layout rules)
 
     plan.problems = startup_problems(cfg, Machine.container(lay.world, dev.compute_capability), mode)
-    if mode == "rlsr" and cfg.rollout.placement == "separate" and cfg.rollout.engine == "trtllm":
-        plan.problems.append(
-            f"rollout.engine=trtllm with rollout.placement=separate (rollout.gpus={cfg.rollout.gpus}) is not laid out "
-            f"by this plan or the Slurm launcher, which gives Ray every GPU of the allocation, the trainer's too: "
-            f"run the trainer beside a Ray cluster of the rollout GPUs only (RAY_ADDRESS; docs/refit.md)")
     if plan.problems:  # sizes below assume a valid layout
         return plan
     plan.memory = plan_memory(cfg, shape, lay, dev, mode)
@@ -109,7 +112,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
              f"cluster: {lay.nodes} node(s) x {lay.gpus_per_node} {plan.device.name} = {lay.world} devices; "
              f"TP {lay.tp} PP {lay.pp} (virtual {lay.virtual_stages}) CP {lay.cp} EP {lay.ep} DP {lay.dp}"
              + (f"; rollout {cfg.rollout.engine}, {lay.engines} engine(s) of {lay.engine_tp} GPU(s)"
-                if plan.mode == "rlsr" else ""),
+                if plan.mode == "rlsr" else "")
+             + (f" on {plan.engine_nodes} more node(s) of their own" if plan.engine_nodes else ""),
              f"model: {_count(shape.total_params())} parameters, {_count(shape.active_params())} active "
              f"per token, padded vocab {shape.vocab}, {cfg.model.params_dtype}"]
     if plan.memory:
@@ -142,6 +146,7 @@ def write_launch_env(plan: Plan, path: str | Path) -> None:
         "NEMO_RLSR_FITS": int(plan.fits),
         "NEMO_RLSR_WORLD_SIZE": plan.layout.world,
         "NEMO_RLSR_NEEDS_RAY": int(plan.needs_ray),
+        "NEMO_RLSR_ENGINE_NODES": plan.engine_nodes,
         "NEMO_RLSR_PEAK_GIB": f"{plan.memory.peak / GiB:.1f}" if plan.memory else "unknown",
         "NEMO_RLSR_SIGNAL_LEAD_S": plan.preemption_lead_s or "unknown",
         "NEMO_RLSR_OUTPUT_DIR": plan.cfg.trainer.output_dir,

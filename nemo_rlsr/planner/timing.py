@@ -212,5 +212,7 @@ def plan_time(cfg: RLSRConfig, shape: ModelShape, lay: Layout, dev: Device, memo
     overlapped = cfg.rollout.placement == "separate" and g.max_staleness >= 1
     if overlapped:
         notes.append(f"asynchronous (grpo.max_staleness={g.max_staleness}): total = max(generation, the trainer's "
-                     f"phases) + refit; the worker's devices are not in the layout (ASSUMED as fast as the engines')")
+                     f"phases) + refit" + ("" if lay.rollout_gpus else
+                                           "; the worker's devices are not in the layout (ASSUMED as fast as the "
+                                           "engines')"))
     return StepTime(phases, notes, overlapped)
