@@ -41,8 +41,14 @@ def test_placement_rules_name_the_keys():
     assert any("grpo.max_staleness must be >= 0" in p for p in problems(SEPARATE + ["grpo.max_staleness=-1"]))
     assert any("needs grpo.tis_cap" in p for p in problems(SEPARATE + ["grpo.max_staleness=1"]))
     assert problems(STALE_1, world_size=2) == []  # data-parallel ranks
-    assert any("data-parallel trainer ranks only (each holding the whole model), not parallel.tensor_parallel=2" in p
-               for p in problems(STALE_1 + ["parallel.tensor_parallel=2"], world_size=2))
+    assert problems(STALE_1 + ["parallel.tensor_parallel=2"], world_size=2) == []  # rank 0's peers stream too
+    assert problems(STALE_1 + ["rollout.engine=trtllm", "rollout.gpus=4", "rollout.tensor_parallel=4"], world_size=2,
+                    cuda=True) == []  # an engine wider than the trainer: its GPUs are not the trainer's
+    assert any("grpo.prompts_per_step=1 is not divisible by DP=2" in p
+               for p in problems(STALE_1 + ["grpo.prompts_per_step=1"], world_size=2))
+    for split in ("pipeline_parallel", "context_parallel"):
+        assert any(f"data- and tensor-parallel trainers, not parallel.{split}=2" in p
+                   for p in problems(STALE_1 + [f"parallel.{split}=2"], world_size=2))
     assert any("rollout.engine=torch is built for the CPU only" in p for p in problems(STALE_1, cuda=True))
     assert any("megatron samples on the trainer's own module" in p
                for p in problems(STALE_1 + ["rollout.engine=megatron"], cuda=True))
@@ -53,6 +59,8 @@ def test_placement_rules_name_the_keys():
         assert any(f"rollout.gpus={gpus} must be a positive multiple of rollout.tensor_parallel=2" in p
                    for p in problems(trtllm + [f"rollout.gpus={gpus}"], cuda=True))
     assert any("rollout.engine=trtllm needs CUDA GPUs" in p for p in problems(trtllm + ["rollout.gpus=2"]))
+    assert any("rollout.expert_parallel=2 must divide rollout.tensor_parallel=2 and the number of experts" in p
+               for p in problems(trtllm + ["rollout.gpus=2", "rollout.expert_parallel=2"], cuda=True))
     assert any("reward.ray_gpus_per_actor=1.0 with separate TensorRT-LLM engines" in p for p in problems(
         trtllm + ["rollout.gpus=2", "reward.backend=ray", "reward.ray_gpus_per_actor=1"], cuda=True))
     assert any("rollout.gpus=2 is for rollout.engine=trtllm with rollout.placement=separate" in p
@@ -105,6 +113,22 @@ def test_two_data_parallel_ranks_at_staleness_0_train_exactly_the_colocated_run(
             assert separate[step][key] == colocated[step][key], (step, key)
         assert separate[step]["async/staleness"] == 0
     assert summary(tmp_path / "separate")["param_sha256"] == summary(tmp_path / "colocated")["param_sha256"]
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_trainer_refits_the_worker_with_its_peer_streaming(tmp_path):
+    """TP=2 on 2 ranks (one data-parallel rank): rank 0 sends, rank 1 takes part in the stream's
+    gathers. At staleness 0 every step samples on the trainer's current weights: the worker's
+    logprobs are the trainer's own (token_mult_prob_error = exp(mean |engine - trainer| logprob)
+    within 1e-3 of 1; the worker's one-rank model sums in another order than TP=2, so not bit for
+    bit; a worker left on its initial weights is off by far more, checked by hand)."""
+    run_dir = tmp_path / "tp2"
+    run(SHORT + SEPARATE + ["trainer.steps=3", "parallel.tensor_parallel=2", f"trainer.output_dir={run_dir}"], nprocs=2)
+    logged = records(run_dir)
+    for step in (1, 2, 3):
+        assert logged[step]["async/policy_version"] == step - 1 and logged[step]["async/staleness"] == 0
+        assert 1.0 <= logged[step]["token_mult_prob_error"] < 1.001, (step, logged[step])
+    assert logged[3]["refit/buckets"] >= 1
 
 
 @pytest.mark.slow

@@ -13,7 +13,32 @@ import torch
 
 from cli_runner import REPO, run_python
 
+from nemo_rlsr.config import load_config
+from nemo_rlsr.generation.factory import build_rollout_worker
+from nemo_rlsr.generation.trtllm import llm_kwargs
+from nemo_rlsr.generation.trtllm_refit_ext import EXTENSION_QUALNAME
+from nemo_rlsr.generation.trtllm_worker import group_ranks, separate_options
+
 CHECK = REPO / "tests" / "trtllm_worker_check.py"
+SEPARATE = ["rollout.placement=separate", "rollout.engine=trtllm", "rollout.gpus=4", "rollout.tensor_parallel=2",
+            "grpo.max_staleness=1", "grpo.tis_cap=2.0"]
+
+
+def test_each_engine_is_sized_for_the_whole_prompts_it_may_get(tmp_path):
+    cfg = load_config(REPO / "conf/rlsr_tiny.yaml", SEPARATE + ["grpo.prompts_per_step=6", "grpo.num_generations=8"])
+    opts = separate_options(cfg, tmp_path, dp=2)  # 3 prompts per trainer rank over 2 engines: 2 and 1
+    assert opts.max_batch_size == 2 * 8 and opts.tensor_parallel == 2
+    kwargs = llm_kwargs(opts)
+    assert kwargs["ray_worker_extension_cls"] == EXTENSION_QUALNAME and kwargs["enable_sleep"] is False
+    assert kwargs["max_input_len"] == cfg.model.max_sequence_length - cfg.rollout.max_new_tokens
+    assert group_ranks(2, 2) == [[1, 2], [3, 4]]  # the trainer's rank 0 is rank 0 of the refit group
+
+
+def test_separate_engines_need_a_ray_cluster_of_the_rollout_gpus(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(REPO / "conf/rlsr_tiny.yaml", SEPARATE)
+    with pytest.raises(RuntimeError, match="needs a Ray cluster that holds the rollout GPUs"):
+        build_rollout_worker(cfg, None, None, tmp_path, 1)
 
 
 @pytest.mark.slow

@@ -302,8 +302,8 @@ def rlsr_problems(cfg: RLSRConfig) -> list[str]:
 def placement_problems(cfg: RLSRConfig, cuda: bool) -> list[str]:
     """rollout.placement, rollout.gpus, grpo.max_staleness and trainer.debug_skip_refit_steps. A
     separate worker is our torch sampler in a Ray actor on the CPU (generation/rollout_worker.py) or
-    TensorRT-LLM engines on GPUs of their own (generation/trtllm_worker.py), for data-parallel
-    trainer ranks; the rest is refused here rather than run wrong."""
+    TensorRT-LLM engines on GPUs of their own (generation/trtllm_worker.py), for data- and
+    tensor-parallel trainers; the rest is refused here rather than run wrong."""
     r, g = cfg.rollout, cfg.grpo
     if r.placement not in ROLLOUT_PLACEMENTS:
         return [f"rollout.placement={r.placement!r}: choose one of {', '.join(ROLLOUT_PLACEMENTS)}"]
@@ -331,22 +331,23 @@ def placement_problems(cfg: RLSRConfig, cuda: bool) -> list[str]:
     if r.engine == "torch" and cuda:
         out.append("rollout.placement=separate with rollout.engine=torch is built for the CPU only (our sampler in a "
                    "Ray actor); on GPUs use rollout.engine=trtllm with rollout.gpus")
+    p = cfg.parallel
     if separate_trtllm:
-        gpus = r.tensor_parallel or 1
+        gpus = r.tensor_parallel or p.tensor_parallel * p.pipeline_parallel  # generation/factory.engine_gpus
         if r.gpus < 1 or r.gpus % gpus:
             out.append(f"rollout.gpus={r.gpus} must be a positive multiple of rollout.tensor_parallel={gpus}: the "
                        f"GPUs of the Ray cluster the TensorRT-LLM engines take (the trainer's are not among them)")
         if cfg.reward.backend == "ray" and cfg.reward.ray_gpus_per_actor:
             out.append(f"reward.ray_gpus_per_actor={cfg.reward.ray_gpus_per_actor} with separate TensorRT-LLM engines: "
                        f"the Ray cluster's GPUs are the engines' (rollout.gpus); score on CPUs (0) or reward.backend=local")
-    p = cfg.parallel
-    model_parallel = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
-                      "context_parallel": p.context_parallel, "expert_parallel": p.expert_parallel}
-    split = {key: size for key, size in model_parallel.items() if size != 1}
-    if split:  # rank 0 alone streams the refit: its model-parallel peers would have to take part
-        out.append(f"rollout.placement=separate is built for data-parallel trainer ranks only (each holding the "
-                   f"whole model), not {', '.join(f'parallel.{k}={v}' for k, v in split.items())}: use "
-                   f"rollout.placement=colocated")
+    # Rank 0 streams the refit with its tensor-parallel peers (weight_sync/refit_sender.StreamPeers). EP
+    # would bring in ranks of other replicas (its expert gathers span them); held-out evaluation and the
+    # preemption fallback sample on the trainer's module with our torch sampler, which needs PP = CP = 1.
+    split = {key: size for key, size in {"pipeline_parallel": p.pipeline_parallel, "context_parallel": p.context_parallel,
+                                         "expert_parallel": p.expert_parallel}.items() if size != 1}
+    if split:
+        out.append(f"rollout.placement=separate is built for data- and tensor-parallel trainers, not "
+                   f"{', '.join(f'parallel.{k}={v}' for k, v in split.items())}: use rollout.placement=colocated")
     if cfg.reward.overlap_chunks != 1:
         out.append(f"reward.overlap_chunks={cfg.reward.overlap_chunks} with rollout.placement=separate is refused: the "
                    f"worker returns a step's rollouts at once and the trainer scores them whole; use 1")

@@ -194,7 +194,7 @@ class RolloutConfig:
     process with its own copy of the model, fed prompts by the trainer and refitted after every
     optimizer step: asynchronous GRPO with grpo.max_staleness; generation/rollout_worker.py).
     `gpus`: under placement=separate with engine=trtllm, the GPUs of the Ray cluster its engines
-    take (a multiple of tensor_parallel, null there meaning 1; generation/trtllm_worker.py); else 0.
+    take (a multiple of the engine's GPUs; generation/trtllm_worker.py); else 0.
     """
 
     engine: str = "torch"

@@ -45,10 +45,16 @@ def engine_problems(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> lis
     need(engine == "torch" or parallel.context_parallel <= 1,
          f"rollout.engine={engine} at parallel.context_parallel={parallel.context_parallel} is not built: "
          f"use rollout.engine=torch")
-    if engine == "trtllm" and rollout.placement == "separate":  # GPUs of its own: config/rules.placement_problems
-        need(not rollout.stop, "rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos")
-        return out
     if engine == "trtllm":
+        need(not rollout.stop, "rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos "
+                               "or rollout.engine=torch")
+        engine_tp = engine_gpus(cfg)
+        ep, experts = rollout.expert_parallel, cfg.model.num_moe_experts or 0
+        need(ep == 1 or (ep >= 1 and engine_tp % ep == 0 and experts and experts % ep == 0),
+             f"rollout.expert_parallel={ep} must divide rollout.tensor_parallel={engine_tp} and the number of "
+             f"experts (model.num_moe_experts={experts or None})")
+        if rollout.placement == "separate":  # GPUs of its own: the rest is config/rules.placement_problems'
+            return out
         # TensorRT-LLM's TorchSampler draws every request's tokens from one generator seeded once
         # (tensorrt_llm/_torch/pyexecutor/sampler.py, `get_generator`, `_global_seed = 42`, in the
         # 1.2-line source read at commit 28edbcdbab): a request's samples depend on the batch it
@@ -57,19 +63,12 @@ def engine_problems(cfg: RLSRConfig, cuda: bool, trtllm_importable: bool) -> lis
         need(cfg.reward.overlap_chunks == 1,
              f"reward.overlap_chunks={cfg.reward.overlap_chunks} with rollout.engine=trtllm is refused: its "
              f"sampler ignores per-request seeds, so chunked generation would change the samples; use 1")
-        need(not rollout.stop, "rollout.stop strings need a detokenizer inside TensorRT-LLM; use stop_on_eos "
-                               "or rollout.engine=torch")
         model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
-        engine_tp = engine_gpus(cfg)
         # each engine worker reads the refit IPC handles of its own GPU, so an engine sits on trainer
         # GPUs: part of one model-parallel group or whole ones (weight_sync/engine_slices.engine_groups)
         need(engine_tp >= 1 and (model_parallel % engine_tp == 0 or engine_tp % model_parallel == 0),
              f"rollout.tensor_parallel={rollout.tensor_parallel} must divide or be a multiple of the trainer's "
              f"tensor_parallel x pipeline_parallel = {model_parallel} (a TensorRT-LLM engine sits on trainer GPUs)")
-        ep, experts = rollout.expert_parallel, cfg.model.num_moe_experts or 0
-        need(ep == 1 or (ep >= 1 and engine_tp % ep == 0 and experts and experts % ep == 0),
-             f"rollout.expert_parallel={ep} must divide rollout.tensor_parallel={engine_tp} and the number of "
-             f"experts (model.num_moe_experts={experts or None})")
         return out
     # torch / megatron run the trainer's own module: its layout is theirs
     need(rollout.expert_parallel == 1, f"rollout.expert_parallel={rollout.expert_parallel} is a TensorRT-LLM option; "

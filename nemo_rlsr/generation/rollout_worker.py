@@ -47,6 +47,7 @@ from nemo_rlsr.weight_sync.broadcast import LAYOUT, RefitGroup, receive_refit
 from nemo_rlsr.weight_sync.refit_sender import RefitSender
 
 LOOPBACK = "127.0.0.1"  # the torch worker is pinned to global rank 0's node
+CLOSE_TIMEOUT_S = 120
 
 
 @dataclass
@@ -137,13 +138,22 @@ class _TorchWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+
 
 class RolloutWorker:
-    """Client of one rollout actor (`join`, `receive`, `generate`, `pid` as `_TorchWorker`'s):
+    """Client of one rollout actor (`join`, `receive`, `generate`, `pid`, `close` as `_TorchWorker`'s):
     `refit` and `submit` return at once, `result` waits."""
 
     def __init__(self, actor, sender: RefitSender, started_ray: bool) -> None:
+        import ray
+
         self.actor, self.sender, self._started_ray = actor, sender, started_ray
+        # the actor's start-up (engines: minutes) ends here, and its error is raised here, not seen
+        # later as receivers that never joined the refit group
+        ray.get(actor.pid.remote())
 
     def refit(self, module: torch.nn.Module, version: int, stopping: Callable[[], bool] = lambda: False
               ) -> dict[str, float]:
@@ -172,6 +182,10 @@ class RolloutWorker:
         import ray
 
         if ray.is_initialized():
+            try:  # the actor gives back what it holds (engines' GPUs), then goes
+                ray.get(self.actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
+            except ray.exceptions.RayError:
+                pass  # dead already, or stuck: killed below either way
             ray.kill(self.actor)
         self.sender.close()
         if self._started_ray:

@@ -34,7 +34,7 @@ from typing import Callable, TypeVar
 
 from nemo_rlsr.config import RLSRConfig
 from nemo_rlsr.distributed.local_ray import NAMESPACE, connect_ray
-from nemo_rlsr.generation.factory import write_model_dir
+from nemo_rlsr.generation.factory import engine_gpus, write_model_dir
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 from nemo_rlsr.generation.rollout_worker import Generated, RolloutWorker, VersionedWork, named_hf_tensors
 from nemo_rlsr.generation.trtllm import WORKER_GPU_SHARE, TRTLLMLeader, TRTLLMOptions
@@ -48,6 +48,9 @@ T = TypeVar("T")
 # (tensorrt_llm/executor/ray_gpu_worker.py; generation/trtllm_placement.py for the colocated case).
 # Set on the actor, it reaches the workers: TensorRT-LLM's RayExecutor copies os.environ into them.
 WORKER_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+# Of the memory left once the weights are in: the GPUs are the engine's alone, but each worker also
+# holds a refit bucket (rollout.refit_bucket_mb) and NCCL's buffers (ASSUMED; not measured on a GPU).
+SEPARATE_KV_CACHE_FRACTION = 0.8
 
 
 def engine_placement(group, gpus: int) -> dict:
@@ -71,17 +74,24 @@ class _TRTLLMWorker:
         from ray.util.placement_group import placement_group
 
         self.opts, self.eos_id, self.pad_id, self.backend = opts, eos_id, pad_id, backend
-        gpus = opts.tensor_parallel
-        self.groups = [placement_group([{"GPU": 1}] * gpus, strategy="STRICT_PACK") for _ in range(engines)]
-        _, pending = ray.wait([g.ready() for g in self.groups], num_returns=engines, timeout=timeout_s)
-        if pending:
-            total, free = ray.cluster_resources().get("GPU", 0), ray.available_resources().get("GPU", 0)
-            raise RuntimeError(f"rollout.gpus: {engines} engine(s) of {gpus} GPU(s) on one node each could not be "
-                               f"placed within {timeout_s:.0f} s; the Ray cluster has {total:g} GPU(s), {free:g} free")
-        # one after the other: each leader hides the launcher's variables in os.environ while it builds
-        self.leaders = [TRTLLMLeader(opts, engine_placement(g, gpus)) for g in self.groups]
+        self.leaders: list[TRTLLMLeader] = []
         self.pool = ThreadPoolExecutor(engines, thread_name_prefix="engine")
         self.work = VersionedWork()
+        gpus = opts.tensor_parallel
+        total, free = ray.cluster_resources().get("GPU", 0), ray.available_resources().get("GPU", 0)
+        self.groups = [placement_group([{"GPU": 1}] * gpus, strategy="STRICT_PACK") for _ in range(engines)]
+        try:
+            _, pending = ray.wait([g.ready() for g in self.groups], num_returns=engines, timeout=timeout_s)
+            if pending:
+                raise RuntimeError(f"rollout.gpus: {engines} engine(s) of {gpus} GPU(s) on one node each could not be "
+                                   f"placed within {timeout_s:.0f} s; the Ray cluster had {total:g} GPU(s), {free:g} "
+                                   f"free")
+            # one after the other: each leader hides the launcher's variables in os.environ while it builds
+            for group in self.groups:
+                self.leaders.append(TRTLLMLeader(opts, engine_placement(group, gpus)))
+        except BaseException:
+            self.close()  # the GPUs reserved so far go back (Ray keeps them while the trainer's job lives)
+            raise
 
     def _each(self, call: Callable[[int, TRTLLMLeader], T]) -> list[T]:
         """`call(j, leader)` for every engine at once; the results in engine order."""
@@ -91,8 +101,11 @@ class _TRTLLMWorker:
     def join(self, host: str, port: int, world: int, timeout_s: float) -> list[list[int]]:
         """Every engine worker joins the trainer's refit group; returns their ranks per engine."""
         ranks = group_ranks(len(self.leaders), self.opts.tensor_parallel)
-        return self._each(lambda j, leader: leader.call_workers(
+        joined = self._each(lambda j, leader: leader.call_workers(
             "nemo_rlsr_join", host, port, ranks[j][0], world, timeout_s, self.backend))
+        if joined != ranks:  # a worker's rank in its engine is not its place in the engine's bundles
+            raise RuntimeError(f"the engines' workers joined the refit group as {joined}, expected {ranks}")
+        return joined
 
     def receive(self, version: int) -> float:
         """Every engine receives refit `version` and finalises it; returns the seconds it took."""
@@ -121,17 +134,30 @@ class _TRTLLMWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def close(self) -> None:
+        """Shut the engines down and give their GPUs back (placement groups outlive the actor while
+        the trainer's Ray job lives)."""
+        from ray.util.placement_group import remove_placement_group
+
+        for leader in self.leaders:
+            leader.close()
+        for group in self.groups:
+            remove_placement_group(group)
+        self.leaders, self.groups = [], []
+        self.pool.shutdown()
+
 
 def separate_options(cfg: RLSRConfig, model_dir: Path, dp: int) -> TRTLLMOptions:
-    """One engine's options: E = rollout.tensor_parallel GPUs; a batch of the rows one generate call
+    """One engine's options: E = engine_gpus(cfg) GPUs; a batch of the rows one generate call
     (one trainer rank's prompts) gives each engine."""
-    gpus = cfg.rollout.tensor_parallel or 1
-    rows = cfg.grpo.prompts_per_step // dp * cfg.grpo.num_generations
+    gpus = engine_gpus(cfg)
+    prompts = cfg.grpo.prompts_per_step // dp  # shared out whole (trtllm_cells.shares)
+    per_engine = -(-prompts // (cfg.rollout.gpus // gpus)) * cfg.grpo.num_generations
     return TRTLLMOptions(
         model_dir=str(model_dir), tensor_parallel=gpus, expert_parallel=cfg.rollout.expert_parallel,
-        max_batch_size=max(1, -(-rows // (cfg.rollout.gpus // gpus))), max_seq_len=cfg.model.max_sequence_length,
+        max_batch_size=per_engine, max_seq_len=cfg.model.max_sequence_length,
         max_input_len=cfg.model.max_sequence_length - cfg.rollout.max_new_tokens,
-        worker_extension=EXTENSION_QUALNAME, sleep=False)
+        kv_cache_fraction=SEPARATE_KV_CACHE_FRACTION, worker_extension=EXTENSION_QUALNAME, sleep=False)
 
 
 def trtllm_rollout_worker(cfg: RLSRConfig, adapter, tokenizer, run_dir, dp: int) -> RolloutWorker:

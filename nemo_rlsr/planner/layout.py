@@ -91,8 +91,8 @@ def layout_problems(cfg: RLSRConfig, shape: ModelShape, lay: Layout, mode: str) 
              f"model.num_moe_experts={m.num_moe_experts} is not divisible by expert_parallel={lay.ep}")
     else:
         need(lay.ep == 1, "parallel.expert_parallel > 1 needs an MoE model (model.num_moe_experts)")
-    if mode == "rlsr" and not lay.rollout_gpus:
-        need(lay.world % lay.engine_tp == 0,
+    if mode == "rlsr":
+        need(lay.rollout_gpus or lay.world % lay.engine_tp == 0,  # separate engines: rollout.gpus (rules.py)
              f"world size {lay.world} is not divisible by rollout.tensor_parallel={lay.engine_tp}")
         out += _batch_problems(cfg, lay.dp)
     else:

@@ -15,13 +15,15 @@ the current weights and the same rows regenerate with the same seeds.
 Rows: step j's prompts are the prompt sampler's batch j, drawn from a copy of the sampler, so the
 run's own sampler (the one checkpoints save) advances only with the trained steps.
 
-Data-parallel ranks: the queue runs on every rank, the worker's client on global rank 0 only. Each
-step, every rank sends rank 0 its rows and sampling seeds for steps k..k+s (all_gather_object);
-rank 0 queues one generate per rank and step (that rank's rows and seeds, so every batch is the one
-the colocated engine would sample on that rank), waits for step k's of every rank and hands each
-rank its own (scatter_object_list), with its metrics. The refit is rank 0's alone: every rank
-holds the whole model (model-parallel groups of one; larger ones are refused at start-up, their
-ranks would have to take part in the stream's gathers). After a resume
+Several ranks: the queue runs on every rank, the worker's client on global rank 0 only. Each
+step, every rank sends rank 0 its data-parallel rank, rows and sampling seeds for steps k..k+s
+(all_gather_object); rank 0 queues one generate per data-parallel rank and step (its rows and
+seeds, so every batch is the one the colocated engine would sample there; the ranks of one
+tensor/pipeline-parallel group share it), waits for step k's and hands each rank its own
+(scatter_object_list), with its metrics. Rank 0 sends the refit; the other ranks of its
+model-parallel group iterate the weight stream with it (its TP gathers and PP broadcasts are
+collectives over that group: weight_sync/refit_sender.StreamPeers), the other data-parallel
+replicas take no part. After a resume
 the queue starts empty: the in-flight rollouts of the steps after the checkpoint regenerate, on the
 resumed (newer) weights, so a resumed asynchronous run does not repeat the uninterrupted one's
 samples bit for bit.
@@ -58,6 +60,7 @@ from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.generation.interface import RolloutBatch, SamplingParams
 from nemo_rlsr.generation.rollout_worker import RolloutWorker
 from nemo_rlsr.generation.sampling import request_seeds
+from nemo_rlsr.weight_sync.refit_sender import StreamPeers
 
 LOCAL = "local"  # rank 0's answer when every rank generates on its own module (a preemption)
 
@@ -74,18 +77,34 @@ class AsyncRollouts:
 
     def __init__(self, worker: RolloutWorker | None, prompt_ids: list[list[int]], params: SamplingParams,
                  max_staleness: int, total_steps: int, seed_of: Callable[[int], int],
-                 stopping: Callable[[], bool], local: Callable[[list[int], int], RolloutBatch]) -> None:
+                 stopping: Callable[[], bool], local: Callable[[list[int], int], RolloutBatch], dp_rank: int,
+                 peers: StreamPeers | None = None) -> None:
         self.worker, self.prompt_ids, self.params = worker, prompt_ids, params
         self.max_staleness, self.total_steps, self.seed_of = max_staleness, total_steps, seed_of
-        self.stopping, self.local = stopping, local
-        self.pending: dict[tuple[int, int], _Request] = {}  # (step, rank) -> its queued generate
+        self.stopping, self.local, self.dp_rank, self.peers = stopping, local, dp_rank, peers
+        if worker is not None and peers is not None:  # every pass over the stream, peers included
+            worker.sender.before_pass = peers.announce
+        self.pending: dict[tuple[int, int], _Request] = {}  # (step, data-parallel rank) -> its queued generate
         self.refitted: int | None = None  # the newest version sent to the worker
         self.dropped_total = 0
 
     def refit(self, module, version: int) -> dict[str, float]:
         """Send the trainer's weights of `version` (after each optimizer step, and before the first);
-        nothing once a preemption signal has come (the run stops after this step), nothing off rank 0."""
-        if self.worker is None or self.stopping():
+        nothing once a preemption signal has come (the run stops after this step). Every rank calls
+        it: off rank 0 it returns {} at once, except on rank 0's model-parallel peers, which take
+        part in the stream until rank 0 releases them."""
+        if self.worker is None:
+            if self.peers is not None:
+                self.peers.serve(module)
+            return {}
+        try:
+            return self._send_refit(module, version)
+        finally:
+            if self.peers is not None:
+                self.peers.release()
+
+    def _send_refit(self, module, version: int) -> dict[str, float]:
+        if self.stopping():
             return {}
         metrics = self.worker.refit(module, version, self.stopping)
         if metrics:  # empty: a preemption signal came while waiting for the worker, nothing was sent
@@ -96,7 +115,7 @@ class AsyncRollouts:
         """Rank 0, inside `take`: a refit the next generate needs. If a preemption stopped it, raise:
         `take` then has every rank generate locally (a generate queued behind the refit the worker
         is still waiting for would wait out the group's timeout)."""
-        metrics = self.refit(module, version)
+        metrics = self._send_refit(module, version)
         if self.refitted != version:
             raise RuntimeError(f"the refit of version {version} was not sent (preemption signal)")
         return metrics
@@ -113,19 +132,25 @@ class AsyncRollouts:
         ahead = copy.deepcopy(sampler)
         upcoming = {step: rows} | {j: ahead.next_batch()
                                    for j in range(step + 1, min(step + self.max_staleness, self.total_steps - 1) + 1)}
-        mine = (self.stopping(), {j: (r, self.seed_of(j)) for j, r in upcoming.items()})
+        mine = (self.stopping(), self.dp_rank, {j: (r, self.seed_of(j)) for j, r in upcoming.items()})
         everyone = _all_gather(mine)
-        if any(stop for stop, _ in everyone):
+        if any(stop for stop, _, _ in everyone):
             return self._local(step, rows)
         answers: list = [None] * len(everyone)
         if self.worker is not None:
             try:
-                answers = self._serve(step, [requests for _, requests in everyone], module)
+                try:
+                    answers = self._serve(step, [(dp, requests) for _, dp, requests in everyone], module)
+                finally:
+                    if self.peers is not None:
+                        self.peers.release()
             except Exception as error:
                 if not self.stopping():
                     _scatter([error] * len(everyone))  # every rank raises, none waits for the others
                     raise
                 answers = [LOCAL] * len(everyone)  # the worker went down with the preemption signal
+        elif self.peers is not None:  # a refit inside _serve streams over rank 0's model-parallel group
+            self.peers.serve(module)
         answer = _scatter(answers)
         if isinstance(answer, Exception):
             raise RuntimeError(f"step {step + 1}: the rollout worker failed on rank 0: {answer!r}") from answer
@@ -134,22 +159,30 @@ class AsyncRollouts:
         batch, metrics = answer
         return batch, metrics | {"async/trainer_idle_s": time.perf_counter() - start}
 
-    def _serve(self, step: int, requests: list[dict], module) -> list[tuple[RolloutBatch, dict]]:
-        """Rank 0: queue every rank's requests not queued yet, then each rank's rollouts of `step`."""
+    def _serve(self, step: int, requests: list[tuple[int, dict]], module) -> list[tuple[RolloutBatch, dict]]:
+        """Rank 0: queue the requests not queued yet, one generate per data-parallel rank and step (the
+        ranks of a model-parallel group ask for the same rows), then every rank's rollouts of `step`
+        (`requests[r]`: rank r's (data-parallel rank, {step: (rows, seed)}))."""
+        wanted: dict[int, dict] = {}
+        for rank, (dp, asked) in enumerate(requests):
+            if wanted.setdefault(dp, asked) != asked:
+                raise RuntimeError(f"step {step + 1}: rank {rank} asks for other rollouts than another rank of "
+                                   f"data-parallel rank {dp}: {asked} vs {wanted[dp]}")
         metrics: dict[str, float] = {}
         if self.refitted is None:  # a fresh or resumed run: the worker has no weights yet
             metrics.update(self._refit_now(module, step))
-        for rank, wanted in enumerate(requests):
-            for j, (rows, seed) in sorted(wanted.items()):
-                if (j, rank) not in self.pending:
-                    self.pending[(j, rank)] = self._submit(rows, seed)
-        return [self._result(step, rank, requests[rank][step][0], module, dict(metrics))
-                for rank in range(len(requests))]
+        for dp, asked in sorted(wanted.items()):
+            for j, (rows, seed) in sorted(asked.items()):
+                if (j, dp) not in self.pending:
+                    self.pending[(j, dp)] = self._submit(rows, seed)
+        results = {dp: self._result(step, dp, asked[step][0], module, dict(metrics))
+                   for dp, asked in sorted(wanted.items())}
+        return [results[dp] for dp, _ in requests]
 
-    def _result(self, step: int, rank: int, rows: list[int], module, metrics: dict) -> tuple[RolloutBatch, dict]:
-        request = self.pending.pop((step, rank))
+    def _result(self, step: int, dp: int, rows: list[int], module, metrics: dict) -> tuple[RolloutBatch, dict]:
+        request = self.pending.pop((step, dp))
         if request.rows != rows:
-            raise RuntimeError(f"step {step + 1}, rank {rank}: queued rollouts are for prompt rows {request.rows}, "
+            raise RuntimeError(f"step {step + 1}, data-parallel rank {dp}: queued rollouts are for prompt rows {request.rows}, "
                                f"the sampler gave {rows} (the prompt sampler moved outside the rollout queue)")
         generated = self.worker.result(request.ref)
         dropped = 0

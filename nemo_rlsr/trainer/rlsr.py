@@ -30,6 +30,7 @@ from nemo_rlsr.data.sampler import PromptSampler
 from nemo_rlsr.generation.factory import build_engine, build_rollout_worker
 from nemo_rlsr.generation.interface import RolloutEngine, SamplingParams
 from nemo_rlsr.generation.layout import concat_rollouts
+from nemo_rlsr.generation.rollout_worker import named_hf_tensors
 from nemo_rlsr.generation.sampling import request_seeds
 from nemo_rlsr.models.hf.start import load_hf_policy
 from nemo_rlsr.models.policy import LossFn, TokenBatch
@@ -50,6 +51,7 @@ from nemo_rlsr.trainer.rollout_metrics import gather_over_dp, reward_term_metric
 from nemo_rlsr.trainer.run import TrainingRun
 from nemo_rlsr.trainer.state import load_init_checkpoint
 from nemo_rlsr.trainer.throughput import step_throughput
+from nemo_rlsr.weight_sync.refit_sender import StreamPeers
 
 
 @dataclass
@@ -145,11 +147,13 @@ class RLSRTrainer(TrainingRun):
             worker = None  # the worker's client lives on rank 0, which serves every rank (async_rollouts.py)
             if self.ctx.rank == 0:
                 worker = build_rollout_worker(cfg, self.policy.hf_adapter, self.tokenizer, self.run_dir, self.ctx.dp)
+            peers = StreamPeers.of_rank_0(named_hf_tensors(self.policy.hf_adapter, cfg.model, vocab))
             self.async_rollouts = self.own(AsyncRollouts(
                 worker, self.train.token_ids, self.sampling, cfg.grpo.max_staleness, cfg.trainer.steps,
                 self._sample_seed, stopping=lambda: self.preemption.received is not None,
                 local=lambda rows, seed: self.engine.generate([self.train.token_ids[i] for i in rows], self.sampling,
-                                                              request_seeds(seed, len(rows)))))
+                                                              request_seeds(seed, len(rows))),
+                dp_rank=self.ctx.dp_rank, peers=peers))
         return PromptSampler(len(self.train), cfg.grpo.prompts_per_step // self.ctx.dp, self.ctx.dp_rank,
                              self.ctx.dp, seed=cfg.data.shuffle_seed)
 
@@ -247,7 +251,7 @@ class RLSRTrainer(TrainingRun):
     def _async_rollout(self, rows: list[int], timings: dict):
         """`_rollout`'s results for the training step from the separate worker's queue
         (trainer/async_rollouts.py), scored whole here (reward.overlap_chunks=1): this rank's rows."""
-        rollouts, metrics = self.async_rollouts.take(self.step, rows, self.state.sampler, self.policy.module)
+        rollouts, metrics = self.async_rollouts.take(self.step, rows, self.state.sampler, self.policy.chunks)
         group = self.cfg.grpo.num_generations
         examples = [self.train.examples[i] for i in rows for _ in range(group)]
         texts = [self.tokenizer.decode(r) for r in rollouts.response_ids]
@@ -296,7 +300,7 @@ class RLSRTrainer(TrainingRun):
         self.state.step += 1
         self._engine_stale = True
         if self.async_rollouts is not None and self.step not in cfg.trainer.debug_skip_refit_steps:
-            refit = self.async_rollouts.refit(self.policy.module, self.step)  # part of time/train
+            refit = self.async_rollouts.refit(self.policy.chunks, self.step)  # part of time/train
             timings.update({k: timings.get(k, 0.0) + v for k, v in refit.items()})  # with a drop's refit, if any
         t4 = time.perf_counter()
 

@@ -16,6 +16,7 @@ import time
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from nemo_rlsr.weight_sync.broadcast import LAYOUT, RefitGroup, bucket_plan, manifest_of, send_refit
 
@@ -31,8 +32,12 @@ class RefitSender:
         self.named, self.host, self.world, self.backend = named, host, world, backend
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
         self.group: RefitGroup | None = None
+        # called before every pass over the stream: a model-parallel trainer's rank 0 announces the
+        # pass to its peers (StreamPeers.announce), which must iterate the stream with it
+        self.before_pass: Callable[[], None] = lambda: None
 
     def _stream(self, module: torch.nn.Module):
+        self.before_pass()
         return ((name, t.detach()) for name, t in self.named(module))
 
     def join(self, module: torch.nn.Module, start_receivers: Callable[[str, int], object]) -> None:
@@ -81,3 +86,50 @@ class RefitSender:
     def close(self) -> None:
         if self.group is not None:
             self.group.close()
+
+
+PASS, DONE = "pass", "done"
+
+
+class StreamPeers:
+    """The other ranks of global rank 0's model-parallel group (tensor x pipeline parallel) in a
+    refit. The HF-named stream is a collective over that group (TP all-gathers, broadcasts between
+    pipeline stages: weight_sync/source.py), so whenever rank 0 iterates it to send a refit, every
+    peer iterates it too and drops what it gets. Rank 0 `announce`s each pass and `release`s the
+    peers at the end of whatever may refit (always, also after an error or a refit a preemption
+    cut short: a peer waits in `serve` until then); each peer `serve`s meanwhile."""
+
+    def __init__(self, named: NamedTensors, group) -> None:
+        self.named, self.group = named, group
+
+    @classmethod
+    def of_rank_0(cls, named: NamedTensors) -> "StreamPeers | None":
+        """This rank's part if it is in global rank 0's model-parallel group of more than one rank."""
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_model_parallel_group()
+        ranks = dist.get_process_group_ranks(group)
+        return cls(named, group) if len(ranks) > 1 and 0 in ranks else None
+
+    def _send(self, command: str) -> None:
+        dist.broadcast_object_list([command], src=0, group=self.group)
+
+    def announce(self) -> None:
+        self._send(PASS)
+
+    def release(self) -> None:
+        self._send(DONE)
+
+    def serve(self, module) -> int:
+        """Iterate the stream once per pass rank 0 announces, until it releases; returns the passes."""
+        passes = 0
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            if box[0] == DONE:
+                return passes
+            with torch.no_grad():
+                for _ in self.named(module):
+                    pass
+            passes += 1
+
